@@ -1,0 +1,165 @@
+"""Layer profiles, seed consistency (Spearman), critical layers and Jaccard against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esa_pipeline.core.analysis import (
+    CRITICAL_LAYERS_COLUMNS,
+    SEED_CONSISTENCY_COLUMNS,
+    critical_layers,
+    jaccard,
+    layer_profiles,
+    seed_consistency,
+    significance,
+)
+
+
+def sensitivity_rows(
+    profiles: dict[tuple[str, int], list[float]], *, model: str = "m", **extra
+) -> pd.DataFrame:
+    """profiles[(component, seed)] = ΔNLL per layer 0..n-1 → `sensitivity` rows (gaussian, σ = 0.1)."""
+    rows = [
+        {
+            "model": model,
+            "kind": "gaussian",
+            "component": component,
+            "layer": layer,
+            "expert": None,
+            "strength": 0.1,
+            "seed": seed,
+            "delta_nll": value,
+            **extra,
+        }
+        for (component, seed), values in profiles.items()
+        for layer, value in enumerate(values)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_spearman_of_seed_profiles_matches_hand_computed_values() -> None:
+    sensitivity = sensitivity_rows(
+        {("ffn.down", 0): [1, 2, 3, 4], ("ffn.down", 1): [1, 3, 2, 4], ("ffn.down", 2): [4, 3, 2, 1]}
+    )
+    result = seed_consistency(sensitivity)
+    assert list(result.columns) == SEED_CONSISTENCY_COLUMNS
+    rho = {(a, b): r for a, b, r in result[["seed_a", "seed_b", "spearman_rho"]].itertuples(index=False)}
+    # one swapped pair among 4 layers: 1 - 6·Σd²/(n(n²-1)) = 1 - 6·2/60 = 0.8
+    assert rho[(0, 1)] == pytest.approx(0.8)
+    assert rho[(0, 2)] == pytest.approx(-1.0)
+    assert rho[(1, 2)] == pytest.approx(-0.8)
+    assert (result["n_layers"] == 4).all()
+
+
+def test_spearman_is_nan_for_constant_profiles_and_too_few_layers() -> None:
+    constant = sensitivity_rows({("ffn.down", 0): [1, 1, 1], ("ffn.down", 1): [1, 2, 3]})
+    assert np.isnan(seed_consistency(constant)["spearman_rho"].item())
+    two_layers = sensitivity_rows({("ffn.down", 0): [1, 2], ("ffn.down", 1): [1, 2]})
+    row = seed_consistency(two_layers).iloc[0]
+    assert np.isnan(row["spearman_rho"]) and row["n_layers"] == 2
+
+
+def test_layer_profiles_prefer_all_expert_rows_and_average_single_experts_otherwise() -> None:
+    base = {"model": "moe", "kind": "gaussian", "component": "ffn.down", "strength": 0.1, "seed": 0}
+    rows = pd.DataFrame(
+        [
+            {**base, "layer": 0, "expert": None, "delta_nll": 5.0},  # all experts measured: this is layer 0
+            {**base, "layer": 0, "expert": 0, "delta_nll": 1.0},
+            {**base, "layer": 1, "expert": 0, "delta_nll": 1.0},  # only single experts: their mean
+            {**base, "layer": 1, "expert": 1, "delta_nll": 3.0},
+        ]
+    )
+    profile = layer_profiles(rows).set_index("layer")["mean_delta_nll"]
+    assert profile.to_dict() == {0: 5.0, 1: 2.0}
+
+
+def test_nan_delta_is_not_averaged_away() -> None:
+    rows = sensitivity_rows({("ffn.down", 0): [0.1, np.nan], ("ffn.down", 1): [0.3, 0.2]})
+    profile = layer_profiles(rows).set_index("layer")["mean_delta_nll"]
+    assert profile[0] == pytest.approx(0.2) and np.isnan(profile[1])
+
+
+def test_critical_layers_pick_the_planted_layer_with_depth_and_rank() -> None:
+    rng = np.random.default_rng(0)
+    n_layers = 30
+    profiles = {}
+    for seed in range(3):
+        for component, planted in (("attention.output", 7), ("ffn.down", 21)):
+            values = rng.uniform(0.0, 0.1, n_layers)
+            values[planted] = 2.0
+            profiles[(component, seed)] = list(values)
+    result = critical_layers(sensitivity_rows(profiles), {"m": n_layers})
+    assert list(result.columns) == CRITICAL_LAYERS_COLUMNS
+    for component, planted in (("attention.output", 7), ("ffn.down", 21)):
+        rows = result.loc[result["component"] == component]
+        assert len(rows) == n_layers
+        top = rows.loc[rows["rank"] == 1].iloc[0]
+        assert top["layer"] == planted and top["depth"] == pytest.approx(planted / n_layers)
+        assert rows["is_critical"].sum() == 3  # 10% of 30 layers
+        assert rows.loc[rows["is_critical"], "layer"].iloc[0] == planted
+    overall = result.loc[result["component"] == "all"]
+    assert set(overall.loc[overall["rank"] <= 2, "layer"]) == {7, 21}
+    # overall = mean over components at that layer: layer 7 is (2.0 + ffn.down's small value) / 2
+    layer7 = overall.loc[overall["layer"] == 7, "mean_delta_nll"].item()
+    assert 1.0 <= layer7 <= 1.05
+
+
+def test_critical_layers_at_least_one_ties_to_shallower_layer_and_nan_never_critical() -> None:
+    rows = sensitivity_rows({("ffn.down", 0): [0.5, 0.9, 0.9, np.nan]})
+    result = critical_layers(rows, pd.DataFrame({"model": ["m"], "n_layers": [4]}))
+    ffn = result.loc[result["component"] == "ffn.down"].set_index("layer")
+    assert (
+        ffn["is_critical"].sum() == 1 and ffn.loc[1, "is_critical"]
+    )  # 10% of 4 layers is 0.4: at least one is critical
+    assert ffn["rank"].to_dict() == {1: 1, 2: 2, 0: 3, 3: 4}
+    assert not ffn.loc[3, "is_critical"]
+
+
+def test_critical_layers_accept_the_significance_relation() -> None:
+    n_windows, n_layers = 6, 10
+    rng = np.random.default_rng(2)
+    windows = pd.DataFrame(
+        [
+            {
+                "model": "m",
+                "kind": "gaussian",
+                "component": "ffn.up",
+                "layer": layer,
+                "expert": None,
+                "strength": 0.1,
+                "seed": 0,
+                "window_id": w,
+                "n_tokens": 100,
+                "delta_nll_sum": 100 * ((1.0 if layer == 4 else 0.0) + rng.normal(0, 0.05)),
+            }
+            for layer in range(n_layers)
+            for w in range(n_windows)
+        ]
+    )
+    result = critical_layers(significance(windows), {"m": n_layers})
+    critical = result.loc[result["is_critical"] & (result["component"] == "ffn.up")]
+    assert critical["layer"].tolist() == [4]
+
+
+def test_critical_layers_errors_name_the_fix() -> None:
+    rows = sensitivity_rows({("ffn.down", 0): [0.1, 0.2]})
+    with pytest.raises(ValueError, match="no `models` row for \\['m'\\]"):
+        critical_layers(rows, {"other": 2})
+    with pytest.raises(ValueError, match="outside 0..0"):
+        critical_layers(rows, {"m": 1})
+    with pytest.raises(ValueError, match="top_fraction"):
+        critical_layers(rows, {"m": 2}, top_fraction=0)
+    with pytest.raises(ValueError, match="mode"):
+        critical_layers(pd.concat([rows.assign(mode="noise"), rows.assign(mode="zero")]), {"m": 2})
+
+
+def test_jaccard_matches_hand_computed_overlaps() -> None:
+    assert jaccard({1, 2, 3}, {2, 3, 4}) == pytest.approx(2 / 4)
+    assert jaccard([1, 2, 2, 3], np.array([1, 2, 3])) == 1.0
+    assert jaccard({1}, {2}) == 0.0
+    assert jaccard([(0, 1), (2, 3)], [(2, 3)]) == 0.5
+    assert math.isnan(jaccard([], set()))
