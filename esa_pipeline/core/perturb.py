@@ -1,0 +1,320 @@
+"""Exact, reproducible weight perturbations (DESIGN §4).
+
+A `Perturbation` is a frozen spec. `perturbed(model, adapter, spec)` is a context manager that
+  1. validates everything (spec, layer, component, scores) before touching any weight,
+  2. snapshots ONLY the touched parameter slices,
+  3. writes the perturbed values, computed in fp32 from noise drawn on CPU by a generator seeded with a
+     sha256 of the whole spec (so any point can be recomputed alone, in any order, on any machine),
+  4. on exit (also on exceptions) copies the snapshots back and verifies bit-equality.
+
+Kinds (strength meaning in brackets):
+  gaussian  W += strength * rms(W_slice) * N(0, 1)                        [sigma in rms units]
+  router    the same on the MoE router (component "moe.router")          [sigma in rms units]
+  neurons   a seeded fraction of FFN intermediate neurons: their rows of gate/up and columns of down get
+            noise (noise_sigma * rms) or are zeroed. Whole neurons: any ffn.* component perturbs every FFN
+            matrix of the layer (gate, up, down) with the SAME neuron set.  [fraction of neurons]
+  scale     norm gains (weights, not LayerNorm biases) * strength        [multiplicative factor]
+  zero, sign_flip, bit_flip  on a set of elements per slice chosen by `selection`: "random", or "top" /
+            "bottom" by |scores| (scores must be given)                   [fraction of slice elements]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import CANONICAL_COMPONENTS, FFN_COMPONENTS, Adapter, ComponentNotApplicable, ParamSlice
+
+KINDS: tuple[str, ...] = ("gaussian", "neurons", "scale", "router", "zero", "sign_flip", "bit_flip")
+WEIGHT_LEVEL_KINDS: tuple[str, ...] = ("zero", "sign_flip", "bit_flip")
+MODES: tuple[str, ...] = ("noise", "zero")
+SELECTIONS: tuple[str, ...] = ("top", "random", "bottom")
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+             torch.float64: torch.int64}
+_EXPONENT_MSB = {torch.float32: 30, torch.bfloat16: 14, torch.float16: 14, torch.float64: 62}
+
+
+class RestoreError(RuntimeError):
+    """The restored weights are not bit-identical to the snapshot: the model must not be used further."""
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    kind: str  # gaussian | neurons | scale | router | zero | sign_flip | bit_flip
+    component: str
+    layer: int | None
+    strength: float  # see the module docstring for its meaning per kind
+    seed: int
+    expert: int | None = None  # MoE expert index; None = all experts
+    mode: str = "noise"  # neurons: "noise" | "zero"
+    noise_sigma: float = 0.1  # neurons/noise: sigma (rms units) applied to selected neurons
+    selection: str = "random"  # weight-level: "top" | "random" | "bottom"
+    bit: int | None = None  # bit_flip: bit index in the stored dtype (default: exponent MSB)
+
+    def __post_init__(self) -> None:
+        # Normalize numbers so that 1 and 1.0 hash identically.
+        object.__setattr__(self, "strength", float(self.strength))
+        object.__setattr__(self, "noise_sigma", float(self.noise_sigma))
+        _validate_spec(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Perturbation:
+        return cls(**data)
+
+    def spec_seed(self) -> int:
+        """Stable 63-bit seed: sha256 of the sorted spec fields (python's hash() is salted per process)."""
+        payload = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") & (2**63 - 1)
+
+
+@dataclass
+class PerturbationReport:
+    spec: Perturbation
+    relative_change: float  # ||W' - W|| / ||W|| over all touched slices, fp32 from stored values
+    changed_fraction: float  # n_changed / n_elements
+    n_elements: int  # elements in the touched slices
+    n_changed: int  # elements whose stored value differs after the write
+    restored: bool | None  # None inside the block; True once restored and verified bit-identical
+    elapsed_s: float  # apply + restore time (excludes the body of the with-block)
+    notes: list[str] = field(default_factory=list)
+
+
+def _validate_spec(p: Perturbation) -> None:
+    if p.kind not in KINDS:
+        raise ValueError(f"unknown perturbation kind {p.kind!r}: use one of {', '.join(KINDS)}")
+    if p.component not in CANONICAL_COMPONENTS:
+        raise ValueError(f"unknown component {p.component!r}: use one of {', '.join(CANONICAL_COMPONENTS)}")
+    if not math.isfinite(p.strength) or p.strength <= 0:
+        raise ValueError(f"strength must be a finite number > 0, got {p.strength} (kind {p.kind})")
+    if p.kind in ("neurons",) + WEIGHT_LEVEL_KINDS and p.strength > 1:
+        raise ValueError(f"{p.kind} strength is a fraction in (0, 1], got {p.strength}: use e.g. 0.1 for 10%")
+    if p.kind == "neurons" and p.component not in FFN_COMPONENTS:
+        raise ValueError(f"kind 'neurons' acts on FFN neurons: use component one of {', '.join(FFN_COMPONENTS)}")
+    if p.kind == "scale" and not p.component.startswith("norm."):
+        raise ValueError("kind 'scale' multiplies norm gains: use component 'norm.input' or 'norm.post_attention'")
+    if p.kind == "router" and p.component != "moe.router":
+        raise ValueError("kind 'router' perturbs the MoE router: use component 'moe.router'")
+    if p.mode not in MODES:
+        raise ValueError(f"unknown mode {p.mode!r}: use one of {', '.join(MODES)}")
+    if not math.isfinite(p.noise_sigma) or p.noise_sigma <= 0:
+        raise ValueError(f"noise_sigma must be > 0, got {p.noise_sigma}")
+    if p.selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {p.selection!r}: use one of {', '.join(SELECTIONS)}")
+    if p.bit is not None and p.kind != "bit_flip":
+        raise ValueError(f"bit is only used by kind 'bit_flip': leave bit=None for kind {p.kind!r}")
+    if p.layer is not None and (isinstance(p.layer, bool) or not isinstance(p.layer, int) or p.layer < 0):
+        raise ValueError(f"layer must be a non-negative int (or None for 'embedding'), got {p.layer!r}")
+
+
+# ---- slice resolution --------------------------------------------------------------------------------
+def resolve_slices(adapter: Adapter, p: Perturbation) -> list[ParamSlice]:
+    """The slices `p` touches (raises ValueError / ComponentNotApplicable for a bad component/layer)."""
+    if p.kind == "neurons":
+        slices = []
+        for component in FFN_COMPONENTS:
+            try:
+                slices += adapter.slices(component, p.layer, p.expert)
+            except ComponentNotApplicable:  # e.g. GPT-NeoX has no gate: its neurons live in up/down only
+                continue
+        return [s for s in slices if s.neuron_axis is not None]  # down_proj's bias is not per-neuron
+    slices = adapter.slices(p.component, p.layer, p.expert)
+    if p.kind == "scale":
+        return [s for s in slices if s.param_name.endswith(".weight")]  # gains, not LayerNorm biases
+    return slices
+
+
+def _check_scores(p: Perturbation, views: list[torch.Tensor], scores: list[torch.Tensor] | None) -> None:
+    if p.kind not in WEIGHT_LEVEL_KINDS or p.selection == "random":
+        return
+    if scores is None:
+        raise ValueError(
+            f"selection {p.selection!r} ranks weights by |scores|: pass scores=[one tensor per slice] "
+            "(e.g. from esa_pipeline.core.importance), or use selection='random'"
+        )
+    if len(scores) != len(views):
+        raise ValueError(f"got {len(scores)} score tensors for {len(views)} slices of {p.component}: "
+                         "pass one per adapter.slices(...) entry")
+    for i, (s, v) in enumerate(zip(scores, views, strict=True)):
+        if tuple(s.shape) != tuple(v.shape):
+            raise ValueError(f"scores[{i}] has shape {tuple(s.shape)} but slice {i} has {tuple(v.shape)}")
+
+
+def _check_bit(p: Perturbation, views: list[torch.Tensor]) -> None:
+    if p.kind != "bit_flip":
+        return
+    for view in views:
+        if view.dtype not in _INT_VIEW:
+            raise ValueError(f"bit_flip supports float32/bfloat16/float16/float64 weights, not {view.dtype}")
+        n_bits = view.element_size() * 8
+        if p.bit is not None and not 0 <= p.bit < n_bits:
+            raise ValueError(f"bit {p.bit} does not exist in {view.dtype}: use 0..{n_bits - 1} "
+                             f"(or None for the exponent MSB, bit {_EXPONENT_MSB[view.dtype]})")
+
+
+# ---- new values --------------------------------------------------------------------------------------
+def _norm(x: torch.Tensor) -> float:
+    """L2 norm; fp32 unless the squares overflow it (bit flips make ~1e38 weights), then fp64."""
+    norm = float(torch.linalg.vector_norm(x))
+    return norm if math.isfinite(norm) else float(torch.linalg.vector_norm(x, dtype=torch.float64))
+
+
+def _rms(w32: torch.Tensor) -> float:
+    return _norm(w32) / math.sqrt(w32.numel())
+
+
+def _randn(shape: torch.Size, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    # Drawn on CPU in fp32 so the numbers do not depend on the device the model lives on.
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
+
+
+def _n_selected(fraction: float, total: int) -> int:
+    return min(total, max(1, round(fraction * total)))
+
+
+def _gaussian(view: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    w32 = view.float()
+    return _randn(view.shape, gen, view.device).mul_(sigma * _rms(w32)).add_(w32)
+
+
+def _neurons(view: torch.Tensor, axis: int, chosen: torch.Tensor, p: Perturbation,
+             gen: torch.Generator) -> torch.Tensor:
+    w32 = view.float().clone()
+    idx = chosen.to(view.device)
+    if p.mode == "zero":
+        return w32.index_fill_(axis, idx, 0.0)
+    rows = w32.index_select(axis, idx)  # the selected neurons' rows/columns
+    rows += p.noise_sigma * _rms(w32) * _randn(rows.shape, gen, view.device)
+    return w32.index_copy_(axis, idx, rows)
+
+
+def _element_indices(p: Perturbation, numel: int, score: torch.Tensor | None,
+                     gen: torch.Generator) -> torch.Tensor:
+    k = _n_selected(p.strength, numel)
+    if p.selection == "random":
+        return torch.randperm(numel, generator=gen)[:k]
+    assert score is not None
+    magnitude = score.detach().float().abs().reshape(-1).cpu()
+    return torch.topk(magnitude, k, largest=p.selection == "top", sorted=False).indices
+
+
+def _weight_level(view: torch.Tensor, p: Perturbation, score: torch.Tensor | None,
+                  gen: torch.Generator) -> torch.Tensor:
+    # Works in the stored dtype: bit flips act on stored bits, zero/sign flips are exact in any dtype.
+    new = view.clone().contiguous()
+    flat = new.view(-1)
+    idx = _element_indices(p, flat.numel(), score, gen).to(view.device)
+    if p.kind == "zero":
+        flat[idx] = 0
+    elif p.kind == "sign_flip":
+        flat[idx] = -flat[idx]
+    else:
+        int_dtype = _INT_VIEW[view.dtype]
+        n_bits = torch.iinfo(int_dtype).bits
+        bit = _EXPONENT_MSB[view.dtype] if p.bit is None else p.bit
+        mask = 1 << bit
+        if mask >= 1 << (n_bits - 1):  # the sign bit as a two's-complement value
+            mask -= 1 << n_bits
+        ints = flat.view(int_dtype)
+        ints[idx] = ints[idx] ^ mask
+    return new
+
+
+def _new_values(p: Perturbation, slices: list[ParamSlice], views: list[torch.Tensor],
+                scores: list[torch.Tensor] | None, gen: torch.Generator) -> list[torch.Tensor]:
+    if p.kind in ("gaussian", "router"):
+        return [_gaussian(v, p.strength, gen) for v in views]
+    if p.kind == "scale":
+        return [v.float() * p.strength for v in views]
+    if p.kind == "neurons":
+        n_neurons = views[0].shape[slices[0].neuron_axis]
+        chosen = torch.randperm(n_neurons, generator=gen)[: _n_selected(p.strength, n_neurons)].sort().values
+        return [_neurons(v, s.neuron_axis, chosen, p, gen) for s, v in zip(slices, views, strict=True)]
+    return [_weight_level(v, p, None if scores is None else scores[i], gen) for i, v in enumerate(views)]
+
+
+# ---- measuring and restoring -------------------------------------------------------------------------
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The same storage reinterpreted as integers, so NaN and -0.0 compare bitwise."""
+    int_dtype = _INT_VIEW.get(t.dtype)
+    return t if int_dtype is None else t.view(int_dtype)
+
+
+def _n_changed(after: torch.Tensor, before: torch.Tensor) -> int:
+    """Elements whose value changed (NaN -> NaN and 0.0 -> -0.0 count as unchanged)."""
+    differs = after != before  # -0.0 == 0.0 already; only NaN needs care
+    if bool(after.isnan().any()):
+        differs &= ~(after.isnan() & before.isnan())
+    return int(differs.sum())
+
+
+def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+@contextmanager
+def perturbed(model: torch.nn.Module, adapter: Adapter, p: Perturbation,
+              scores: list[torch.Tensor] | None = None) -> Iterator[PerturbationReport]:
+    """Apply `p` inside the with-block; restore bit-exactly on exit (also when the block raises)."""
+    started = time.perf_counter()
+    slices = resolve_slices(adapter, p)
+    if not slices:
+        raise ValueError(f"{p.kind} on {p.component} touches no parameter of {adapter.architecture}")
+    views = [s.get(model) for s in slices]
+    _check_scores(p, views, scores)
+    _check_bit(p, views)
+    gen = torch.Generator(device="cpu").manual_seed(p.spec_seed())
+    new_values = _new_values(p, slices, views, scores, gen)  # computed before any write
+    snapshots = [v.clone() for v in views]
+    report = PerturbationReport(p, 0.0, 0.0, sum(v.numel() for v in views), 0, None, 0.0)
+    if p.component == "embedding" and adapter.tied_embeddings:
+        report.notes.append("tied embeddings: the output head shares this tensor, so it is perturbed too")
+    body_raised = False
+    try:
+        for view, new in zip(views, new_values, strict=True):
+            view.copy_(new)  # casts to the stored dtype; rounding is why changed_fraction can be < 1
+        del new_values
+        _measure(report, views, snapshots)
+        report.elapsed_s = time.perf_counter() - started
+        yield report
+    except BaseException:
+        body_raised = True
+        raise
+    finally:
+        restore_started = time.perf_counter()
+        for view, snapshot in reversed(list(zip(views, snapshots, strict=True))):
+            view.copy_(snapshot)
+        report.restored = all(_bit_identical(v, s) for v, s in zip(views, snapshots, strict=True))
+        report.elapsed_s += time.perf_counter() - restore_started
+        if not report.restored and not body_raised:
+            raise RestoreError(f"weights of {p} are not bit-identical after restore: discard this model")
+
+
+def _measure(report: PerturbationReport, views: list[torch.Tensor], snapshots: list[torch.Tensor]) -> None:
+    delta_sq = base_sq = 0.0
+    n_changed = 0
+    for view, snapshot in zip(views, snapshots, strict=True):
+        before = snapshot.float()
+        delta_sq += _norm(view.float() - before) ** 2
+        base_sq += _norm(before) ** 2
+        n_changed += _n_changed(view, snapshot)
+    if base_sq > 0:
+        report.relative_change = math.sqrt(delta_sq / base_sq)
+    else:  # an all-zero slice (e.g. a zero-initialized bias): any change is infinitely large
+        report.relative_change = 0.0 if delta_sq == 0 else float("inf")
+    report.n_changed = n_changed
+    report.changed_fraction = n_changed / report.n_elements
+    if n_changed == 0:
+        report.notes.append(
+            f"no stored element changed: the perturbation is below {views[0].dtype}'s resolution"
+        )
