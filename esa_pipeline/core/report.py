@@ -1,0 +1,464 @@
+"""The self-contained HTML report: set-up and provenance, baselines, zero-shot scores, and one section per
+chart with a reading guide. Charts are embedded as PNG data URIs so the page opens offline; each chart is
+also written next to it as `<name>.png` and its Vega-Lite spec as `<name>.vl.json`. Every file is written
+atomically (temp file + os.replace), so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from esa_pipeline.core import charts
+from esa_pipeline.core.charts._common import PLUMBING_NOTE
+
+BASELINE_COLUMNS = {
+    "model": "model", "dataset": "dataset", "window": "window (tokens)", "n_tokens": "tokens",
+    "token_ppl": "token PPL", "word_ppl": "word PPL", "byte_ppl": "byte PPL",
+    "token_accuracy": "token top-1 accuracy", "tokens_per_s": "tokens/s", "peak_mem_bytes": "peak memory",
+    "dtype": "dtype", "flags": "sanity flags",
+}  # fmt: skip
+MODEL_COLUMNS = {
+    "model": "model", "source": "source", "hf_id": "HF id", "revision": "revision", "architecture": "architecture",
+    "dtype": "dtype", "device": "device", "n_layers": "layers", "params_total": "parameters (total)",
+    "params_active": "parameters (active)", "attention_kind": "attention", "random_weights": "random weights",
+}  # fmt: skip
+PNG_SCALE = 2
+SCALING_COLUMNS = ["kind", "component", "strength", "param_basis", "n_models", "exponent", "exponent_ci_low",
+                   "exponent_ci_high", "r2", "r2_required_p05", "p_value", "warnings"]  # fmt: skip
+
+READING_GUIDES = {
+    "heatmap": (
+        "Each cell is the mean increase in negative log-likelihood per token (ΔNLL, nats/token) when one "
+        "component of one layer is perturbed, averaged over seeds and evaluation windows; red = worse than the "
+        "unperturbed model, blue = better. A dot marks cells whose paired test over evaluation windows survives "
+        "Benjamini–Hochberg correction across the model's whole sweep. Compare rows (layers) within a column to "
+        "find sensitive depths, and columns to rank components; compare panels left to right to see how the "
+        "pattern scales with perturbation strength."
+    ),
+    "degradation": (
+        "How fast quality falls as the perturbation grows: strength on a log axis, ΔNLL averaged over the "
+        "measured layers per component. The band is the mean of the per-layer 95% confidence intervals, an upper "
+        "bound on the uncertainty of the plotted mean. Curves that stay near 0 at small strengths and bend up "
+        "late mark robust components; a curve that leaves 0 early marks a fragile one. The y scale differs per "
+        "model."
+    ),
+    "critical_layers": (
+        "The overall layer profile (mean ΔNLL over components) placed at relative depth; red bars are the "
+        "top 10% most sensitive layers. A critical layer that recurs across strengths and seeds is a real "
+        "property of the model; one that moves between seeds is noise (see the consistency view)."
+    ),
+    "seed_consistency": (
+        "Spearman rank correlation between the layer profiles measured with different random seeds. ρ near 1 "
+        "means the ranking of layers does not depend on the particular noise draw, so layer-level conclusions "
+        "are safe; ρ near 0 means the profile is dominated by noise at this strength (often the smallest "
+        "strengths, where ΔNLL is close to evaluation noise)."
+    ),
+    "architecture": (
+        "Layer profiles of every model on a common relative-depth axis (layer / number of layers), one panel per "
+        "component, at the largest strength measured. Solid lines are dense models, dashed lines mixture-of-"
+        "experts models. Look for shared shapes (e.g. early layers most sensitive) and for components whose "
+        "profile differs by architecture. Per-token ΔNLL is only comparable across models with similar "
+        "tokenizers."
+    ),
+    "moe_routing": (
+        "For mixture-of-experts models under router noise: the fraction of tokens whose top-k expert set "
+        "changed, per layer. A high change rate with a small ΔNLL means the experts are interchangeable at that "
+        "layer; a high change rate with a large ΔNLL means routing decisions matter there."
+    ),
+    "scaling": (
+        "Model size against layer-averaged ΔNLL on log-log axes, the fitted power law and the confidence band "
+        "of its exponent. R² alone is cheap with a handful of models: the subtitle gives the R² needed for a "
+        "significant slope at this number of models, and the warnings say what the fit mixes (families, "
+        "tokenizers, random-weight models). Treat a fit over fewer than five comparable models as a sketch."
+    ),
+    "importance": (
+        "Distribution of the stored importance scores (log10) per metric. The metrics have unrelated units, so "
+        "compare shapes, not positions: a long right tail means a few weights dominate (candidate super "
+        "weights)."
+    ),
+    "validation": (
+        "The causal test of an importance metric: perturbing the k highest-scoring weights should hurt far more "
+        "than k random weights, and those more than the k lowest-scoring ones. Bars are seed means, dots single "
+        "seeds. A metric with top ≈ random does not identify important weights."
+    ),
+    "prediction": (
+        "The second-order (Fisher) prediction ΔNLL ≈ ½σ²·Σ rms²·diag F against the measured ΔNLL at small σ. "
+        "Points on the dashed y = x line mean the quadratic approximation holds; points above it mean the "
+        "real damage exceeds the local curvature estimate (non-quadratic regime or outlier weights)."
+    ),
+}
+
+
+@dataclass
+class _Figure:
+    name: str
+    caption: str
+    chart: alt.TopLevelMixin | None = None
+    skipped: str | None = None  # why no chart: empty relation or unusable data
+
+
+def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: dict) -> Path:
+    """Write `out_dir/index.html` (self-contained) plus `<chart>.png` and `<chart>.vl.json` per chart.
+
+    `tables` maps relation names (docs/CONTRACTS.md) to frames; missing or empty relations get a section
+    that says so. `experiment` is the experiment config as a dict (ExperimentConfig.model_dump()).
+    Returns the path of index.html.
+    """
+    if not isinstance(experiment, dict):
+        raise TypeError(f"build_report(): experiment must be the experiment config as a dict, got {type(experiment).__name__}")
+    bad = {k: type(v).__name__ for k, v in tables.items() if not isinstance(v, pd.DataFrame)}
+    if bad:
+        raise TypeError(f"build_report(): every table must be a pandas DataFrame, got {bad}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    sections = [
+        _setup_section(tables, experiment),
+        _random_weights_section(tables),
+        _baselines_section(tables.get("baselines")),
+        _zero_shot_section(tables.get("zero_shot")),
+    ]
+    for title, figures in _figures(tables):
+        sections.append(_figure_section(title, figures, out_dir))
+    sections.append(_scaling_table_section(tables.get("scaling_fit")))
+
+    name = str(experiment.get("name", "experiment"))
+    page = _PAGE.format(
+        title=html.escape(f"ESA report — {name}"),
+        generated=html.escape(datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        body="\n".join(sections),
+    )
+    index = out_dir / "index.html"
+    _atomic_write(index, page.encode("utf-8"))
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def _setup_section(tables: dict[str, pd.DataFrame], experiment: dict) -> str:
+    zero_shot = experiment.get("zero_shot") or {}
+    strengths = experiment.get("strengths") or {}
+    rows = [
+        ("experiment", experiment.get("name")),
+        ("description", experiment.get("description")),
+        ("protocol", experiment.get("protocol")),
+        ("datasets", _join(experiment.get("datasets"))),
+        ("window length (tokens)", experiment.get("window")),
+        ("token budget per dataset", _int(experiment.get("token_budget"))),
+        ("batch size", experiment.get("batch_size")),
+        ("seeds", _join(experiment.get("seeds"))),
+        ("strengths", "; ".join(f"{k}: {_join(v)}" for k, v in strengths.items() if v) or None),
+        ("components", _join(experiment.get("components"))),
+        ("layers", json.dumps(experiment["layers"]) if isinstance(experiment.get("layers"), dict)
+         else experiment.get("layers")),
+        ("zero-shot tasks", _join(zero_shot.get("tasks"))),
+        ("zero-shot shots (num_fewshot)", zero_shot.get("num_fewshot")),
+        ("zero-shot item limit per task", zero_shot.get("limit") or ("all items" if zero_shot else None)),
+        ("code version(s)", _join(_distinct(tables, "code_version"))),
+        ("config hash(es)", _join(_distinct(tables, "config_hash"))),
+    ]  # fmt: skip
+    setup = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(_text(v)) if v not in (None, '') else '<em>not recorded</em>'}</td></tr>"
+        for k, v in rows
+    )
+    overrides = {m: s for m, s in (experiment.get("models") or {}).items() if s}
+    override_html = ""
+    if overrides:
+        items = "".join(
+            f"<li><code>{html.escape(m)}</code>: {html.escape(json.dumps({k: v for k, v in s.items() if v is not None}, default=str))}</li>"
+            for m, s in overrides.items()
+        )
+        override_html = f"<p>Per-model settings (override the defaults above):</p><ul>{items}</ul>"
+    models = tables.get("models")
+    if models is None or models.empty:
+        models_html = _empty("models", "no model cards were materialized, so revisions are not known")
+    else:
+        frame = models.rename(columns={"name": "model"}) if "model" not in models.columns else models
+        models_html = _table(frame, MODEL_COLUMNS)
+    return (
+        '<section id="setup"><h2>Set-up and provenance</h2>'
+        f"<table class='kv'>{setup}</table>{override_html}<h3>Models and revisions</h3>{models_html}</section>"
+    )
+
+
+def _random_weights_section(tables: dict[str, pd.DataFrame]) -> str:
+    random_models = sorted(_random_models(tables))
+    if not random_models:
+        return (
+            '<section id="random-weights"><h2>Random-weight models</h2><p>None: every model in this report has '
+            "pretrained weights.</p></section>"
+        )
+    names = ", ".join(f"<code>{html.escape(m)}</code>" for m in random_models)
+    return (
+        '<section id="random-weights" class="warning"><h2>Random-weight models — plumbing only</h2>'
+        f"<p>{names} {'has' if len(random_models) == 1 else 'have'} random weights (tiny test models built "
+        "from configs). Every number from them — baselines, ΔNLL, significance, fits — checks that the pipeline "
+        "runs on that architecture's module layout; it says nothing about real language models. Charts that "
+        f"include them carry the red subtitle “{html.escape(PLUMBING_NOTE)}”, and table rows from them are "
+        "marked <span class='badge'>random weights</span>.</p></section>"
+    )
+
+
+def _baselines_section(baselines: pd.DataFrame | None) -> str:
+    head = '<section id="baselines"><h2>Baselines</h2>'
+    if baselines is None or baselines.empty:
+        return head + _empty("baselines", "no baseline has been materialized") + "</section>"
+    flagged = baselines.loc[baselines["flags"].fillna("").astype(str).str.len() > 0] if "flags" in baselines else baselines.iloc[0:0]
+    if flagged.empty:
+        flags_html = "<p>Sanity checks: no baseline was flagged.</p>"
+    else:
+        items = "".join(
+            f"<li><code>{html.escape(str(r['model']))}</code> on {html.escape(str(r.get('dataset', '?')))}: "
+            f"{html.escape(str(r['flags']).replace(';', '; '))}</li>"
+            for _, r in flagged.iterrows()
+        )
+        flags_html = (
+            "<div class='warning'><p><strong>Sanity flags raised</strong> (e.g. token PPL &lt; 2 on natural text "
+            f"means repeated or leaked text, not a good model):</p><ul>{items}</ul></div>"
+        )
+    return head + flags_html + _table(baselines, BASELINE_COLUMNS) + "</section>"
+
+
+def _zero_shot_section(zero_shot: pd.DataFrame | None) -> str:
+    head = '<section id="zero-shot"><h2>Zero-shot scores</h2>'
+    if zero_shot is None or zero_shot.empty:
+        return head + _empty("zero_shot", "no zero-shot task was configured or run") + "</section>"
+    frame = zero_shot.copy()
+    if {"value", "stderr"} <= set(frame.columns):
+        frame["score"] = [f"{v:.4f} ± {s:.4f}" if pd.notna(s) else f"{v:.4f} (no stderr)"
+                          for v, s in zip(frame["value"], frame["stderr"], strict=True)]  # fmt: skip
+    columns = {"model": "model", "task": "task", "metric": "metric", "score": "score ± stderr",
+               "n_items": "items", "num_fewshot": "shots"}  # fmt: skip
+    return head + _table(frame, columns) + "</section>"
+
+
+def _scaling_table_section(scaling: pd.DataFrame | None) -> str:
+    head = '<section id="scaling-table"><h2>Scaling fits (all cells)</h2>'
+    if scaling is None or scaling.empty:
+        return head + _empty("scaling_fit", "fewer than the models needed, or the all-models assets have not run") + "</section>"
+    return head + _table(scaling, {c: c for c in SCALING_COLUMNS}) + "</section>"
+
+
+def _figure_section(title: str, figures: list[_Figure], out_dir: Path) -> str:
+    anchor = figures[0].name.split("__")[0]
+    parts = [f'<section id="{html.escape(anchor)}"><h2>{html.escape(title)}</h2>',
+             f"<p class='guide'>{html.escape(READING_GUIDES[anchor])}</p>"]  # fmt: skip
+    for figure in figures:
+        if figure.chart is None:
+            parts.append(f"<p class='empty'>{html.escape(figure.skipped or 'not drawn')}</p>")
+            continue
+        png = charts.to_png(figure.chart, scale=PNG_SCALE)
+        _atomic_write(out_dir / f"{figure.name}.png", png)
+        _atomic_write(out_dir / f"{figure.name}.vl.json", figure.chart.to_json().encode("utf-8"))
+        width = charts.png_size(png)[0] // PNG_SCALE  # shown at CSS size: the extra pixels make it crisp on HiDPI
+        parts.append(
+            f"<figure><img src='{charts.png_data_uri(png)}' width='{width}' alt='{html.escape(figure.caption)}'>"
+            f"<figcaption>{html.escape(figure.caption)} — files: <code>{html.escape(figure.name)}.png</code>, "
+            f"<code>{html.escape(figure.name)}.vl.json</code></figcaption></figure>"
+        )
+    parts.append("</section>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _figures(tables: dict[str, pd.DataFrame]) -> list[tuple[str, list[_Figure]]]:
+    """(section title, figures) in report order; a figure whose data are missing carries the reason."""
+    models = tables.get("models")
+    models = models if models is not None and not models.empty else None
+
+    def per_kind(name: str, relation: str, build: Callable[[pd.DataFrame, str], alt.TopLevelMixin], what: str):
+        frame = tables.get(relation)
+        if frame is None or frame.empty:
+            return [_Figure(name, what, skipped=_empty_text(relation))]
+        return [_attempt(f"{name}__{kind}", f"{what} ({kind})", lambda k=kind: build(frame, k))
+                for kind in sorted(frame["kind"].astype(str).unique())]  # fmt: skip
+
+    def single(name: str, relation: str, build: Callable[[pd.DataFrame], alt.TopLevelMixin], what: str):
+        frame = tables.get(relation)
+        if frame is None or frame.empty:
+            return [_Figure(name, what, skipped=_empty_text(relation))]
+        return [_attempt(name, what, lambda: build(frame))]
+
+    return [
+        ("Sensitivity by layer and component", per_kind(
+            "heatmap", "significance", lambda f, k: charts.sensitivity_heatmap(f, kind=k, models=models),
+            "mean ΔNLL per layer × component")),
+        ("Degradation curves", per_kind(
+            "degradation", "significance", lambda f, k: charts.degradation_curves(f, kind=k, models=models),
+            "strength → ΔNLL per component")),
+        ("Critical layers", per_kind(
+            "critical_layers", "critical_layers", lambda f, k: charts.critical_layers_chart(f, kind=k, models=models),
+            "critical layers of the overall profile")),
+        ("Cross-seed consistency", per_kind(
+            "seed_consistency", "seed_consistency",
+            lambda f, k: charts.seed_consistency_chart(f, kind=k, models=models), "Spearman ρ between seeds")),
+        ("Architecture comparison", per_kind(
+            "architecture", "architecture_comparison", lambda f, k: charts.architecture_chart(f, kind=k, models=models),
+            "layer profiles on relative depth")),
+        ("MoE routing", single(
+            "moe_routing", "moe_routing", lambda f: charts.moe_routing_chart(f, models=models),
+            "expert-selection change rate")),
+        ("Scaling with model size", _scaling_figures(tables)),
+        ("Weight importance", single(
+            "importance", "weight_importance", lambda f: charts.importance_distribution_chart(f, models=models),
+            "importance score distributions")),
+        ("Importance validation: top-k vs random-k vs bottom-k", single(
+            "validation", "importance_validation",
+            lambda f: charts.importance_validation_chart(f, models=models), "causal check of importance")),
+        ("Prediction check", single(
+            "prediction", "prediction_check", lambda f: charts.prediction_chart(f, models=models),
+            "predicted vs measured ΔNLL")),
+    ]  # fmt: skip
+
+
+def _scaling_figures(tables: dict[str, pd.DataFrame]) -> list[_Figure]:
+    """Per kind: the cell at the largest strength with the most models (then the best R²), total parameters."""
+    fits, sensitivity, models = (tables.get(k) for k in ("scaling_fit", "sensitivity", "models"))
+    for relation, frame in (("scaling_fit", fits), ("sensitivity", sensitivity), ("models", models)):
+        if frame is None or frame.empty:
+            return [_Figure("scaling", "scaling fit", skipped=_empty_text(relation))]
+    figures = []
+    for kind, cells in fits.loc[fits["param_basis"] == "total"].groupby("kind", sort=True):
+        cells = cells.loc[cells["strength"] == cells["strength"].max()]
+        best = cells.assign(_r2=cells["r2"].fillna(-np.inf)).sort_values(["n_models", "_r2"], ascending=False).iloc[0]
+        figures.append(_attempt(
+            f"scaling__{kind}", f"scaling fit ({kind}, {best['component']})",
+            lambda kind=kind, best=best: charts.scaling_chart(
+                fits, sensitivity, models, kind=kind, component=best["component"], strength=float(best["strength"])),
+        ))  # fmt: skip
+    return figures or [_Figure("scaling", "scaling fit", skipped="No scaling_fit rows with total parameters.")]
+
+
+def _attempt(name: str, caption: str, build: Callable[[], alt.TopLevelMixin]) -> _Figure:
+    """Builders raise ValueError when the rows cannot make a chart (all NaN, nothing positive on a log axis):
+    the report states that reason in place of the chart instead of failing the whole report."""
+    try:
+        return _Figure(name, caption, chart=build())
+    except ValueError as error:
+        return _Figure(name, caption, skipped=f"Not drawn: {error}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _random_models(tables: dict[str, pd.DataFrame]) -> set[str]:
+    found: set[str] = set()
+    for frame in tables.values():
+        if frame is None or frame.empty or "random_weights" not in frame.columns:
+            continue
+        name_column = "model" if "model" in frame.columns else "name" if "name" in frame.columns else None
+        if name_column:
+            found |= set(frame.loc[frame["random_weights"].fillna(False).astype(bool), name_column].astype(str))
+    return found
+
+
+def _table(frame: pd.DataFrame, columns: dict[str, str]) -> str:
+    present = [c for c in columns if c in frame.columns]
+    random_flags = frame["random_weights"].fillna(False).astype(bool) if "random_weights" in frame.columns else None
+    head = "".join(f"<th>{html.escape(columns[c])}</th>" for c in present)
+    body = []
+    for i, (_, row) in enumerate(frame.iterrows()):
+        cells = []
+        for c in present:
+            text = html.escape(_format(c, row[c]))
+            if c == "model" and random_flags is not None and bool(random_flags.iloc[i]):
+                text += " <span class='badge'>random weights</span>"
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _format(column: str, value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return "—"
+    if column == "peak_mem_bytes":
+        return f"{float(value) / 2**30:.2f} GiB" if float(value) >= 2**30 else f"{float(value) / 2**20:.0f} MiB"
+    if column.startswith("params") or column in ("n_tokens", "n_items"):
+        return f"{int(value):,}"
+    if column == "flags":
+        return str(value).replace(";", "; ") or "none"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4g}"
+    return str(value)
+
+
+def _empty(relation: str, why: str) -> str:
+    return f"<p class='empty'>{html.escape(_empty_text(relation))} ({html.escape(why)}).</p>"
+
+
+def _empty_text(relation: str) -> str:
+    return f"The `{relation}` relation is empty: nothing to show in this section."
+
+
+def _distinct(tables: dict[str, pd.DataFrame], column: str) -> list[str]:
+    values: set[str] = set()
+    for frame in tables.values():
+        if frame is not None and column in frame.columns:
+            values |= {str(v) for v in frame[column].dropna().unique()}
+    return sorted(values)
+
+
+def _join(values: object) -> str | None:
+    if values is None:
+        return None
+    if isinstance(values, (list, tuple)):
+        return ", ".join(str(v) for v in values) if values else None
+    return str(values)
+
+
+def _int(value: object) -> str | None:
+    return f"{int(value):,}" if isinstance(value, (int, np.integer)) else None if value is None else str(value)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.chmod(temp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1400px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }}
+h1 {{ margin-bottom: 0.2em; }} h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }}
+table {{ border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }}
+thead th {{ background: #f4f4f4; }} table.kv th {{ background: #f9f9f9; width: 16em; }}
+.warning {{ background: #fff3f3; border-left: 4px solid #b30000; padding: 0.2em 1em; }}
+.badge {{ background: #b30000; color: white; border-radius: 3px; padding: 0 0.4em; font-size: 0.8em; }}
+.empty {{ color: #8a5a00; background: #fff8e6; padding: 0.5em 1em; border-left: 4px solid #e0a000; }}
+.guide {{ max-width: 60em; }} figure {{ margin: 1em 0 2em 0; }} figure img {{ max-width: 100%; }}
+figcaption {{ color: #555; font-size: 0.85em; }}
+</style></head>
+<body><h1>{title}</h1><p>Generated {generated}. ΔNLL is the increase in mean negative log-likelihood per token
+(nats/token) over the unperturbed baseline on the same evaluation windows.</p>
+{body}
+</body></html>
+"""

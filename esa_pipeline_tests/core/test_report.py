@@ -1,0 +1,107 @@
+"""The HTML report: self-contained (embedded PNGs), every section present, provenance stated, empty
+relations called out, random-weight models marked, files written next to it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+
+from esa_pipeline.core import charts
+from esa_pipeline.core.report import build_report
+from esa_pipeline_tests.core.test_charts import fixture_relations
+
+EXPERIMENT = {
+    "name": "chart-fixture", "description": "two models, four layers", "protocol": "smoke", "datasets": ["bundled"],
+    "window": 128, "token_budget": 768, "batch_size": 4,
+    "zero_shot": {"tasks": ["esa_mc", "piqa"], "limit": 20, "num_fewshot": 0}, "seeds": [0, 1],
+    "strengths": {"gaussian": [0.01, 0.1], "neurons": [], "scale": [], "router": []},
+    "components": ["attention.query", "ffn.down", "norm.input"], "layers": "all",
+    "models": {"smollm2-135m": None, "tiny-mixtral": {"seeds": [0, 1], "revision": None}},
+}  # fmt: skip
+SECTIONS = ["setup", "random-weights", "baselines", "zero-shot", "heatmap", "degradation", "critical_layers",
+            "seed_consistency", "architecture", "moe_routing", "scaling", "importance", "validation", "prediction",
+            "scaling-table"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    index = build_report(fixture_relations(), out, experiment=EXPERIMENT)
+    return index, index.read_text(encoding="utf-8")
+
+
+def test_report_has_every_section_with_embedded_charts(report):
+    index, page = report
+    assert index.name == "index.html"
+    for section in SECTIONS:
+        assert f'<section id="{section}"' in page, section
+    images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)' width='\d+'", page)
+    # one per kind-specific chart (one kind here) and per single chart; scaling has no fit with two models
+    assert len(images) == 10
+    for data in images:
+        png = base64.b64decode(data)
+        assert png.startswith(b"\x89PNG") and len(png) > 8_000
+    assert "<script src=" not in page and "http://" not in page and "https://" not in page
+
+
+def test_report_states_setup_and_provenance(report):
+    _, page = report
+    for fact in ["smoke", "bundled", "window length (tokens)</th><td>128", "768", "esa_mc, piqa",
+                 "zero-shot shots (num_fewshot)</th><td>0", "seeds</th><td>0, 1", "gaussian: 0.01, 0.1",
+                 "rev-smollm2-135m", "random-seed-0"]:  # fmt: skip
+        assert fact in page, fact
+
+
+def test_report_marks_random_weight_models_and_baseline_flags(report):
+    _, page = report
+    assert "Random-weight models — plumbing only" in page
+    assert "<code>tiny-mixtral</code> has random weights" in page
+    assert "tiny-mixtral <span class='badge'>random weights</span>" in page
+    assert "Sanity flags raised" in page and "random_weights" in page
+    for header in ["token PPL", "word PPL", "byte PPL", "token top-1 accuracy", "tokens/s", "peak memory"]:
+        assert f"<th>{header}</th>" in page
+    assert "1.12 GiB" in page  # 1.2e9 bytes
+    assert "0.5500 ± 0.0500" in page  # zero-shot score with stderr
+
+
+def test_report_writes_png_and_spec_files(report):
+    index, _ = report
+    pngs = sorted(p.name for p in index.parent.glob("*.png"))
+    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 10
+    spec = json.loads((index.parent / "heatmap__gaussian.vl.json").read_text())
+    assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
+    assert not list(index.parent.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_scaling_section_draws_points_and_the_table_says_why_there_is_no_fit(report):
+    _, page = report
+    scaling = page.split('<section id="scaling"', 1)[1].split("</section>", 1)[0]
+    assert "<img" in scaling  # two models: points only, the reason in the chart's subtitle
+    table = page.split('<section id="scaling-table"', 1)[1].split("</section>", 1)[0]
+    assert "no fit: a log-log line needs at least 3 models" in table
+
+
+def test_empty_relations_are_called_out_and_pretrained_data_carry_no_warning(tmp_path):
+    # one build for both checks: rendering charts is the slow part of these tests
+    tables = {k: v.loc[v["model"] == "smollm2-135m"] if "model" in v.columns else v
+              for k, v in fixture_relations().items()}  # fmt: skip
+    for name in ("prediction_check", "zero_shot", "weight_importance"):
+        tables[name] = tables[name].iloc[0:0]
+    del tables["importance_validation"]
+    page = build_report(tables, tmp_path, experiment=EXPERIMENT).read_text(encoding="utf-8")
+    # moe_routing holds only the tiny MoE model, so it is empty once filtered to the pretrained one
+    for relation in ("moe_routing", "prediction_check", "zero_shot", "weight_importance", "importance_validation"):
+        assert f"The `{relation}` relation is empty" in page, relation
+    assert page.count("<img") == 6
+    assert "every model in this report has pretrained weights" in page
+    assert charts.PLUMBING_NOTE not in page and "badge'>random weights" not in page
+
+
+def test_bad_arguments_name_the_fix(tmp_path):
+    with pytest.raises(TypeError, match="experiment config as a dict"):
+        build_report({}, tmp_path, experiment="smoke.yaml")
+    with pytest.raises(TypeError, match="pandas DataFrame"):
+        build_report({"sensitivity": [1, 2]}, tmp_path, experiment={})
