@@ -36,3 +36,30 @@ test: install smollm2 ui-deps
 
 lint: install
 	$(PY) -m ruff check esa_pipeline esa_pipeline_tests benchmarks
+
+# The whole smoke profile end to end (data/experiments/smoke.yaml, or ESA_EXPERIMENT=<name|path>).
+ESA := $(PY) -m esa_pipeline.cli
+demo: install smollm2
+	@start=$$(date +%s); \
+	$(ESA) materialize; status=$$?; \
+	echo "demo finished in $$(( $$(date +%s) - start ))s"; \
+	echo "DuckDB:  $(CURDIR)/data/esa.duckdb   (e.g. .venv/bin/python -c \"import duckdb; print(duckdb.connect('data/esa.duckdb', read_only=True).sql('from baselines'))\")"; \
+	echo "reports: $(CURDIR)/data/reports/"; \
+	exit $$status
+
+# Dagster UI on http://127.0.0.1:3000 with this repo's instance (sensors and automation run by default).
+dev: install
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -w workspace.yaml
+
+# Seed-system targets: each materializes its assets plus whatever upstream is missing or stale.
+esa-layer-wise: install smollm2
+	$(ESA) materialize --select sensitivity significance critical_layers
+esa-architecture-comp: install smollm2
+	$(ESA) materialize --select architecture_comparison
+esa-scaling-study: install smollm2
+	$(ESA) materialize --select scaling_fit
+# Re-render charts and the report from the stored results only (no model work).
+esa-visualize: install
+	$(ESA) materialize --select report --no-upstream
+esa-report: install smollm2
+	$(ESA) materialize --select report

@@ -1,0 +1,559 @@
+"""Experiment configuration: one YAML file describes what to measure on which models.
+
+Everything is validated before any run starts — a typo found after an hour of sweeping is an hour lost. Every
+mistake surfaces as one `ConfigError` naming the file, the key path (`models.tiny-pythia.components[1]`) and the
+fix. Settings a file leaves out come from its protocol preset (`esa_pipeline.core.protocols`: window, token
+budget, batch size, layers, strengths, seeds, zero-shot limit). Global settings apply to every model; a model's
+section may override components, layers, seeds, strengths, token budget and batch size. `model_plan()`
+resolves the two into the settings one model runs with, and `model_section_hash()` hashes exactly those, so
+editing one model's section changes only its hash.
+
+Components: the global list means "sweep these where the architecture has them" — one an architecture lacks
+(ffn.gate on GPT-NeoX, moe.router on dense models) is recorded as not applicable on the model card and never
+requested. A model's own `components:` list is a deliberate request, so naming a component it lacks is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+import pathlib
+import re
+import types
+import typing
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esa_pipeline.core.provenance import REPO_ROOT, stable_hash
+
+EXPERIMENTS_DIR = REPO_ROOT / "data" / "experiments"
+DEFAULT_EXPERIMENT = "smoke"
+KINDS = ("gaussian", "neurons", "scale", "router", "zero", "sign_flip", "bit_flip")
+WEIGHT_LEVEL_KINDS = ("zero", "sign_flip", "bit_flip")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Variant partition keys are "<component>__<seed>"; dagster partition keys must stay short and plain.
+VARIANT_SEPARATOR = "__"
+
+
+class ConfigError(ValueError):
+    """An invalid experiment file; the message names the file, the key path and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class Strengths(_Strict):
+    """Perturbation strengths per kind (see DESIGN §4 for the units of each)."""
+
+    gaussian: list[PositiveFloat] = Field(default_factory=list, description="sigma in units of rms(W_slice)")
+    neurons: list[Fraction] = Field(
+        default_factory=list, description="fraction of FFN intermediate neurons"
+    )
+    scale: list[PositiveFloat] = Field(default_factory=list, description="norm gain factors")
+    router: list[PositiveFloat] = Field(default_factory=list, description="sigma on the MoE router")
+    zero: list[Fraction] = Field(default_factory=list, description="fraction of slice elements zeroed (random)")
+    sign_flip: list[Fraction] = Field(default_factory=list, description="fraction of elements sign-flipped")
+    bit_flip: list[Fraction] = Field(default_factory=list, description="fraction of elements with a bit flipped")
+
+
+class StrengthsOverride(_Strict):
+    """A model section's strengths: a kind given here replaces the global list for that kind."""
+
+    gaussian: list[PositiveFloat] | None = None
+    neurons: list[Fraction] | None = None
+    scale: list[PositiveFloat] | None = None
+    router: list[PositiveFloat] | None = None
+    zero: list[Fraction] | None = None
+    sign_flip: list[Fraction] | None = None
+    bit_flip: list[Fraction] | None = None
+
+
+class LayerStride(_Strict):
+    """Every `stride`-th layer from `start`; the last layer is added so the output end is always measured."""
+
+    stride: int = Field(ge=1)
+    start: int = Field(default=0, ge=0)
+    include_last: bool = True
+
+
+LayerSelection = Literal["all"] | list[Annotated[int, Field(ge=0)]] | LayerStride
+
+
+def select_layers(selection: LayerSelection, n_layers: int) -> list[int]:
+    """Concrete layer indices of a selection for a model with `n_layers` decoder layers."""
+    if selection == "all":
+        return list(range(n_layers))
+    if isinstance(selection, LayerStride):
+        layers = list(range(selection.start, n_layers, selection.stride))
+        if selection.include_last and n_layers - 1 not in layers and n_layers > selection.start:
+            layers.append(n_layers - 1)
+        return layers
+    bad = [layer for layer in selection if layer >= n_layers]
+    if bad:
+        raise ConfigError(f"layers {bad} do not exist in a model with {n_layers} layers (use 0..{n_layers - 1})")
+    return sorted(set(selection))
+
+
+class ZeroShot(_Strict):
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names; esa_mc is bundled")
+    limit: int | None = Field(default=None, ge=1, description="items per task (None = all)")
+    num_fewshot: int = Field(default=0, ge=0)
+
+
+IMPORTANCE_METRICS = ("grad_x_weight", "grad_sq", "hutchinson", "magnitude", "activation")
+
+
+class Importance(_Strict):
+    """Weight-importance settings (DESIGN §6): metrics, top-k per layer, tokens scored, validation strengths."""
+
+    metrics: list[Literal[IMPORTANCE_METRICS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["grad_x_weight", "magnitude", "activation"], min_length=1
+    )
+    top_k: int = Field(default=64, ge=1)
+    token_budget: int = Field(default=1024, ge=1, description="tokens of the sweep dataset scored")
+    validation_fraction: float = Field(
+        default=0.001, gt=0, le=1, description="fraction of a slice zeroed for top/random/bottom-k validation"
+    )
+
+
+class ModelSection(_Strict):
+    """One model of the experiment; every field but `source` is optional and overrides the global value."""
+
+    source: str | None = Field(default=None, description="registry name, HF id (org/name) or local path")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    components: list[str] | None = None
+    layers: LayerSelection | None = None
+    seeds: list[int] | None = None
+    strengths: StrengthsOverride | None = None
+    token_budget: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    description: str = ""
+    protocol: Literal["smoke", "standard", "extended"]
+    datasets: list[str] = Field(min_length=1)
+    sweep_dataset: str | None = Field(default=None, description="dataset of the sweeps (default: the first)")
+    window: int = Field(ge=8, description="tokens per evaluation window, pinned and recorded")
+    token_budget: int = Field(ge=1, description="max tokens evaluated per dataset (baseline and every point)")
+    batch_size: int = Field(default=4, ge=1)
+    zero_shot: ZeroShot = Field(default_factory=ZeroShot)
+    seeds: list[int] = Field(min_length=1)
+    strengths: Strengths
+    neuron_mode: Literal["noise", "zero"] = "noise"
+    components: list[str] = Field(min_length=1)
+    layers: LayerSelection = "all"
+    importance: Importance = Field(default_factory=Importance)
+    models: dict[str, ModelSection | None] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds repeat; list each seed once")
+        return seeds
+
+    @model_validator(mode="after")
+    def _sweep_dataset_is_listed(self) -> ExperimentConfig:
+        if self.sweep_dataset is not None and self.sweep_dataset not in self.datasets:
+            raise ValueError(f"sweep_dataset {self.sweep_dataset!r} must be one of datasets {self.datasets}")
+        return self
+
+    def section(self, model: str) -> ModelSection:
+        if model not in self.models:
+            raise ConfigError(f"model {model!r} is not in experiment {self.name!r}: known {sorted(self.models)}")
+        return self.models[model] or ModelSection()
+
+
+class ModelPlan(_Strict):
+    """The resolved settings one model runs with: its section merged over the global settings."""
+
+    model: str
+    source: str
+    revision: str | None
+    dtype: str
+    device: str
+    trust_remote_code: bool
+    protocol: str
+    datasets: list[str]
+    sweep_dataset: str
+    window: int
+    token_budget: int
+    batch_size: int
+    zero_shot: ZeroShot
+    seeds: list[int]
+    strengths: Strengths
+    neuron_mode: str
+    components: list[str]
+    layers: LayerSelection
+    importance: Importance
+
+    def kinds_for(self, component: str) -> list[str]:
+        """Kinds swept on a component: gaussian everywhere, the kind specific to its family, and the
+        weight-level kinds (random element selection) wherever they have strengths."""
+        kinds = ["gaussian"]
+        if component.startswith("ffn."):
+            kinds.append("neurons")
+        elif component.startswith("norm."):
+            kinds.append("scale")
+        elif component == "moe.router":
+            kinds.append("router")
+        kinds.extend(WEIGHT_LEVEL_KINDS)
+        return [k for k in kinds if getattr(self.strengths, k)]
+
+    def variants(self, available: list[str] | None = None) -> list[str]:
+        """Variant partition keys; with the architecture's `available` components, only applicable ones."""
+        components = [c for c in self.components if available is None or c in available]
+        return [variant_key(c, s) for c in components for s in self.seeds]
+
+
+def variant_key(component: str, seed: int) -> str:
+    return f"{component}{VARIANT_SEPARATOR}{seed}"
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    component, sep, seed = variant.rpartition(VARIANT_SEPARATOR)
+    if not sep or not seed.lstrip("-").isdigit():
+        raise ConfigError(f"variant {variant!r} is not '<component>{VARIANT_SEPARATOR}<seed>'")
+    return component, int(seed)
+
+
+def model_plan(cfg: ExperimentConfig, model: str) -> ModelPlan:
+    section = cfg.section(model)
+    strengths = cfg.strengths
+    if section.strengths is not None:
+        overrides = {k: v for k, v in section.strengths.model_dump().items() if v is not None}
+        strengths = strengths.model_copy(update=overrides)
+    return ModelPlan(
+        model=model,
+        source=section.source or model,
+        revision=section.revision,
+        dtype=section.dtype,
+        device=section.device,
+        trust_remote_code=section.trust_remote_code,
+        protocol=cfg.protocol,
+        datasets=cfg.datasets,
+        sweep_dataset=cfg.sweep_dataset or cfg.datasets[0],
+        window=cfg.window,
+        token_budget=section.token_budget or cfg.token_budget,
+        batch_size=section.batch_size or cfg.batch_size,
+        zero_shot=cfg.zero_shot,
+        seeds=section.seeds or cfg.seeds,
+        strengths=strengths,
+        neuron_mode=cfg.neuron_mode,
+        components=section.components or cfg.components,
+        layers=section.layers if section.layers is not None else cfg.layers,
+        importance=cfg.importance,
+    )
+
+
+def model_section_hash(cfg: ExperimentConfig, model: str) -> str:
+    """Stable hash of everything that decides one model's numbers (its section + the globals it inherits).
+
+    The device is left out: the same weights and settings on another device are the same experiment
+    (numerical differences across devices are recorded through `code_version`/`models.device`, not here).
+    """
+    plan = model_plan(cfg, model).model_dump(mode="json", exclude={"device"})
+    return stable_hash(plan)
+
+
+def experiment_hash(cfg: ExperimentConfig) -> str:
+    return stable_hash(cfg.model_dump(mode="json"))
+
+
+# ---- loading and validation --------------------------------------------------------------------------------
+
+
+def experiment_path(name_or_path: str | os.PathLike | None = None) -> pathlib.Path:
+    """The active experiment file: the argument, else env ESA_EXPERIMENT, else smoke.yaml.
+
+    A bare name (`standard`) resolves to data/experiments/<name>.yaml.
+    """
+    raw = str(name_or_path or os.environ.get("ESA_EXPERIMENT") or DEFAULT_EXPERIMENT)
+    candidate = pathlib.Path(raw).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.exists():
+            raise ConfigError(f"experiment file {candidate} does not exist; check ESA_EXPERIMENT or the path")
+        return candidate.resolve()
+    named = EXPERIMENTS_DIR / f"{raw}.yaml"
+    if named.exists():
+        return named
+    available = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"no experiment named {raw!r}: use one of {available} (files in {EXPERIMENTS_DIR}) or a path to a YAML file"
+    )
+
+
+def load_experiment(path: str | os.PathLike | None = None, *, check_models: bool = True) -> ExperimentConfig:
+    """Parse and validate an experiment file; every problem is reported in one ConfigError.
+
+    `check_models` also resolves each model's architecture (registry, local config.json or the HF cache; no
+    weights are loaded) and checks its components and layers against it.
+    """
+    file = experiment_path(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}: malformed YAML{where}: {problem}. Fix the syntax there.") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of settings (name:, models:, ...)")
+    raw.setdefault("name", file.stem)
+    raw = with_protocol_defaults(raw)
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(file, exc)) from None
+    problems = _semantic_problems(cfg, check_models=check_models)
+    if problems:
+        raise ConfigError(f"{file}: invalid experiment config:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+
+
+def with_protocol_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill settings the YAML leaves out from its protocol preset (esa_pipeline.core.protocols)."""
+    from esa_pipeline.core.protocols import PROTOCOLS
+
+    preset = PROTOCOLS.get(raw.get("protocol")) if isinstance(raw.get("protocol"), str) else None
+    if preset is None:
+        return raw  # an unknown protocol is reported by validation, with the valid names
+    out = dict(raw)
+    out.setdefault("window", preset.window)
+    out.setdefault("token_budget", preset.max_tokens)
+    out.setdefault("batch_size", preset.batch_size)
+    out.setdefault("seeds", list(preset.seeds))
+    out.setdefault("layers", "all" if preset.layers == "all" else {"stride": preset.layers})
+    out.setdefault("strengths", {kind: list(values) for kind, values in preset.strengths})
+    if isinstance(out.get("zero_shot"), dict) and "limit" not in out["zero_shot"]:
+        out["zero_shot"] = {**out["zero_shot"], "limit": preset.zero_shot_limit}
+    return out
+
+
+def _loc_to_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_MODEL_NAMES = {"LayerStride", "ModelSection", "StrengthsOverride", "Strengths", "ZeroShot"}
+
+
+def _is_branch_label(part: int | str) -> bool:
+    """Pydantic inserts the tried union branch (`LayerStride`, `list[int]`, ...) into error locations."""
+    return isinstance(part, str) and (part in _MODEL_NAMES or "[" in part)
+
+
+def _step(annotation: Any, part: int | str) -> Any:
+    """The annotation found one location step below `annotation` (None when it cannot be followed)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _step(args[0], part)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if getattr(arg, "__name__", None) == part:
+                return arg
+        for arg in args:
+            if arg is not type(None) and (found := _step(arg, part)) is not None:
+                return found
+        return None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field else None
+    if origin is dict:
+        return args[1]
+    if origin is list:
+        return args[0]
+    return None
+
+
+def _fields_at(loc: Sequence[int | str]) -> list[str]:
+    """Keys allowed in the mapping that holds `loc[-1]` (for did-you-mean on unknown keys)."""
+    current: Any = ExperimentConfig
+    for part in loc[:-1]:
+        current = _step(current, part)
+        if current is None:
+            return []
+    while typing.get_origin(current) in (typing.Union, types.UnionType, Annotated):
+        models = [a for a in typing.get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
+            return []
+        current = models[0]
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+_BRANCH_MISMATCH = {"literal_error", "list_type", "model_type", "model_attributes_type", "dict_type", "none_required"}
+
+
+def _format_validation_error(file: pathlib.Path, exc: ValidationError) -> str:
+    errors = [(tuple(p for p in err["loc"] if not _is_branch_label(p)), err) for err in exc.errors()]
+    unknown_keys = {loc for loc, err in errors if err["type"] == "extra_forbidden"}
+    lines = []
+    for loc, err in errors:
+        path = _loc_to_path(loc) or "(top level)"
+        # A union (layers, a model section) reports every branch it tried: keep the branch that got deeper.
+        if err["type"] in _BRANCH_MISMATCH and any(o[: len(loc)] == loc and len(o) > len(loc) for o, _ in errors):
+            continue
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            allowed = _fields_at(err["loc"])
+            guess = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {guess[0]!r}?" if guess else f"allowed keys here: {', '.join(allowed)}"
+            lines.append(f"{path}: unknown key {key!r}; {hint}")
+        elif err["type"] == "missing":
+            # The typo'd key already says which key was meant; do not also report it missing.
+            siblings = [k for k in unknown_keys if k[:-1] == loc[:-1]]
+            if any(difflib.get_close_matches(str(k[-1]), [str(loc[-1])], n=1) for k in siblings):
+                continue
+            lines.append(f"{path}: required setting is missing; add it")
+        else:
+            lines.append(f"{path}: {err['msg']} (got {err.get('input')!r}); fix the value")
+    return f"{file}: invalid experiment config:\n" + "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
+
+
+def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str]:
+    from esa_pipeline.core.adapters.base import LAYER_COMPONENTS
+
+    problems: list[str] = []
+
+    def check_components(path: str, components: list[str]) -> None:
+        for i, component in enumerate(components):
+            if component not in LAYER_COMPONENTS:
+                guess = difflib.get_close_matches(component, LAYER_COMPONENTS, n=1)
+                hint = f"did you mean {guess[0]!r}?" if guess else f"use one of {', '.join(LAYER_COMPONENTS)}"
+                problems.append(f"{path}[{i}]: unknown component {component!r}; {hint}")
+        if len(set(components)) != len(components):
+            problems.append(f"{path}: components repeat; list each once")
+
+    check_components("components", cfg.components)
+    if not any(getattr(cfg.strengths, kind) for kind in KINDS):
+        problems.append("strengths: no strengths given; set at least strengths.gaussian: [0.01, ...]")
+    for name, section in cfg.models.items():
+        section = section or ModelSection()
+        if section.components is not None:
+            check_components(f"models.{name}.components", section.components)
+        if section.seeds is not None and len(set(section.seeds)) != len(section.seeds):
+            problems.append(f"models.{name}.seeds: seeds repeat; list each seed once")
+        if check_models:
+            problems.extend(_model_problems(cfg, name))
+    return problems
+
+
+def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
+    """Resolve the model's architecture without loading weights and check components/layers against it."""
+    plan = model_plan(cfg, name)
+    where = f"models.{name}"
+    facts = describe_source(plan.source, plan.revision)
+    if facts is None:
+        from esa_pipeline.core.models import registered_models
+
+        return [
+            f"{where}: unknown model {plan.source!r}; registered models are {', '.join(registered_models())}. "
+            "Use one of them as the key (or `source:`), or set `source:` to a Hugging Face id (org/name) "
+            "or an existing local model directory"
+        ]
+    architecture, n_layers = facts
+    if architecture is None:
+        return []  # hub model not in the local cache: checked when it loads
+    available = components_for_architecture(architecture)
+    if available is None:
+        from esa_pipeline.core.adapters import supported_architectures
+
+        return [
+            f"{where}: architecture {architecture} has no adapter; supported: "
+            f"{', '.join(supported_architectures())}"
+        ]
+    from esa_pipeline.core.adapters.base import LAYER_COMPONENTS
+
+    problems = []
+    own_list = cfg.section(name).components
+    if own_list is not None:
+        # A model's own list is a deliberate request: a component it lacks is a mistake, not a skip.
+        for component in own_list:
+            if component in LAYER_COMPONENTS and component not in available:
+                problems.append(
+                    f"{where}.components: {component!r} is not applicable to {architecture} ({name}), which "
+                    f"has {', '.join(available)}. Fix: remove it from {where}.components"
+                )
+    elif not [c for c in plan.components if c in available]:
+        problems.append(
+            f"{where}: none of the global components applies to {architecture}; give {where} its own "
+            f"`components:` from {', '.join(available)}"
+        )
+    if n_layers is not None and isinstance(plan.layers, list):
+        bad = [layer for layer in plan.layers if layer >= n_layers]
+        if bad:
+            problems.append(
+                f"{where}.layers: {bad} do not exist in {name} ({n_layers} layers); use 0..{n_layers - 1}"
+            )
+    return problems
+
+
+@functools.cache
+def describe_source(source: str, revision: str | None = None) -> tuple[str | None, int | None] | None:
+    """(architecture, n_layers) of a model source without loading weights; None if the source is unknown.
+
+    Tiny registry models are built (random weights, milliseconds); SmolLM2 answers from its safetensors cache;
+    local directories from config.json; hub ids from the local HF cache. (None, None) means the source is
+    valid but its layout is only known once it loads (hub model not downloaded yet).
+    """
+    from esa_pipeline.core import models
+
+    entry = models.MODEL_REGISTRY.get(source)
+    if entry is not None:
+        if entry.build_tiny is not None:
+            model = entry.build_tiny()
+            return type(model).__name__, int(model.config.num_hidden_layers)
+        if entry.source == "gguf-wheel":
+            from esa_pipeline.core import smollm2
+
+            return _config_json_facts(smollm2.cache_dir() / "config.json")
+        assert entry.hf_id is not None
+        return _hub_cache_facts(entry.hf_id, revision)
+    local = pathlib.Path(source).expanduser()
+    if local.is_dir():
+        return _config_json_facts(local / "config.json")
+    if _HUB_ID.match(source):
+        return _hub_cache_facts(source, revision)
+    return None
+
+
+def _hub_cache_facts(hf_id: str, revision: str | None) -> tuple[str | None, int | None]:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(hf_id, "config.json", revision=revision)
+    return _config_json_facts(pathlib.Path(cached)) if isinstance(cached, str) else (None, None)
+
+
+def _config_json_facts(path: pathlib.Path) -> tuple[str | None, int | None]:
+    if not path.exists():
+        return None, None
+    config = json.loads(path.read_text())
+    architectures = config.get("architectures") or [None]
+    return architectures[0], config.get("num_hidden_layers")
+
+
+def components_for_architecture(architecture: str) -> list[str] | None:
+    """Per-layer components the adapter of an HF class name supports; None when no adapter exists."""
+    from esa_pipeline.core.adapters import base
+
+    adapter_cls = base._REGISTRY.get(architecture)  # noqa: SLF001  (no public class-level accessor yet)
+    if adapter_cls is None:
+        return None
+    return [c for c in base.LAYER_COMPONENTS if c in adapter_cls._components]  # noqa: SLF001

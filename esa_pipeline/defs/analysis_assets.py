@@ -1,0 +1,230 @@
+"""Per-model analysis: significance and seed consistency, critical layers, weight importance, MoE routing.
+
+Each reads the model's rows of the *current* configuration (config_hash = the model's section hash) from
+the store, so stale partitions of an older configuration never mix into a result.
+"""
+
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    asset,
+)
+
+from esa_pipeline.core.config import model_plan, model_section_hash, select_layers
+from esa_pipeline.core.storage import Store
+from esa_pipeline.defs.common import (
+    EAGER,
+    EAGER_AFTER_SWEEP,
+    GPU_OP_TAGS,
+    GPU_POOL,
+    number,
+    store_rows,
+    table_preview,
+    with_model,
+)
+from esa_pipeline.defs.loaded import baseline_result, loaded_model
+from esa_pipeline.defs.model_assets import baseline, model_card
+from esa_pipeline.defs.partitions import model_partitions
+from esa_pipeline.defs.resources import ExperimentResource, StoreResource
+from esa_pipeline.defs.sweep_assets import sensitivity
+
+
+def current_rows(store: Store, relation: str, model: str, config_hash: str) -> pd.DataFrame:
+    """The model's rows computed under its current settings; a clear error when there are none yet."""
+    if not store.has(relation):
+        raise FileNotFoundError(f"no {relation} rows stored yet: materialize {relation} for {model} first")
+    rows = store.read(relation, model=model, config_hash=config_hash)
+    if rows.empty:
+        raise FileNotFoundError(
+            f"no {relation} rows for {model} under its current config (hash {config_hash}): materialize the "
+            f"{relation} partitions of {model} first (older rows are from a different configuration)"
+        )
+    return rows
+
+
+@asset(
+    partitions_def=model_partitions,
+    deps=[sensitivity],
+    group_name="analysis",
+    automation_condition=EAGER_AFTER_SWEEP,
+    check_specs=[AssetCheckSpec("significance_quality", asset="significance",
+                                description="Enough windows per cell to test, and tests were possible")],
+    description="Paired window test per (component, layer, strength) with Holm/BH across the sweep; seed spread.",
+)  # fmt: skip
+def significance(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
+    from esa_pipeline.core.analysis import seed_consistency
+    from esa_pipeline.core.analysis import significance as significance_test
+
+    model = context.partition_key
+    cfg = experiment.load()
+    config_hash = model_section_hash(cfg, model)
+    st = store.store()
+    sens = current_rows(st, "sensitivity", model, config_hash)
+    windows = current_rows(st, "sensitivity_windows", model, config_hash)
+    tested = significance_test(windows, sens)
+    consistency = seed_consistency(sens)
+    n_rows = store_rows(st, "significance", model, tested, config_hash)
+    store_rows(st, "seed_consistency", model, consistency, config_hash)
+
+    untested = int(tested["p_value"].isna().sum())
+    return MaterializeResult(
+        metadata={
+            "config_hash": config_hash,
+            "rows": n_rows,
+            "significant_holm": int(tested["significant_holm"].fillna(False).sum()),
+            "significant_bh": int(tested["significant_bh"].fillna(False).sum()),
+            "untested_cells": untested,
+            "min_windows": int(tested["n_windows"].min()) if len(tested) else 0,
+            "median_seed_rho": number(consistency["spearman_rho"].median()) if len(consistency) else None,
+            "top_cells": table_preview(tested.sort_values("mean_delta_nll", ascending=False),
+                                       ["kind", "component", "layer", "strength", "mean_delta_nll", "ci_low",
+                                        "ci_high", "p_holm", "note"], limit=10),
+        },  # fmt: skip
+        check_results=[
+            AssetCheckResult(
+                check_name="significance_quality",
+                passed=len(tested) > 0 and untested < len(tested),
+                severity=AssetCheckSeverity.WARN,
+                metadata={"cells": len(tested), "untested_cells": untested,
+                          "notes": "; ".join(sorted(set(tested["note"].dropna()))) or "none"},
+            )
+        ],
+    )
+
+
+@asset(
+    partitions_def=model_partitions,
+    deps=[significance, model_card],
+    group_name="analysis",
+    automation_condition=EAGER_AFTER_SWEEP,
+    description="Layers ranked by seed-averaged ΔNLL per component and overall; the top 10% flagged critical.",
+)
+def critical_layers(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
+    from esa_pipeline.core.analysis import critical_layers as rank_layers
+
+    model = context.partition_key
+    cfg = experiment.load()
+    config_hash = model_section_hash(cfg, model)
+    st = store.store()
+    tested = current_rows(st, "significance", model, config_hash)
+    cards = current_rows(st, "models", model, config_hash)
+    ranked = rank_layers(tested, cards)
+    n_rows = store_rows(st, "critical_layers", model, ranked, config_hash)
+    overall = ranked.loc[(ranked["component"] == "all") & ranked["is_critical"]]
+    return MaterializeResult(
+        metadata={
+            "config_hash": config_hash,
+            "rows": n_rows,
+            "critical_overall": ", ".join(
+                f"{r.kind}@{r.strength}: L{r.layer}" for r in overall.itertuples()
+            ) or "none",
+            "ranking": table_preview(ranked.loc[ranked["component"] == "all"],
+                                     ["kind", "strength", "layer", "depth", "mean_delta_nll", "rank", "is_critical"]),
+        }  # fmt: skip
+    )
+
+
+@asset(
+    partitions_def=model_partitions,
+    deps=[baseline],
+    group_name="importance",
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    automation_condition=EAGER,
+    description="Per-weight importance (grad x weight, grad², Hutchinson, magnitude, activation), top-k per layer; "
+    "small-sigma prediction vs measured ΔNLL.",
+)
+def weight_importance(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
+    from esa_pipeline.core.adapters import adapter_for
+    from esa_pipeline.core.importance.metrics import importance_scores, top_k
+
+    model = context.partition_key
+    cfg = experiment.load()
+    plan = model_plan(cfg, model)
+    config_hash = model_section_hash(cfg, model)
+    lm = loaded_model(plan)
+    adapter = adapter_for(lm.model)
+    # Scored on the sweep dataset's own windows (a smaller budget), so predictions compare like with like.
+    base = baseline_result(plan, plan.sweep_dataset, plan.importance.token_budget)
+    components = [c for c in plan.components if c in adapter.components()]
+    layers = select_layers(plan.layers, adapter.num_layers)
+    metrics = list(plan.importance.metrics)
+    context.log.info(f"{model}: scoring {metrics} on {len(components)} components x {len(layers)} layers "
+                     f"over {base.n_tokens} tokens")  # fmt: skip
+    result = importance_scores(lm, adapter, base, metrics, components=components, layers=layers)
+    rows = pd.concat(
+        [top_k(result, plan.importance.top_k, scope="layer"), top_k(result, plan.importance.top_k, scope="global")],
+        ignore_index=True,
+    )
+    st = store.store()
+    n_rows = store_rows(st, "weight_importance", model, with_model(rows, model), config_hash)
+    metadata = {}
+    curvature = next((c for c in ("grad_sq", "hutchinson") if c in metrics), None)
+    small_sigmas = [s for s in plan.strengths.gaussian if s <= 0.05]  # the expansion holds for small sigma only
+    if curvature and small_sigmas:
+        from esa_pipeline.core.importance.prediction import prediction_check
+
+        checked = prediction_check(lm, base, result, small_sigmas, seeds=list(plan.seeds), curvature=curvature,
+                                   adapter=adapter)  # fmt: skip
+        store_rows(st, "prediction_check", model, with_model(checked, model), config_hash)
+        metadata["prediction_median_ratio"] = number(checked["ratio"].median())
+        metadata["prediction"] = table_preview(checked, ["component", "layer", "strength", "predicted_delta_nll",
+                                                         "measured_delta_nll", "ratio"])  # fmt: skip
+    return MaterializeResult(
+        metadata={
+            "config_hash": config_hash,
+            "rows": n_rows,
+            "metrics": ", ".join(result.metrics),
+            "scored_tokens": result.n_tokens,
+            "notes": "; ".join(result.notes) or "none",
+            "global_top": table_preview(rows.loc[rows["scope"] == "global"].sort_values("rank"),
+                                        ["metric", "component", "layer", "param_name", "row", "col", "score", "rank"]),
+            **metadata,
+        }  # fmt: skip
+    )
+
+
+@asset(
+    partitions_def=model_partitions,
+    deps=[baseline],
+    group_name="importance",
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    automation_condition=EAGER,
+    description="MoE routing under router noise: expert-selection change rate and load entropy (dense: not applicable).",
+)
+def moe_routing(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
+    from esa_pipeline.core.adapters import adapter_for
+
+    model = context.partition_key
+    cfg = experiment.load()
+    plan = model_plan(cfg, model)
+    config_hash = model_section_hash(cfg, model)
+    lm = loaded_model(plan)
+    adapter = adapter_for(lm.model)
+    if "moe.router" not in adapter.components():
+        context.log.info(f"{model}: {adapter.architecture} has no router; moe_routing is not applicable")
+        return MaterializeResult(
+            metadata={"config_hash": config_hash, "rows": 0, "not_applicable": f"{adapter.architecture} is dense"}
+        )
+
+    from esa_pipeline.core.importance.routing import routing_sweep
+
+    base = baseline_result(plan, plan.sweep_dataset)
+    layers = select_layers(plan.layers, adapter.num_layers)
+    strengths = plan.strengths.router or plan.strengths.gaussian
+    rows = routing_sweep(lm, base, list(strengths), list(plan.seeds), layers=layers, adapter=adapter)
+    n_rows = store_rows(store.store(), "moe_routing", model, with_model(rows, model), config_hash)
+    return MaterializeResult(
+        metadata={
+            "config_hash": config_hash,
+            "rows": n_rows,
+            "max_expert_change_rate": number(rows["expert_change_rate"].max()) if len(rows) else None,
+            "routing": table_preview(rows, ["layer", "strength", "seed", "expert_change_rate", "delta_nll"]),
+        }
+    )

@@ -1,0 +1,145 @@
+"""Jobs, sensors and schedules.
+
+- `esa_experiment_sensor` (running by default): registers models/variants added to the YAML as dynamic
+  partitions and records the sources' data versions when a model's section changes.
+- `esa_automation` (running by default; dagster's built-in one starts stopped): evaluates the assets'
+  `eager()` conditions, so a changed section re-runs exactly that model's partitions.
+- `nightly_*_backfill` schedules: fill gaps eager() never fills (partitions missing or computed under an
+  older configuration), one run per partition, run keys `<date>:<partition>:<hash>` (idempotent per night).
+"""
+
+
+import json
+
+from dagster import (
+    AddDynamicPartitionsRequest,
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SensorResult,
+    define_asset_job,
+    schedule,
+    sensor,
+)
+
+from esa_pipeline.core.storage import Store
+from esa_pipeline.defs.partitions import (
+    MODEL_DIMENSION,
+    VARIANT_DIMENSION,
+    model_partitions,
+    sweep_key,
+    sweep_partitions,
+)
+from esa_pipeline.defs.planning import missing_partitions, observations, partition_plan, version_cursor
+from esa_pipeline.defs.resources import ExperimentResource, StoreResource
+
+MODEL_STAGE_ASSETS = ["model_card", "baseline", "weight_importance", "moe_routing"]
+MODEL_ANALYSIS_ASSETS = ["significance", "critical_layers"]
+CROSS_MODEL_ASSETS = ["architecture_comparison", "scaling_fit", "report"]
+
+model_stage_job = define_asset_job(
+    "esa_model_stage", selection=AssetSelection.assets(*MODEL_STAGE_ASSETS), partitions_def=model_partitions,
+    description="Per model: card, baseline (+ zero-shot), weight importance, MoE routing.",
+)  # fmt: skip
+sweep_job = define_asset_job(
+    "esa_sweep", selection=AssetSelection.assets("sensitivity"), partitions_def=sweep_partitions,
+    description="One (model, component__seed) sensitivity sweep.",
+)  # fmt: skip
+model_analysis_job = define_asset_job(
+    "esa_model_analysis", selection=AssetSelection.assets(*MODEL_ANALYSIS_ASSETS), partitions_def=model_partitions,
+    description="Per model: significance, seed consistency, critical layers.",
+)  # fmt: skip
+cross_model_job = define_asset_job(
+    "esa_cross_model", selection=AssetSelection.assets(*CROSS_MODEL_ASSETS),
+    description="Architecture comparison, scaling fit and report over all models.",
+)  # fmt: skip
+JOBS = [model_stage_job, sweep_job, model_analysis_job, cross_model_job]
+
+
+@sensor(
+    name="esa_experiment_sensor",
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Registers models/variants added to the experiment YAML and observes per-model config versions.",
+)
+def experiment_sensor(
+    context: SensorEvaluationContext, experiment: ExperimentResource, store: StoreResource
+) -> SensorResult:
+    # An invalid YAML raises ConfigError here: the tick fails and shows the message naming the key and fix.
+    plans = partition_plan(experiment.load(), store.store())
+    models, variants = missing_partitions(plans, context.instance)
+    previous = json.loads(context.cursor) if context.cursor else {}
+    requests = []
+    if models:
+        requests.append(AddDynamicPartitionsRequest(MODEL_DIMENSION, models))
+    if variants:
+        requests.append(AddDynamicPartitionsRequest(VARIANT_DIMENSION, variants))
+    events = observations(plans, previous)
+    if models or variants or events:
+        context.log.info(f"new models {models}, new variants {variants}, {len(events)} changed data versions")
+    return SensorResult(
+        dynamic_partitions_requests=requests, asset_events=events, cursor=json.dumps(version_cursor(plans))
+    )
+
+
+automation_sensor = AutomationConditionSensorDefinition(
+    "esa_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates eager() on every asset: config edits re-run only the edited model's partitions.",
+)
+
+
+def stale(store: Store, relation: str, partition: str, config_hash: str) -> bool:
+    """Missing, or computed under a different configuration than the current one."""
+    if not store.has(relation, partition):
+        return True
+    hashes = store.read(relation, partition)["config_hash"].unique()
+    return list(hashes) != [config_hash]
+
+
+@schedule(
+    cron_schedule="0 2 * * *",
+    job=model_stage_job,
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Nightly: one run per model whose baseline is missing or stale (eager() then re-runs its sweeps).",
+)
+def nightly_model_backfill(
+    context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
+) -> list[RunRequest]:
+    st = store.store()
+    night = context.scheduled_execution_time.date().isoformat()
+    return [
+        RunRequest(run_key=f"{night}:{p.model}:{p.section_hash}", partition_key=p.model)
+        for p in partition_plan(experiment.load(), st)
+        if stale(st, "baselines", p.model, p.section_hash)
+    ]
+
+
+@schedule(
+    cron_schedule="0 3 * * *",
+    job=sweep_job,
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Nightly: one run per applicable sweep partition that is missing or stale.",
+)
+def nightly_sweep_backfill(
+    context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
+) -> list[RunRequest]:
+    st = store.store()
+    night = context.scheduled_execution_time.date().isoformat()
+    requests = []
+    for p in partition_plan(experiment.load(), st):
+        for variant in p.variants:
+            key = sweep_key(p.model, variant)
+            if stale(st, "sensitivity", str(key), p.section_hash):
+                requests.append(RunRequest(run_key=f"{night}:{key}:{p.section_hash}", partition_key=key))
+    return requests
+
+
+SENSORS = [experiment_sensor, automation_sensor]
+SCHEDULES = [nightly_model_backfill, nightly_sweep_backfill]

@@ -1,0 +1,58 @@
+"""Per-process caches of loaded models and their baseline evaluations.
+
+Steps of the in-process executor (and repeated partitions of one model in a process) reuse one load; the
+cache holds one model so that two 8B models never sit in memory together. Weights in the cache must stay
+pristine: a sweep that reports an unrestored point evicts it (`forget_models`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from esa_pipeline.core.config import ModelPlan
+
+if TYPE_CHECKING:
+    from esa_pipeline.core.models import LoadedModel
+    from esa_pipeline.core.perplexity import PerplexityResult
+
+
+@functools.lru_cache(maxsize=1)
+def _load(source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+    from esa_pipeline.core.models import load_model
+
+    return load_model(source, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def loaded_model(plan: ModelPlan) -> LoadedModel:
+    return _load(plan.source, plan.revision, plan.dtype, plan.device, plan.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=2)
+def _baseline(
+    source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool,
+    dataset: str, window: int, token_budget: int, batch_size: int,
+) -> PerplexityResult:  # fmt: skip
+    from esa_pipeline.core.perplexity import perplexity
+    from esa_pipeline.core.text import load_texts
+
+    lm = _load(source, revision, dtype, device, trust_remote_code)
+    texts = load_texts(dataset)
+    return perplexity(lm, texts, window, max_tokens=token_budget, batch_size=batch_size, dataset=dataset)
+
+
+def baseline_result(plan: ModelPlan, dataset: str, token_budget: int | None = None) -> PerplexityResult:
+    """Baseline perplexity of the plan's model on `dataset` (deterministic, so recomputing equals the stored one).
+
+    `token_budget` defaults to the plan's; importance scoring asks for its own (smaller) budget.
+    """
+    return _baseline(
+        plan.source, plan.revision, plan.dtype, plan.device, plan.trust_remote_code,
+        dataset, plan.window, token_budget or plan.token_budget, plan.batch_size,
+    )  # fmt: skip
+
+
+def forget_models() -> None:
+    """Drop cached models and baselines (after a failed restore, the in-memory weights are suspect)."""
+    _baseline.cache_clear()
+    _load.cache_clear()

@@ -1,0 +1,214 @@
+"""Per-model assets: the model card and the unperturbed baseline every sweep is compared against."""
+
+
+import time
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from esa_pipeline.core.config import components_for_architecture, model_plan, model_section_hash
+from esa_pipeline.defs.common import (
+    EAGER,
+    GPU_OP_TAGS,
+    GPU_POOL,
+    number,
+    store_rows,
+    table_preview,
+    with_model,
+)
+from esa_pipeline.defs.loaded import baseline_result, loaded_model
+from esa_pipeline.defs.partitions import model_partitions
+from esa_pipeline.defs.resources import ExperimentResource, StoreResource
+from esa_pipeline.defs.sources import experiment_config
+
+# A pretrained LM on natural English sits well inside this token-PPL range; outside it the load, tokenizer
+# or text is broken (below 2: repeated/memorised text, DESIGN §5). Random-weight tiny models are exempt.
+PLAUSIBLE_TOKEN_PPL = (2.0, 1000.0)
+# The baseline is deterministic: the same settings and code reproduce it to float precision, so a change
+# beyond this relative tolerance means the model, data or code changed underneath.
+REGRESSION_RTOL = 0.01
+ZERO_SHOT_COLUMNS = ["model", "task", "metric", "value", "stderr", "n_items", "num_fewshot", "random_weights"]
+
+
+@asset(
+    partitions_def=model_partitions,
+    deps=[experiment_config],
+    group_name="models",
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    automation_condition=EAGER,
+    description="Loads the model once and records its card: architecture, layers, parameters (total/active).",
+)
+def model_card(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
+    model = context.partition_key
+    cfg = experiment.load()
+    plan = model_plan(cfg, model)
+    lm = loaded_model(plan)
+    spec = lm.spec
+    # Known for sure now that the model is loaded (a hub model's layout may not have been before).
+    available = components_for_architecture(spec.architecture) or []
+    not_applicable = [c for c in plan.components if c not in available]
+    row = {
+        **spec.to_row(),
+        "model": model,
+        "requested_source": plan.source,
+        "load_s": lm.load_s,
+        "components_swept": ";".join(c for c in plan.components if c in available),
+        "components_not_applicable": ";".join(not_applicable),
+    }
+    # Typed explicitly: an all-NULL column (no hf_id, no sliding window) would otherwise be stored untyped.
+    card = pd.DataFrame([row]).astype(
+        {"hf_id": "string", "revision": "string", "sliding_window": "Int64", "n_experts": "Int64",
+         "experts_per_token": "Int64"}
+    )  # fmt: skip
+    rows = store_rows(store.store(), "models", model, card, model_section_hash(cfg, model))
+    if not_applicable:
+        context.log.info(f"{model}: not applicable to {spec.architecture}: {', '.join(not_applicable)}")
+    return MaterializeResult(
+        metadata={
+            "config_hash": model_section_hash(cfg, model),
+            "rows": rows,
+            "architecture": spec.architecture,
+            "n_layers": spec.n_layers,
+            "params_total": spec.params_total,
+            "params_active": spec.params_active,
+            "random_weights": spec.random_weights,
+            "tied_embeddings": spec.tied_embeddings,
+            "components_not_applicable": ", ".join(not_applicable) or "none",
+            "load_s": number(lm.load_s),
+        }
+    )
+
+
+@asset(
+    partitions_def=model_partitions,
+    deps=[model_card],
+    group_name="models",
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    automation_condition=EAGER,
+    check_specs=[
+        AssetCheckSpec("baseline_sanity", asset="baseline", blocking=True,
+                       description="Rows present, no sanity flags, token PPL plausible (random-weight models exempt)"),
+        AssetCheckSpec("baseline_regression", asset="baseline",
+                       description="Token PPL within 1% of the previous materialization of the same windows"),
+    ],  # fmt: skip
+    description="Unperturbed perplexity per dataset and window (+ per-window NLL), zero-shot scores, tok/s, memory.",
+)
+def baseline(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
+    model = context.partition_key
+    cfg = experiment.load()
+    plan = model_plan(cfg, model)
+    config_hash = model_section_hash(cfg, model)
+    results_store = store.store()
+    previous = results_store.read("baselines", model) if results_store.has("baselines", model) else None
+
+    lm = loaded_model(plan)
+    rows, windows = [], []
+    for dataset in plan.datasets:
+        result = baseline_result(plan, dataset)
+        context.log.info(
+            f"{model} on {dataset}: token PPL {result.token_ppl:.3f} over {result.n_tokens} tokens "
+            f"({result.tokens_per_s:.0f} tok/s)"
+        )
+        rows.append(result.to_row())
+        windows.append(result.window_rows())
+    baselines = with_model(pd.DataFrame(rows), model)
+    zero_shot_rows = _zero_shot(context, lm, plan)
+
+    st = results_store
+    n_windows = store_rows(st, "baseline_windows", model, with_model(pd.concat(windows, ignore_index=True), model),
+                           config_hash)  # fmt: skip
+    n_zero_shot = store_rows(st, "zero_shot", model, zero_shot_rows, config_hash)
+    store_rows(st, "baselines", model, baselines, config_hash)
+
+    headline = baselines.iloc[0]
+    return MaterializeResult(
+        metadata={
+            "config_hash": config_hash,
+            "rows": len(baselines),
+            "window_rows": n_windows,
+            "zero_shot_rows": n_zero_shot,
+            "token_ppl": number(headline["token_ppl"]),
+            "dataset": str(headline["dataset"]),
+            "tokens_per_s": number(headline["tokens_per_s"]),
+            "peak_mem_bytes": int(headline["peak_mem_bytes"]),
+            "random_weights": bool(lm.spec.random_weights),
+            "baselines": table_preview(baselines, ["dataset", "window", "n_tokens", "token_ppl", "word_ppl",
+                                                   "byte_ppl", "token_accuracy", "tokens_per_s", "flags"]),
+            "zero_shot": table_preview(zero_shot_rows, ["task", "metric", "value", "stderr", "n_items"]),
+        },  # fmt: skip
+        check_results=[
+            sanity_check(baselines, random_weights=bool(lm.spec.random_weights)),
+            regression_check(baselines, previous),
+        ],
+    )
+
+
+def _zero_shot(context: AssetExecutionContext, lm, plan) -> pd.DataFrame:
+    if not plan.zero_shot.tasks:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in ZERO_SHOT_COLUMNS})
+    from esa_pipeline.core.zeroshot import zero_shot
+
+    started = time.perf_counter()
+    rows = zero_shot(lm, list(plan.zero_shot.tasks), limit=plan.zero_shot.limit,
+                     num_fewshot=plan.zero_shot.num_fewshot, batch_size=plan.batch_size)  # fmt: skip
+    context.log.info(f"{plan.model}: zero-shot {', '.join(plan.zero_shot.tasks)} in {time.perf_counter() - started:.1f}s")
+    return with_model(rows, plan.model)
+
+
+def sanity_check(baselines: pd.DataFrame, *, random_weights: bool) -> AssetCheckResult:
+    """Blocking: an implausible baseline would make every ratio against it meaningless."""
+    low, high = PLAUSIBLE_TOKEN_PPL
+    problems = []
+    if baselines.empty:
+        problems.append("no baseline rows")
+    for row in baselines.itertuples():
+        if row.flags:
+            problems.append(f"{row.dataset}: flags {row.flags}")
+        if not random_weights and not low <= row.token_ppl <= high:
+            problems.append(f"{row.dataset}: token PPL {row.token_ppl:.3f} outside plausible [{low}, {high}]")
+    return AssetCheckResult(
+        check_name="baseline_sanity",
+        passed=not problems,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "problems": "; ".join(problems) or "none",
+            "plausibility_range": f"[{low}, {high}]"
+            + (" (exempt: random weights, plumbing only — not science)" if random_weights else ""),
+            "random_weights": random_weights,
+        },
+    )
+
+
+def regression_check(baselines: pd.DataFrame, previous: pd.DataFrame | None) -> AssetCheckResult:
+    """Warn when the same (dataset, window, token count) gives a different PPL than last time."""
+    if previous is None or previous.empty:
+        return AssetCheckResult(check_name="baseline_regression", passed=True,
+                                metadata={"compared": "no previous materialization"})  # fmt: skip
+    keys = ["dataset", "window", "n_tokens"]
+    joined = baselines.merge(previous, on=keys, suffixes=("", "_previous"))
+    joined["relative_change"] = (joined["token_ppl"] / joined["token_ppl_previous"] - 1).abs()
+    changed = joined.loc[~(joined["relative_change"] <= REGRESSION_RTOL)]
+    return AssetCheckResult(
+        check_name="baseline_regression",
+        passed=changed.empty,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "compared_rows": len(joined),
+            "changed_rows": len(changed),
+            "max_relative_change": number(joined["relative_change"].max()) if len(joined) else None,
+            "previous_code_version": str(previous["code_version"].iloc[0]) if "code_version" in previous else "?",
+            "comparison": MetadataValue.md(
+                joined[[*keys, "token_ppl_previous", "token_ppl", "relative_change"]].to_markdown(index=False)
+            ),
+        },
+    )

@@ -1,0 +1,126 @@
+"""What the active experiment asks for: model partitions, applicable variants and their data versions.
+
+Shared by the observable sources (manual "Observe"), the experiment sensor (automatic), the nightly schedules
+and `esa materialize`, so all of them agree on which partitions exist and when one is stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dagster import AssetKey, AssetObservation, DagsterInstance
+
+from esa_pipeline.core.config import (
+    ExperimentConfig,
+    components_for_architecture,
+    describe_source,
+    model_plan,
+    model_section_hash,
+)
+from esa_pipeline.core.provenance import stable_hash
+from esa_pipeline.core.storage import Store
+from esa_pipeline.defs.partitions import MODEL_DIMENSION, VARIANT_DIMENSION, sweep_key
+
+# dagster's tag for a data version (what DataVersion/DataVersionsByPartition write on an observation).
+DATA_VERSION_TAG = "dagster/data_version"
+EXPERIMENT_CONFIG_KEY = AssetKey("experiment_config")
+SWEEP_PLAN_KEY = AssetKey("sweep_plan")
+
+
+@dataclass(frozen=True)
+class ModelPartitionPlan:
+    model: str
+    section_hash: str
+    architecture: str | None
+    variants: list[str]  # applicable ones only
+    not_applicable: list[str]  # configured components the architecture lacks (recorded, never requested)
+
+
+def architecture_of(cfg: ExperimentConfig, model: str, store: Store | None = None) -> str | None:
+    """HF class name without loading weights; falls back to a stored model card (hub models not cached)."""
+    plan = model_plan(cfg, model)
+    facts = describe_source(plan.source, plan.revision)
+    if facts and facts[0]:
+        return facts[0]
+    if store is not None and store.has("models", model):
+        cards = store.read("models", model)
+        if "architecture" in cards.columns and len(cards):
+            return str(cards["architecture"].iloc[0])
+    return None
+
+
+def partition_plan(cfg: ExperimentConfig, store: Store | None = None) -> list[ModelPartitionPlan]:
+    out = []
+    for model in cfg.models:
+        plan = model_plan(cfg, model)
+        architecture = architecture_of(cfg, model, store)
+        available = components_for_architecture(architecture) if architecture else None
+        missing = [c for c in plan.components if available is not None and c not in available]
+        out.append(
+            ModelPartitionPlan(
+                model=model,
+                section_hash=model_section_hash(cfg, model),
+                architecture=architecture,
+                variants=plan.variants(available),
+                not_applicable=missing,
+            )
+        )
+    return out
+
+
+def variant_version(section_hash: str, variant: str) -> str:
+    return stable_hash({"section": section_hash, "variant": variant})
+
+
+def data_versions(plans: list[ModelPartitionPlan]) -> tuple[dict[str, str], dict[str, str]]:
+    """({model: version}, {"model|variant": version}) — the observable sources' data versions."""
+    models = {p.model: p.section_hash for p in plans}
+    sweeps = {str(sweep_key(p.model, v)): variant_version(p.section_hash, v) for p in plans for v in p.variants}
+    return models, sweeps
+
+
+def observations(plans: list[ModelPartitionPlan], previous: dict[str, str] | None = None) -> list[AssetObservation]:
+    """Observations of both sources for every partition whose version differs from `previous`."""
+    previous = previous or {}
+    models, sweeps = data_versions(plans)
+    events = []
+    for key, versions in ((EXPERIMENT_CONFIG_KEY, models), (SWEEP_PLAN_KEY, sweeps)):
+        for partition, version in versions.items():
+            if previous.get(f"{key.to_user_string()}:{partition}") != version:
+                events.append(AssetObservation(key, partition=partition, tags={DATA_VERSION_TAG: version}))
+    return events
+
+
+def version_cursor(plans: list[ModelPartitionPlan]) -> dict[str, str]:
+    models, sweeps = data_versions(plans)
+    return {
+        **{f"{EXPERIMENT_CONFIG_KEY.to_user_string()}:{k}": v for k, v in models.items()},
+        **{f"{SWEEP_PLAN_KEY.to_user_string()}:{k}": v for k, v in sweeps.items()},
+    }
+
+
+def missing_partitions(plans: list[ModelPartitionPlan], instance: DagsterInstance) -> tuple[list[str], list[str]]:
+    """(models, variants) the experiment needs that the instance has not registered yet."""
+    known_models = set(instance.get_dynamic_partitions(MODEL_DIMENSION))
+    known_variants = set(instance.get_dynamic_partitions(VARIANT_DIMENSION))
+    models = [p.model for p in plans if p.model not in known_models]
+    variants = sorted({v for p in plans for v in p.variants} - known_variants)
+    return models, variants
+
+
+def register_partitions(plans: list[ModelPartitionPlan], instance: DagsterInstance) -> tuple[list[str], list[str]]:
+    """Add missing model/variant partitions to the instance (what the experiment sensor does each tick)."""
+    models, variants = missing_partitions(plans, instance)
+    if models:
+        instance.add_dynamic_partitions(MODEL_DIMENSION, models)
+    if variants:
+        instance.add_dynamic_partitions(VARIANT_DIMENSION, variants)
+    return models, variants
+
+
+def record_observations(plans: list[ModelPartitionPlan], instance: DagsterInstance) -> int:
+    """Write the sources' current data versions to the instance (idempotent: same version = no update)."""
+    events = observations(plans)
+    for event in events:
+        instance.report_runless_asset_event(event)
+    return len(events)

@@ -1,0 +1,197 @@
+"""Experiment config: every mistake gives one message naming the file, the key path and the fix."""
+
+import pathlib
+
+import pytest
+
+from esa_pipeline.core.config import (
+    IMPORTANCE_METRICS,
+    ConfigError,
+    LayerStride,
+    experiment_path,
+    load_experiment,
+    model_plan,
+    model_section_hash,
+    select_layers,
+)
+
+BASE = """\
+protocol: smoke
+datasets: [bundled]
+window: 64
+token_budget: 256
+seeds: [1, 2]
+strengths: {gaussian: [0.1], neurons: [0.25], scale: [1.1]}
+components: [attention.query, ffn.gate, norm.input]
+layers: {stride: 2}
+models:
+  tiny-llama: {}
+  tiny-pythia: {}
+"""
+
+
+def write(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_for(tmp_path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert str(path) in message, "the message names the file"
+    return message
+
+
+@pytest.mark.parametrize("name", ["smoke", "standard", "extended"])
+def test_bundled_experiments_are_valid(name):
+    cfg = load_experiment(name)
+    assert cfg.name == name and cfg.models
+
+
+def test_smoke_covers_every_architecture_and_the_seed_portfolio_is_in_standard():
+    smoke, standard = load_experiment("smoke"), load_experiment("standard")
+    assert set(smoke.models) == {"smollm2-135m", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-pythia", "tiny-mixtral"}
+    assert set(standard.models) == {"llama-3.1-8b", "mistral-7b-v0.3", "phi-3-mini-4k-instruct", "pythia-1.4b",
+                                    "mixtral-8x7b"}  # fmt: skip
+    assert standard.seeds == [1337, 123, 999]
+    assert standard.strengths.gaussian == [0.001, 0.01, 0.05, 0.1, 0.2]
+    assert standard.strengths.neurons == [0.1, 0.25, 0.5, 0.75]
+    assert standard.strengths.scale == [0.9, 0.95, 1.05, 1.1]
+
+
+def test_typo_key_suggests_the_right_one(tmp_path):
+    message = error_for(tmp_path, BASE.replace("window:", "windw:"))
+    assert "windw: unknown key 'windw'; did you mean 'window'?" in message
+    assert "missing" not in message  # the typo explains the missing key; no second, confusing line
+
+
+def test_typo_inside_a_model_section_names_the_path(tmp_path):
+    message = error_for(tmp_path, BASE.replace("  tiny-llama: {}", "  tiny-llama: {dtpye: float32}"))
+    assert "models.tiny-llama.dtpye: unknown key 'dtpye'; did you mean 'dtype'?" in message
+
+
+def test_typo_inside_a_union_reports_only_the_branch_meant(tmp_path):
+    message = error_for(tmp_path, BASE.replace("layers: {stride: 2}", "layers: {strid: 2}"))
+    assert "layers.strid: unknown key 'strid'; did you mean 'stride'?" in message
+    assert "valid list" not in message
+
+
+def test_unknown_model_lists_registered_names(tmp_path):
+    message = error_for(tmp_path, BASE.replace("  tiny-llama: {}", "  tiny-lama: {}"))
+    assert "models.tiny-lama: unknown model 'tiny-lama'" in message
+    assert "tiny-llama" in message and "smollm2-135m" in message and "source:" in message
+
+
+@pytest.mark.parametrize("strength", ["0", "-0.1"])
+def test_strength_must_be_positive(tmp_path, strength):
+    message = error_for(tmp_path, BASE.replace("gaussian: [0.1]", f"gaussian: [{strength}]"))
+    assert "strengths.gaussian[0]" in message and "greater than 0" in message
+
+
+def test_neuron_fraction_above_one_is_refused(tmp_path):
+    message = error_for(tmp_path, BASE.replace("neurons: [0.25]", "neurons: [25]"))
+    assert "strengths.neurons[0]" in message and "less than or equal to 1" in message
+
+
+def test_component_a_model_lacks_in_its_own_list_is_an_error(tmp_path):
+    text = BASE.replace("  tiny-pythia: {}", "  tiny-pythia: {components: [attention.query, ffn.gate]}")
+    message = error_for(tmp_path, text)
+    assert "models.tiny-pythia.components: 'ffn.gate' is not applicable to GPTNeoXForCausalLM" in message
+    assert "Fix: remove it from models.tiny-pythia.components" in message
+
+
+def test_global_component_a_model_lacks_is_recorded_not_an_error(tmp_path):
+    cfg = load_experiment(write(tmp_path, BASE))  # ffn.gate is global; Pythia has no gate
+    assert "ffn.gate" in model_plan(cfg, "tiny-pythia").components
+
+
+def test_unknown_component_suggests_the_canonical_name(tmp_path):
+    message = error_for(tmp_path, BASE.replace("ffn.gate,", "ffn.gat,"))
+    assert "components[1]: unknown component 'ffn.gat'; did you mean 'ffn.gate'?" in message
+
+
+def test_explicit_layer_beyond_the_model_is_an_error(tmp_path):
+    message = error_for(tmp_path, BASE.replace("  tiny-llama: {}", "  tiny-llama: {layers: [0, 9]}"))
+    assert "models.tiny-llama.layers: [9] do not exist in tiny-llama (4 layers); use 0..3" in message
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    message = error_for(tmp_path, BASE.replace("window: 64", "window: [64"))
+    assert "malformed YAML at line 4, column" in message
+
+
+def test_missing_setting_is_named(tmp_path):
+    message = error_for(tmp_path, BASE.replace("datasets: [bundled]\n", ""))
+    assert "datasets: required setting is missing; add it" in message
+
+
+def test_settings_left_out_come_from_the_protocol_preset(tmp_path):
+    from esa_pipeline.core.protocols import PROTOCOLS
+
+    text = "\n".join(line for line in BASE.splitlines()
+                     if not line.startswith(("window", "token_budget", "seeds", "strengths", "layers")))
+    cfg = load_experiment(write(tmp_path, text))
+    smoke = PROTOCOLS["smoke"]
+    assert (cfg.window, cfg.token_budget, cfg.seeds) == (smoke.window, smoke.max_tokens, list(smoke.seeds))
+    assert cfg.strengths.gaussian == list(smoke.strengths_for("gaussian"))
+    assert cfg.layers.stride == smoke.layers
+
+
+def test_sweep_dataset_must_be_one_of_the_datasets(tmp_path):
+    message = error_for(tmp_path, BASE.replace("datasets: [bundled]", "datasets: [bundled]\nsweep_dataset: c4"))
+    assert "sweep_dataset 'c4' must be one of datasets" in message
+
+
+def test_active_experiment_from_env_by_name_or_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESA_EXPERIMENT", "standard")
+    assert experiment_path().name == "standard.yaml"
+    path = write(tmp_path, BASE)
+    monkeypatch.setenv("ESA_EXPERIMENT", str(path))
+    assert experiment_path() == path.resolve()
+    monkeypatch.delenv("ESA_EXPERIMENT")
+    assert experiment_path().name == "smoke.yaml"
+    with pytest.raises(ConfigError, match=r"no experiment named 'nope': use one of \[.*'smoke'"):
+        experiment_path("nope")
+
+
+def test_editing_one_model_changes_only_its_hash(tmp_path):
+    before = load_experiment(write(tmp_path, BASE))
+    after = load_experiment(write(tmp_path, BASE.replace("  tiny-pythia: {}", "  tiny-pythia: {seeds: [7]}")))
+    assert model_section_hash(before, "tiny-llama") == model_section_hash(after, "tiny-llama")
+    assert model_section_hash(before, "tiny-pythia") != model_section_hash(after, "tiny-pythia")
+
+
+def test_global_settings_change_every_model_hash_but_device_does_not(tmp_path):
+    before = load_experiment(write(tmp_path, BASE))
+    wider = load_experiment(write(tmp_path, BASE.replace("window: 64", "window: 128")))
+    moved = load_experiment(write(tmp_path, BASE.replace("  tiny-llama: {}", "  tiny-llama: {device: cpu}")))
+    for model in before.models:
+        assert model_section_hash(before, model) != model_section_hash(wider, model)
+    assert model_section_hash(before, "tiny-llama") == model_section_hash(moved, "tiny-llama")
+
+
+def test_plan_merges_overrides_over_globals(tmp_path):
+    text = BASE.replace("  tiny-llama: {}", "  tiny-llama: {strengths: {gaussian: [0.5]}, token_budget: 128}")
+    plan = model_plan(load_experiment(write(tmp_path, text)), "tiny-llama")
+    assert plan.strengths.gaussian == [0.5] and plan.strengths.neurons == [0.25]  # per-kind replacement
+    assert plan.token_budget == 128 and plan.window == 64
+    assert plan.kinds_for("ffn.gate") == ["gaussian", "neurons"]
+    assert plan.kinds_for("norm.input") == ["gaussian", "scale"]
+    assert plan.kinds_for("moe.router") == ["gaussian"]  # no router strengths configured here
+    assert plan.variants(["attention.query", "norm.input"]) == [
+        "attention.query__1", "attention.query__2", "norm.input__1", "norm.input__2"]  # fmt: skip
+
+
+def test_layer_stride_always_measures_the_last_layer():
+    assert select_layers(LayerStride(stride=6), 30) == [0, 6, 12, 18, 24, 29]
+    assert select_layers(LayerStride(stride=2, include_last=False), 5) == [0, 2, 4]
+    assert select_layers("all", 3) == [0, 1, 2]
+
+
+def test_importance_metric_names_match_the_engine():
+    from esa_pipeline.core.importance.metrics import METRICS
+
+    assert set(IMPORTANCE_METRICS) == set(METRICS)

@@ -1,0 +1,124 @@
+"""Incremental rebuild: editing one model's section re-runs only that model's partitions; new models register."""
+
+import datetime
+
+from dagster import (
+    AssetKey,
+    AssetMaterialization,
+    DagsterInstance,
+    build_schedule_context,
+    build_sensor_context,
+    evaluate_automation_conditions,
+)
+
+from esa_pipeline.core.config import load_experiment
+from esa_pipeline.defs import build_definitions
+from esa_pipeline.defs.automation import experiment_sensor, nightly_sweep_backfill
+from esa_pipeline.defs.partitions import sweep_key
+from esa_pipeline.defs.planning import partition_plan, record_observations, register_partitions
+from esa_pipeline.defs.resources import ExperimentResource, StoreResource
+
+PER_MODEL = ["model_card", "baseline", "weight_importance", "moe_routing", "significance", "critical_layers"]
+CROSS_MODEL = ["architecture_comparison", "scaling_fit", "report"]
+
+
+def observe(env, instance):
+    plans = partition_plan(load_experiment(env.experiment), env.store)
+    register_partitions(plans, instance)
+    record_observations(plans, instance)
+    return plans
+
+
+def materialize_everything(instance, plans, only_model=None):
+    """Record materializations as a completed backfill would (no model work needed to test the conditions)."""
+    for plan in plans:
+        if only_model and plan.model != only_model:
+            continue
+        for asset in PER_MODEL:
+            instance.report_runless_asset_event(AssetMaterialization(asset, partition=plan.model))
+        for variant in plan.variants:
+            instance.report_runless_asset_event(AssetMaterialization("sensitivity", partition=str(sweep_key(plan.model, variant))))
+    for asset in CROSS_MODEL:
+        instance.report_runless_asset_event(AssetMaterialization(asset))
+
+
+def requested(result, asset):
+    return {str(p) for p in result.get_requested_partitions(AssetKey(asset))}
+
+
+def test_editing_one_model_section_requests_only_that_models_partitions(esa_env):
+    defs = build_definitions()
+    with DagsterInstance.ephemeral() as instance:
+        plans = observe(esa_env, instance)
+        materialize_everything(instance, plans)
+        first = evaluate_automation_conditions(defs, instance)
+        assert first.total_requested == 0, "a fully materialized experiment requests nothing"
+
+        esa_env.edit("  tiny-pythia: {}", "  tiny-pythia: {token_budget: 32}")
+        observe(esa_env, instance)
+        second = evaluate_automation_conditions(defs, instance, cursor=first.cursor)
+
+        assert requested(second, "model_card") == {"tiny-pythia"}
+        assert requested(second, "baseline") == {"tiny-pythia"}
+        # Pythia has no ffn.gate: only its attention.query sweeps, never the inapplicable pair.
+        assert requested(second, "sensitivity") == {"tiny-pythia|attention.query__1", "tiny-pythia|attention.query__2"}
+        for asset in PER_MODEL:
+            assert requested(second, asset) <= {"tiny-pythia"}, asset
+
+        # Once the edited model's sweeps have landed, its analysis (and only its) follows.
+        for variant in ("attention.query__1", "attention.query__2"):
+            instance.report_runless_asset_event(AssetMaterialization("sensitivity", partition=f"tiny-pythia|{variant}"))
+        third = evaluate_automation_conditions(defs, instance, cursor=second.cursor)
+        assert requested(third, "significance") == {"tiny-pythia"}
+
+
+def test_inapplicable_sweep_partitions_are_never_requested(esa_env):
+    defs = build_definitions()
+    with DagsterInstance.ephemeral() as instance:
+        plans = observe(esa_env, instance)
+        materialize_everything(instance, [p for p in plans if p.model == "tiny-llama"])
+        for asset in ("model_card", "baseline"):
+            instance.report_runless_asset_event(AssetMaterialization(asset, partition="tiny-pythia"))
+        result = evaluate_automation_conditions(defs, instance)
+        sweeps = requested(result, "sensitivity")
+        assert not {p for p in sweeps if p.startswith("tiny-pythia|ffn.gate")}
+        pythia = next(p for p in plans if p.model == "tiny-pythia")
+        assert pythia.not_applicable == ["ffn.gate"]
+
+
+def test_sensor_registers_models_added_to_the_yaml_and_observes_changed_versions(esa_env):
+    resources = {"experiment": ExperimentResource(), "store": StoreResource()}
+    with DagsterInstance.ephemeral() as instance:
+        with build_sensor_context(instance=instance, resources=resources) as context:
+            first = experiment_sensor(context)
+        added = {r.partitions_def_name: set(r.partition_keys) for r in first.dynamic_partitions_requests}
+        assert added["model"] == {"tiny-llama", "tiny-pythia"}
+        assert added["variant"] == {"attention.query__1", "attention.query__2", "ffn.gate__1", "ffn.gate__2"}
+        assert len(first.asset_events) == 2 + 6  # one version per model + per applicable sweep partition
+        for request in first.dynamic_partitions_requests:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+
+        esa_env.edit("models:\n", "models:\n  tiny-mistral: {}\n")
+        with build_sensor_context(instance=instance, resources=resources, cursor=first.cursor) as context:
+            second = experiment_sensor(context)
+        added = {r.partitions_def_name: set(r.partition_keys) for r in second.dynamic_partitions_requests}
+        assert added == {"model": {"tiny-mistral"}}
+        changed = {(e.asset_key.to_user_string(), e.partition) for e in second.asset_events}
+        assert ("experiment_config", "tiny-mistral") in changed
+        assert not {c for c in changed if "tiny-llama" in c[1]}, "unchanged models are not re-observed"
+
+
+def test_nightly_backfill_requests_missing_sweeps_with_idempotent_run_keys(esa_env):
+    resources = {"experiment": ExperimentResource(), "store": StoreResource()}
+    with DagsterInstance.ephemeral() as instance:
+        night = datetime.datetime(2026, 1, 2, 3, tzinfo=datetime.UTC)
+        ticks = []
+        for _ in range(2):
+            with build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=night) as ctx:
+                ticks.append(nightly_sweep_backfill(ctx))
+        runs, again = ticks
+    keys = sorted(str(r.partition_key) for r in runs)
+    assert keys == sorted(["tiny-llama|attention.query__1", "tiny-llama|attention.query__2", "tiny-llama|ffn.gate__1",
+                           "tiny-llama|ffn.gate__2", "tiny-pythia|attention.query__1", "tiny-pythia|attention.query__2"])
+    assert [r.run_key for r in runs] == [r.run_key for r in again]
+    assert all(r.run_key.startswith("2026-01-02:") for r in runs)

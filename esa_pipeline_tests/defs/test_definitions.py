@@ -1,0 +1,81 @@
+"""The code location loads with every executor, and its asset graph is the documented one."""
+
+import json
+import pathlib
+
+import pytest
+from dagster import AssetKey, DagsterInstance, DefaultSensorStatus, Definitions
+
+from esa_pipeline.defs import build_definitions
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+ASSET_KEYS = {
+    "experiment_config", "sweep_plan", "model_card", "baseline", "sensitivity", "significance",
+    "critical_layers", "weight_importance", "moe_routing", "architecture_comparison", "scaling_fit", "report",
+}  # fmt: skip
+CHECK_KEYS = {
+    ("baseline", "baseline_sanity"), ("baseline", "baseline_regression"), ("sensitivity", "every_row_restored"),
+    ("significance", "significance_quality"), ("scaling_fit", "scaling_fit_quality"),
+}  # fmt: skip
+GPU_ASSETS = {"model_card", "baseline", "sensitivity", "weight_importance", "moe_routing"}
+
+
+@pytest.mark.parametrize("executor", ["multiprocess", "in_process", "k8s"])
+def test_definitions_load_with_each_executor(monkeypatch, executor):
+    monkeypatch.setenv("ESA_EXECUTOR", executor)
+    import importlib
+
+    import esa_pipeline.definitions as module
+
+    defs = importlib.reload(module).defs
+    Definitions.validate_loadable(defs)
+    assert defs.resolve_job_def("esa_sweep").executor_def.name == {"k8s": "k8s"}.get(executor, executor)
+
+
+def test_unknown_executor_names_the_choices(monkeypatch):
+    monkeypatch.setenv("ESA_EXECUTOR", "ray")
+    with pytest.raises(ValueError, match="multiprocess, in_process, k8s"):
+        build_definitions()
+
+
+def test_asset_graph_snapshot():
+    graph = build_definitions().resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSET_KEYS
+    assert {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys} == CHECK_KEYS
+    assert graph.get(AssetKey("sensitivity")).partitions_def.partition_dimension_names == ["model", "variant"]
+    blocking = {
+        (k.asset_key.to_user_string(), k.name)
+        for k in graph.asset_check_keys
+        if graph.get_check_spec(k).blocking
+    }
+    assert blocking == {("baseline", "baseline_sanity"), ("sensitivity", "every_row_restored")}
+
+
+def test_model_heavy_steps_share_the_gpu_pool_and_request_a_gpu_on_k8s():
+    defs = build_definitions()
+    for key in ASSET_KEYS - {"experiment_config", "sweep_plan"}:
+        node = defs.resolve_assets_def(key).node_def
+        assert (node.pool == "gpu") == (key in GPU_ASSETS), key
+        if key in GPU_ASSETS:
+            k8s_config = json.loads(node.tags["dagster-k8s/config"])  # op tags are stored JSON-encoded
+            limits = k8s_config["container_config"]["resources"]["limits"]
+            assert limits["nvidia.com/gpu"] == "1"
+
+
+def test_sensors_run_by_default_and_schedules_exist():
+    defs = build_definitions()
+    for name in ("esa_experiment_sensor", "esa_automation"):
+        assert defs.resolve_sensor_def(name).default_status == DefaultSensorStatus.RUNNING
+    assert {s.name for s in defs.schedules} == {"nightly_model_backfill", "nightly_sweep_backfill"}
+
+
+def test_instance_config_limits_the_gpu_pool_to_one(tmp_path):
+    home = REPO / ".dagster_home"
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_workspace_points_at_the_definitions_module():
+    text = (REPO / "workspace.yaml").read_text()
+    assert "module_name: esa_pipeline.definitions" in text
