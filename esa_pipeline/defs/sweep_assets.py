@@ -13,6 +13,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     MaterializeResult,
+    MetadataValue,
     asset,
 )
 
@@ -108,6 +109,7 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
     n_rows = store_rows(results, "sensitivity", partition, rows, config_hash)
 
     worst = rows.loc[rows["delta_nll"].idxmax()] if rows["delta_nll"].notna().any() else None
+    chart = layer_profile_markdown(rows)
     return MaterializeResult(
         metadata={
             "config_hash": config_hash,
@@ -120,12 +122,23 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
                                else "n/a"),
             "used_prefix_cache": bool(rows["used_prefix_cache"].all()) if len(rows) else False,
             "points_per_s": number(len(rows) / rows["elapsed_s"].sum()) if len(rows) else None,
+            "chart": MetadataValue.md(chart),
             "preview": table_preview(rows.sort_values("delta_nll", ascending=False),
                                      ["kind", "layer", "strength", "delta_nll", "ppl_ratio", "kl",
                                       "changed_fraction", "restored"], limit=10),
         },  # fmt: skip
         check_results=[restored_check(rows)],
     )
+
+
+def layer_profile_markdown(rows: pd.DataFrame) -> str:
+    """The partition's layer profile as a PNG in markdown: Dagster has no Vega-Lite metadata type."""
+    from esa_pipeline.core import charts
+
+    finite = rows.loc[rows["delta_nll"].map(lambda v: v == v and abs(v) != float("inf"))]
+    if finite.empty:
+        return "No finite ΔNLL in this partition: every point was NaN/inf (see the `nonfinite` column)."
+    return charts.png_markdown(charts.to_png(charts.layer_profile_chart(rows)))
 
 
 def restored_check(rows: pd.DataFrame) -> AssetCheckResult:

@@ -85,7 +85,10 @@ def sensitivity_heatmap(
         .transform_filter(alt.datum.significant)
     )
     strengths = sorted(df["strength"].unique())
-    panels = alt.layer(cells, dots, data=df).properties(width=alt.Step(26), height=alt.Step(18))
+    # A shape legend over a filtered-empty layer makes vl-convert fail ("SVG has an invalid size"): draw the
+    # dots layer only when some cell is significant; the note below still says what a dot would mean.
+    layers = (cells, dots) if df["significant"].any() else (cells,)
+    panels = alt.layer(*layers, data=df).properties(width=alt.Step(26), height=alt.Step(18))
     faceted = panels.facet(
         row=alt.Row("model:N", title=None, header=alt.Header(labelFontWeight="bold", labelAngle=0, labelAlign="left")),
         column=alt.Column("strength_label:N", title=STRENGTH_TITLES.get(kind, "strength"),
