@@ -1,0 +1,86 @@
+"""A sensitivity sweep: perturbation specs evaluated against one baseline, in layer order, sharing one prefix cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+from esa_pipeline.core.paired import evaluate_against
+from esa_pipeline.core.perplexity import PerplexityResult, unwrap
+from esa_pipeline.core.perturb import Perturbation
+from esa_pipeline.core.prefix_cache import PrefixCache
+
+# `sensitivity` columns produced here, in order (the caller adds `variant` and provenance).
+SENSITIVITY_COLUMNS = [
+    "model", "dataset", "window", "kind", "component", "layer", "expert", "strength", "seed", "mode",
+    "selection", "delta_nll", "ppl_ratio", "ppl_ratio_se", "kl", "top1_agreement", "token_ppl", "nll_sum",
+    "n_tokens", "nonfinite", "relative_change", "changed_fraction", "n_changed", "restored",
+    "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights",
+]  # fmt: skip
+SENSITIVITY_WINDOW_COLUMNS = [
+    "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed",
+    "window_id", "nll_sum", "n_tokens", "delta_nll_sum",
+]  # fmt: skip
+
+
+def layer_order(specs: list[Perturbation]) -> list[Perturbation]:
+    """Stable sort by layer; layer-less specs (embedding) first, since they precede layer 0."""
+    return sorted(specs, key=lambda p: -1 if p.layer is None else p.layer)
+
+
+def run_sweep(
+    lm: Any,
+    base: PerplexityResult,
+    specs: list[Perturbation],
+    *,
+    adapter: Any = None,
+    cache: PrefixCache | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(sensitivity rows, sensitivity_windows rows) for `specs`, ordered by layer. Builds the prefix cache
+    once unless one is given; `log` receives one progress line per layer."""
+    model, _, spec = unwrap(lm)
+    if adapter is None:
+        from esa_pipeline.core.adapters import adapter_for
+
+        adapter = adapter_for(model)
+    if cache is None:
+        cache = PrefixCache.build(lm, base, adapter)
+        if log is not None:
+            state = f"{cache.captured_bytes / 2**20:.1f} MiB" if cache.enabled else f"disabled: {cache.reason}"
+            log(f"prefix cache built in {cache.build_s:.2f}s ({state})")
+    context = {
+        "model": getattr(spec, "name", base.model), "dataset": base.dataset, "window": base.window,
+        "random_weights": getattr(spec, "random_weights", base.random_weights),
+    }  # fmt: skip
+    rows, window_frames = [], []
+    ordered = layer_order(specs)
+    layer_started, layer_points = time.perf_counter(), 0
+    for index, p in enumerate(ordered):
+        result = evaluate_against(lm, base, p, adapter=adapter, cache=cache)
+        rows.append({**context, **result.to_row()})
+        frame = result.windows.assign(
+            model=context["model"], dataset=base.dataset, kind=p.kind, component=p.component, layer=p.layer,
+            expert=p.expert, strength=p.strength, seed=p.seed,
+        )  # fmt: skip
+        window_frames.append(frame)
+        layer_points += 1
+        last_of_layer = index + 1 == len(ordered) or ordered[index + 1].layer != p.layer
+        if log is not None and last_of_layer:
+            where = "embedding/global" if p.layer is None else f"layer {p.layer}"
+            log(f"{where}: {layer_points} points in {time.perf_counter() - layer_started:.2f}s "
+                f"({index + 1}/{len(ordered)} done)")  # fmt: skip
+            layer_started, layer_points = time.perf_counter(), 0
+    sensitivity = pd.DataFrame(rows, columns=SENSITIVITY_COLUMNS)
+    windows = (
+        pd.concat(window_frames, ignore_index=True)[SENSITIVITY_WINDOW_COLUMNS]
+        if window_frames
+        else pd.DataFrame(columns=SENSITIVITY_WINDOW_COLUMNS)
+    )
+    for frame in (sensitivity, windows):
+        for column in ("layer", "expert"):
+            frame[column] = frame[column].astype("Int64")
+    return sensitivity, windows

@@ -1,0 +1,150 @@
+"""Text sources for perplexity: the bundled corpus, local files, and Hugging Face datasets by name.
+
+Nothing here sets global state: offline behaviour is governed by the caller's `HF_HUB_OFFLINE` /
+`HF_DATASETS_OFFLINE` environment, and an unreachable dataset raises `DatasetUnavailable` naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED_CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Streamed sets are effectively unbounded: without max_docs we stop here rather than read for hours.
+DEFAULT_STREAMED_DOCS = 2000
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+
+
+class DatasetUnavailable(RuntimeError):
+    """A named dataset cannot be loaded (offline without a cached copy, or missing package)."""
+
+
+@dataclass(frozen=True)
+class _HubSource:
+    path: str
+    config: str | None
+    split: str
+    streamed: bool
+
+
+HUB_SOURCES: dict[str, _HubSource] = {
+    "wikitext-103": _HubSource("Salesforce/wikitext", "wikitext-103-raw-v1", "test", streamed=False),
+    "c4": _HubSource("allenai/c4", "en", "validation", streamed=True),
+    "openwebtext": _HubSource("Skylion007/openwebtext", None, "train", streamed=True),
+}
+
+
+def load_texts(source: str, *, max_docs: int | None = None) -> list[Document]:
+    """Documents from `source`: "bundled", a .txt/.jsonl/.parquet file or a directory of them, or a
+    dataset name in HUB_SOURCES. Order is deterministic (sorted files, dataset order)."""
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"max_docs must be >= 1 or None, got {max_docs}")
+    if source == "bundled":
+        docs = _load_directory(BUNDLED_CORPUS_DIR, max_docs)
+        if not docs:
+            raise FileNotFoundError(f"bundled corpus is empty: no *.txt under {BUNDLED_CORPUS_DIR}")
+        return docs
+    if source in HUB_SOURCES:
+        return _load_hub(source, HUB_SOURCES[source], max_docs)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        docs = _load_directory(path, max_docs)
+        if not docs:
+            raise FileNotFoundError(f"no non-empty {'/'.join(LOCAL_SUFFIXES)} documents under {path}")
+        return docs
+    if path.is_file():
+        return _take(_load_file(path), max_docs)
+    raise ValueError(
+        f"unknown text source {source!r}: use 'bundled', an existing .txt/.jsonl/.parquet file or directory, "
+        f"or one of {sorted(HUB_SOURCES)}"
+    )
+
+
+def _take(docs: Iterable[Document], max_docs: int | None) -> list[Document]:
+    out: list[Document] = []
+    for doc in docs:
+        if not doc.text.strip():
+            continue  # lm-eval yields no window for an empty document; neither do we
+        out.append(doc)
+        if max_docs is not None and len(out) >= max_docs:
+            break
+    return out
+
+
+def _load_directory(directory: Path, max_docs: int | None) -> list[Document]:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+    return _take((doc for f in files for doc in _load_file(f)), max_docs)
+
+
+def _load_file(path: Path) -> Iterable[Document]:
+    if path.suffix == ".txt":
+        yield Document(path.stem, path.read_text(encoding="utf-8"))
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict) or "text" not in record:
+                    raise ValueError(f"{path}:{line_no}: each JSONL line must be an object with a 'text' field")
+                doc_id = str(record.get("id", f"{path.stem}:{line_no}"))
+                yield Document(doc_id, str(record["text"]))
+    elif path.suffix == ".parquet":
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        if "text" not in frame.columns:
+            raise ValueError(f"{path}: parquet needs a 'text' column; found {list(frame.columns)}")
+        ids = frame["id"].astype(str) if "id" in frame.columns else [f"{path.stem}:{i}" for i in range(len(frame))]
+        for doc_id, text in zip(ids, frame["text"], strict=True):
+            yield Document(str(doc_id), str(text))
+    else:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
+
+
+def _load_hub(name: str, src: _HubSource, max_docs: int | None) -> list[Document]:
+    fix = (
+        f"run once online to fill the Hugging Face cache (datasets.load_dataset({src.path!r}, {src.config!r}, "
+        f"split={src.split!r})), or point the experiment's dataset at a local .txt/.jsonl/.parquet file"
+    )
+    try:
+        import datasets
+    except ImportError as err:
+        raise DatasetUnavailable(f"dataset {name!r} needs the 'datasets' package: pip install datasets") from err
+    try:
+        rows = datasets.load_dataset(src.path, src.config, split=src.split, streaming=src.streamed)
+        if name == "wikitext-103":
+            docs = _wikitext_articles(row["text"] for row in rows)
+        else:
+            limit = max_docs if max_docs is not None else DEFAULT_STREAMED_DOCS
+            return _take((Document(f"{name}:{i}", row["text"]) for i, row in enumerate(rows)), limit)
+        return _take(docs, max_docs)
+    except (ConnectionError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise DatasetUnavailable(f"dataset {name!r} ({src.path}) is not available: {err}. Fix: {fix}") from err
+
+
+# A top-level wikitext heading is " = Title = " (subsections use " = = ... = = ").
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def _wikitext_articles(lines: Iterable[str]) -> Iterable[Document]:
+    """Joins wikitext's line records into one document per article."""
+    title, body = None, []
+    for line in lines:
+        if _WIKITEXT_TITLE.match(line.rstrip("\n")):
+            if title is not None:
+                yield Document(f"wikitext-103:{title}", "".join(body))
+            title, body = line.strip(" =\n"), [line]
+        else:
+            body.append(line)
+    if title is not None:
+        yield Document(f"wikitext-103:{title}", "".join(body))

@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.task import Task
+from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from esa_pipeline.core.perplexity import perplexity, repeated_ngram_fraction, sanity_flags
+from esa_pipeline.core.text import Document, load_texts
+from esa_pipeline.core.windows import make_batches, rolling_windows
+
+REPEATED = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "Every cloud has a silver lining. Fortune favours the bold. "
+) * 12
+
+
+def lm_eval_windows(tokens, prefix, window):
+    """lm-eval 0.4.13 HFLM.loglikelihood_rolling: disjoint rolling windows, then the [-(W+1):][:-1] input."""
+    out = []
+    for context, continuation in map(
+        make_disjoint_window, get_rolling_token_windows(tokens, prefix_token=prefix, max_seq_len=window, context_len=1)
+    ):
+        out.append(((context + continuation)[-(window + 1) :][:-1], continuation))
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 16])
+@pytest.mark.parametrize("length", [0, 1, 4, 5, 6, 16, 17, 33, 81])
+def test_windows_match_lm_eval_and_score_every_token_once(window, length):
+    tokens = list(range(100, 100 + length))
+    ours = rolling_windows(tokens, prefix_token=7, window=window)
+    assert ours == lm_eval_windows(tokens, 7, window)
+    assert [t for _, targets in ours for t in targets] == tokens
+    assert all(len(inputs) <= window for inputs, _ in ours)
+
+
+def smollm2_text(lm, n_tokens: int) -> str:
+    """The first n_tokens tokens of a bundled document, as text, so lm-eval and we score the same tokens."""
+    doc = load_texts("bundled")[1]
+    return lm.tokenizer.decode(lm.tokenizer.encode(doc.text, add_special_tokens=False)[:n_tokens])
+
+
+def test_smollm2_token_nll_equals_lm_eval_loglikelihood_rolling(smollm2):
+    window = 128
+    text = smollm2_text(smollm2, 300)  # 3 windows: first, middle, a rolled-back partial last one
+    ours = perplexity(smollm2, [text], window=window, batch_size=3)
+    assert ours.n_windows == 3 and ours.windows.n_tokens.tolist()[-1] < window
+    harness = HFLM(pretrained=smollm2.model, tokenizer=smollm2.tokenizer, max_length=window, batch_size=3)
+    (loglik,) = harness.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert ours.nll_sum == pytest.approx(-loglik, rel=1e-4)
+    # word/byte perplexity use lm-eval's counts of the same text
+    assert ours.n_words == Task.count_words(text) and ours.n_bytes == Task.count_bytes(text)
+    assert ours.word_ppl == pytest.approx(math.exp(-loglik / Task.count_words(text)), rel=1e-4)
+    assert ours.byte_ppl == pytest.approx(math.exp(-loglik / Task.count_bytes(text)), rel=1e-4)
+
+
+def test_smollm2_bundled_baseline_is_plausible_and_unflagged(smollm2):
+    result = perplexity(smollm2, load_texts("bundled"), window=256, max_tokens=512, batch_size=2)
+    assert result.n_tokens <= 512 and result.n_windows == 2
+    assert 5 < result.token_ppl < 60, result.token_ppl
+    assert result.flags == []
+    assert 0.2 < result.token_accuracy < 0.8
+    assert result.word_ppl > result.token_ppl > result.byte_ppl > 1
+    assert result.tokens_per_s > 0 and result.peak_mem_bytes > 100 * 2**20
+    assert result.kl_support == "top-32" and result.scores.topk_ids.shape == (result.n_tokens, 32)
+    # per-window sums add up to the total
+    assert result.windows.nll_sum.sum() == pytest.approx(result.nll_sum, rel=1e-12)
+    assert result.windows.n_tokens.sum() == result.n_tokens
+
+
+def test_smollm2_repeated_text_is_flagged(smollm2):
+    result = perplexity(smollm2, [REPEATED], window=128, batch_size=4)
+    assert result.token_ppl < 5  # the model copies the repeats
+    assert "repeated_text" in result.flags
+
+
+def test_batch_size_does_not_change_results(tiny):
+    lm = tiny("tiny-llama")
+    # documents of different lengths give windows of different lengths, hence padded batches
+    docs = [Document("a", "short one."), Document("b", "x" * 300 + " tail"), Document("c", "middle text " * 9)]
+    one = perplexity(lm, docs, window=64, batch_size=1)
+    three = perplexity(lm, docs, window=64, batch_size=3)
+    assert torch.allclose(one.scores.nll, three.scores.nll, rtol=1e-5, atol=1e-6)
+    assert torch.equal(one.scores.argmax, three.scores.argmax)
+    assert one.windows.n_tokens.tolist() == three.windows.n_tokens.tolist()
+    assert one.nll_sum == pytest.approx(three.nll_sum, rel=1e-6)
+    batches = make_batches(three.token_windows, 3, three.pad_id)
+    assert any(not bool(b.score_mask.all()) for b in batches), "the test must exercise padding"
+
+
+def test_max_tokens_keeps_whole_windows_in_document_order(tiny):
+    lm = tiny("tiny-pythia")
+    docs = load_texts("bundled", max_docs=2)
+    full = perplexity(lm, [Document(d.doc_id, d.text[:1500]) for d in docs], window=200)
+    cut = perplexity(lm, [Document(d.doc_id, d.text[:1500]) for d in docs], window=200, max_tokens=1000)
+    assert cut.n_tokens == 1000 and cut.n_windows == 5
+    assert cut.windows.doc_id.tolist() == full.windows.doc_id.tolist()[:5]
+    assert torch.allclose(cut.scores.nll, full.scores.nll[:1000])
+    with pytest.raises(ValueError, match="max_tokens"):
+        perplexity(lm, docs, window=200, max_tokens=0)
+
+
+def test_small_vocab_keeps_the_full_distribution(tiny):
+    lm = tiny("tiny-phi3")
+    result = perplexity(lm, ["some plain text for the tiny model"], window=16)
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    assert result.kl_support == "full"
+    assert result.scores.topk_logprobs.shape == (result.n_tokens, vocab)
+    assert torch.allclose(result.scores.topk_logprobs.logsumexp(-1), torch.zeros(result.n_tokens), atol=1e-5)
+
+
+def test_sanity_guard(tiny):
+    lm = tiny("tiny-llama")
+    result = perplexity(lm, ["abcdefgh" * 40], window=64)
+    assert repeated_ngram_fraction(result.token_windows) > 0.9
+    assert "repeated_text" in result.flags  # also duplicate windows: every 64-byte window is identical
+    assert "implausibly_low_ppl" not in result.flags  # random weights: PPL near the vocabulary size
+    result.token_ppl = 1.5  # what the seed's 4 sentences repeated 100 times gave
+    assert "implausibly_low_ppl" in sanity_flags(result)
+    result.nll_sum = float("nan")
+    assert "nonfinite" in sanity_flags(result)
+
+
+def test_training_mode_is_refused(tiny):
+    lm = tiny("tiny-llama")
+    lm.model.train()
+    with pytest.raises(ValueError, match="model.eval()"):
+        perplexity(lm, ["text"], window=8)

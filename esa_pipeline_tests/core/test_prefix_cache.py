@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from esa_pipeline.core.adapters import adapter_for
+from esa_pipeline.core.paired import evaluate_against
+from esa_pipeline.core.perplexity import full_forward, perplexity, score_batch
+from esa_pipeline.core.perturb import Perturbation, perturbed
+from esa_pipeline.core.prefix_cache import BaselineMismatch, PrefixCache, _drop_kv_cache
+from esa_pipeline.core.text import Document, load_texts
+from esa_pipeline_tests.conftest import TINY_FAMILIES
+
+
+def small_base(lm, n_tokens: int, window: int, batch_size: int = 2):
+    """A short document first, so the first batch pairs a short window with a full one (right padding)."""
+    first, second = load_texts("bundled", max_docs=2)
+    docs = [Document("short", first.text[:30]), second]
+    return perplexity(lm, docs, window=window, max_tokens=n_tokens, batch_size=batch_size)
+
+
+def layer_specs(adapter, layer: int) -> list[Perturbation]:
+    """One attention and one FFN-side perturbation (the router on MoE) per layer."""
+    ffn = "moe.router" if "moe.router" in adapter.components() else "ffn.down"
+    return [
+        Perturbation("gaussian", "attention.value", layer, 0.5, 1337),
+        Perturbation("router" if ffn == "moe.router" else "gaussian", ffn, layer, 0.5, 1337),
+    ]
+
+
+def assert_cached_equals_full(lm, base, cache, p):
+    cached = evaluate_against(lm, base, p, cache=cache)
+    full = evaluate_against(lm, base, p, adapter=cache.adapter)
+    assert cached.used_prefix_cache and not full.used_prefix_cache
+    assert cached.delta_nll != 0.0, "the perturbation must matter for the comparison to mean anything"
+    assert cached.nll_sum == pytest.approx(full.nll_sum, rel=1e-5), p
+    assert cached.windows.nll_sum.tolist() == pytest.approx(full.windows.nll_sum.tolist(), rel=1e-5)
+    assert cached.kl == pytest.approx(full.kl, rel=1e-3, abs=1e-9)
+    assert cached.top1_agreement == full.top1_agreement
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_prefix_cache_equals_full_forward_in_every_layer_of_every_tiny_family(tiny, family):
+    lm = tiny(family)
+    base = small_base(lm, 160, window=64)  # 3 windows in 2 batches, the first one padded
+    cache = PrefixCache.build(lm, base, adapter_for(lm.model))
+    assert cache.enabled and cache.captured_bytes > 0
+    assert base.n_windows == 3 and not bool(cache.batches[0].score_mask.all())
+    for layer in range(cache.n_layers):
+        for p in layer_specs(cache.adapter, layer):
+            assert cache.start_layer(p) == layer
+            assert_cached_equals_full(lm, base, cache, p)
+
+
+def test_prefix_cache_equals_full_forward_in_every_smollm2_layer(smollm2):
+    base = small_base(smollm2, 40, window=32)  # one padded batch: the short document and a full window
+    cache = PrefixCache.build(smollm2, base, cache_adapter := adapter_for(smollm2.model))
+    assert cache.enabled and len(cache.batches) == 1
+    batch = cache.batches[0]
+    for layer in range(cache.n_layers):
+        # both paths under the same applied perturbation (one draw per layer keeps this test fast)
+        with perturbed(smollm2.model, cache_adapter, Perturbation("gaussian", "ffn.down", layer, 0.2, 1337)):
+            cached = score_batch(cache.forward_from(layer, 0), batch).nll.double()  # [n]
+            full = score_batch(full_forward(smollm2.model, batch), batch).nll.double()  # [n]
+        assert not torch.allclose(full, base.scores.nll.double(), rtol=1e-4), f"layer {layer}: no effect"
+        assert float(cached.sum()) == pytest.approx(float(full.sum()), rel=1e-5), f"layer {layer}"
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_from_layer_zero_reproduces_the_model_logits(tiny):
+    lm = tiny("tiny-mistral")  # sliding window attention: the captured mask must be replayed as is
+    base = small_base(lm, 200, window=100)
+    cache = PrefixCache.build(lm, base, adapter_for(lm.model))
+    for index, batch in enumerate(cache.batches):
+        torch.testing.assert_close(cache.forward_from(0, index), full_forward(lm.model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_layerless_perturbation_and_over_budget_cache_use_full_forwards(tiny):
+    lm = tiny("tiny-llama")
+    base = small_base(lm, 128, window=64)
+    adapter = adapter_for(lm.model)
+    cache = PrefixCache.build(lm, base, adapter)
+    embedding = Perturbation("gaussian", "embedding", None, 0.1, 1)
+    assert cache.start_layer(embedding) is None
+    assert not evaluate_against(lm, base, embedding, cache=cache).used_prefix_cache
+
+    starved = PrefixCache.build(lm, base, adapter, memory_budget_bytes=1024)
+    assert not starved.enabled and "exceed the budget" in starved.reason
+    p = Perturbation("gaussian", "ffn.up", 2, 0.3, 5)
+    fallback = evaluate_against(lm, base, p, cache=starved)
+    assert not fallback.used_prefix_cache
+    assert fallback.nll_sum == pytest.approx(evaluate_against(lm, base, p, cache=cache).nll_sum, rel=1e-5)
+
+
+def test_build_refuses_a_model_that_no_longer_matches_its_baseline(tiny):
+    lm = tiny("tiny-phi3")
+    base = small_base(lm, 128, window=64)
+    adapter = adapter_for(lm.model)
+    with perturbed(lm.model, adapter, Perturbation("gaussian", "ffn.down", 0, 1.0, 3)):
+        with pytest.raises(BaselineMismatch, match="Re-run perplexity"):
+            PrefixCache.build(lm, base, adapter)
+
+
+def test_captured_kv_cache_objects_are_dropped():
+    from transformers.cache_utils import DynamicCache
+
+    clean = _drop_kv_cache({"past_key_values": DynamicCache(), "layer_past": DynamicCache(), "use_cache": True,
+                            "position_ids": torch.arange(3)})  # fmt: skip
+    assert clean["past_key_values"] is None and clean["layer_past"] is None and clean["use_cache"] is False
+    assert torch.equal(clean["position_ids"], torch.arange(3))
+
+
+def test_cache_of_another_baseline_is_refused(tiny):
+    lm = tiny("tiny-llama")
+    base = small_base(lm, 128, window=64)
+    other = small_base(lm, 64, window=64)
+    cache = PrefixCache.build(lm, base, adapter_for(lm.model))
+    with pytest.raises(ValueError, match="another baseline"):
+        evaluate_against(lm, other, Perturbation("gaussian", "ffn.up", 0, 0.1, 1), cache=cache)
