@@ -114,12 +114,12 @@ class PrefixCache:
         all_calls: list[list[_LayerCall]] = []
         for batch_index, batch in enumerate(batches):
             calls, logits = _capture_calls(model, layers, batch)  # logits [B, T, V]
-            _check_reproduces_baseline(base, batch, batch_index, batches, logits)
-            if batch_index == 0 and not _replay_matches(model, adapter, layers, calls, logits):
+            nll = _check_reproduces_baseline(base, batch, batch_index, batches, logits)  # [n]
+            del logits  # the replay check below compares NLL, so two [B, T, V] tensors never coexist
+            if batch_index == 0 and not _replay_matches(model, adapter, layers, calls, batch, nll):
                 reason = "replaying the last layer did not reproduce the model's logits"
                 return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start)
             all_calls.append(calls)  # type: ignore[arg-type]
-            del logits
 
         seen: set[int] = set()
         captured = sum(_tensor_bytes((c.args, c.kwargs), seen) for calls in all_calls for c in calls)
@@ -186,20 +186,15 @@ def _replay(model: torch.nn.Module, adapter: Any, layers: torch.nn.ModuleList, c
 
 
 def _replay_matches(model: torch.nn.Module, adapter: Any, layers: torch.nn.ModuleList, calls: list[_LayerCall],
-                    reference: torch.Tensor) -> bool:  # fmt: skip
-    """Replays the last layer: if norm + head do not give the model's own logits (an architecture that scales
-    or caps logits outside `lm_head`), the cache must not be trusted."""
-    replay = _replay(model, adapter, layers, calls, len(layers) - 1)  # [B, T, V]
-    scale = float(reference.abs().max().clamp_min(1e-12))
-    for row in range(reference.shape[0]):  # row by row: fp32 temporaries stay one window large
-        diff = (replay[row].float() - reference[row].float()).abs().max()
-        if not torch.isfinite(diff) or float(diff) / scale > 1e-5:
-            return False
-    return True
+                    batch: WindowBatch, nll: torch.Tensor) -> bool:  # fmt: skip
+    """Replays the last layer: if norm + head do not reproduce the model's own per-token NLL (an architecture
+    that scales or caps logits outside `lm_head`), the cache must not be trusted."""
+    replayed = score_batch(_replay(model, adapter, layers, calls, len(layers) - 1), batch).nll.double()  # [n]
+    return bool(torch.isfinite(replayed).all()) and torch.allclose(replayed, nll, rtol=1e-5, atol=1e-6)
 
 
 def _check_reproduces_baseline(base: PerplexityResult, batch: WindowBatch, batch_index: int,
-                               batches: list[WindowBatch], logits: torch.Tensor) -> None:  # fmt: skip
+                               batches: list[WindowBatch], logits: torch.Tensor) -> torch.Tensor:  # fmt: skip
     offset = sum(b.n_scored for b in batches[:batch_index])
     expected = base.scores.nll[offset : offset + batch.n_scored].double()  # [n]
     got = score_batch(logits, batch).nll.double()  # [n]
@@ -209,3 +204,4 @@ def _check_reproduces_baseline(base: PerplexityResult, batch: WindowBatch, batch
             f"({float(expected.sum()):.6f}): the weights changed since the baseline (a perturbation left "
             "applied?) or the model was reloaded with another dtype/device. Re-run perplexity() first."
         )
+    return got

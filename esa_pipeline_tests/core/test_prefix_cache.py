@@ -115,3 +115,15 @@ def test_cache_of_another_baseline_is_refused(tiny):
     cache = PrefixCache.build(lm, base, adapter_for(lm.model))
     with pytest.raises(ValueError, match="another baseline"):
         evaluate_against(lm, other, Perturbation("gaussian", "ffn.up", 0, 0.1, 1), cache=cache)
+
+
+def test_cache_is_disabled_when_replay_does_not_reproduce_the_model(tiny, monkeypatch):
+    # an architecture that transforms logits outside norm + head would replay wrongly: simulate by
+    # making the adapter's final norm something the model does not use
+    lm = tiny("tiny-llama")
+    base = small_base(lm, 128, window=64)
+    adapter = adapter_for(lm.model)
+    monkeypatch.setattr(adapter, "final_norm", lambda model: torch.nn.Identity())
+    cache = PrefixCache.build(lm, base, adapter)
+    assert not cache.enabled and "did not reproduce" in cache.reason
+    assert not evaluate_against(lm, base, Perturbation("gaussian", "ffn.up", 1, 0.1, 1), cache=cache).used_prefix_cache
