@@ -168,9 +168,12 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
     small_sigmas = [s for s in plan.strengths.gaussian if s <= 0.05]  # the expansion holds for small sigma only
     if curvature and small_sigmas:
         from esa_pipeline.core.importance.prediction import prediction_check
+        from esa_pipeline.core.prefix_cache import PrefixCache
 
+        # One point per (component, layer, sigma, seed): resume from the perturbed layer, as sweeps do.
+        cache = PrefixCache.build(lm, base, adapter)
         checked = prediction_check(lm, base, result, small_sigmas, seeds=list(plan.seeds), curvature=curvature,
-                                   adapter=adapter)  # fmt: skip
+                                   adapter=adapter, cache=cache)  # fmt: skip
         store_rows(st, "prediction_check", model, with_model(checked, model), config_hash)
         metadata["prediction_median_ratio"] = number(checked["ratio"].median())
         metadata["prediction"] = table_preview(checked, ["component", "layer", "strength", "predicted_delta_nll",
