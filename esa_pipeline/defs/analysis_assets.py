@@ -129,6 +129,37 @@ def critical_layers(context: AssetExecutionContext, experiment: ExperimentResour
     )
 
 
+def validate_and_find_super_weights(context, lm, adapter, base, result, plan, cache, st, config_hash) -> dict:
+    """Causal validation (top-k vs random-k vs bottom-k) at each component's middle swept layer, and super weights.
+
+    One layer per component keeps the smoke profile in minutes: every (metric, kind, selection) is a full point.
+    """
+    from esa_pipeline.core.importance.super_weights import find_super_weights
+    from esa_pipeline.core.importance.validation import validate_importance
+
+    model = plan.model
+    groups = sorted({(g.component, g.layer) for g in result.groups}, key=str)
+    middle = {}
+    for component, layer in groups:
+        middle.setdefault(component, []).append(layer)
+    chosen = [(c, sorted(ls)[len(ls) // 2]) for c, ls in middle.items() if not c.startswith("norm.")]
+    checked = validate_importance(lm, base, result, fractions=[plan.importance.validation_fraction],
+                                  seeds=list(plan.seeds), groups=chosen, adapter=adapter, cache=cache)  # fmt: skip
+    store_rows(st, "importance_validation", model, with_model(checked, model), config_hash)
+    context.log.info(f"{model}: importance validation, {len(checked)} points on {chosen}")
+    metadata: dict = {"validation_rows": len(checked)}
+    if lm.spec.is_moe:  # find_super_weights hooks 2-D down projections; fused 3-D experts have none
+        metadata["super_weights"] = "not searched: fused MoE experts have no per-layer down-projection linear"
+    elif adapter.num_layers >= 3 and "ffn.down" in adapter.components():
+        supers = find_super_weights(lm, base, adapter=adapter)
+        store_rows(st, "super_weights", model, with_model(supers, model), config_hash)
+        metadata["super_weights"] = table_preview(supers, ["layer", "param_name", "row", "col", "weight_value",
+                                                           "spike_ratio"])  # fmt: skip
+    else:
+        metadata["super_weights"] = f"not searched: {adapter.num_layers} layers / no ffn.down"
+    return metadata
+
+
 @asset(
     partitions_def=model_partitions,
     deps=[baseline],
@@ -163,15 +194,16 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
     )
     st = store.store()
     n_rows = store_rows(st, "weight_importance", model, with_model(rows, model), config_hash)
-    metadata = {}
+    from esa_pipeline.core.prefix_cache import PrefixCache
+
+    # Every causal point below resumes from the perturbed layer, as sweeps do.
+    cache = PrefixCache.build(lm, base, adapter)
+    metadata = validate_and_find_super_weights(context, lm, adapter, base, result, plan, cache, st, config_hash)
     curvature = next((c for c in ("grad_sq", "hutchinson") if c in metrics), None)
     small_sigmas = [s for s in plan.strengths.gaussian if s <= 0.05]  # the expansion holds for small sigma only
     if curvature and small_sigmas:
         from esa_pipeline.core.importance.prediction import prediction_check
-        from esa_pipeline.core.prefix_cache import PrefixCache
 
-        # One point per (component, layer, sigma, seed): resume from the perturbed layer, as sweeps do.
-        cache = PrefixCache.build(lm, base, adapter)
         checked = prediction_check(lm, base, result, small_sigmas, seeds=list(plan.seeds), curvature=curvature,
                                    adapter=adapter, cache=cache)  # fmt: skip
         store_rows(st, "prediction_check", model, with_model(checked, model), config_hash)
