@@ -21,14 +21,23 @@ CHECK_KEYS = {
 GPU_ASSETS = {"model_card", "baseline", "sensitivity", "weight_importance", "moe_routing"}
 
 
-@pytest.mark.parametrize("executor", ["multiprocess", "in_process", "k8s"])
-def test_definitions_load_with_each_executor(monkeypatch, executor):
-    monkeypatch.setenv("ESA_EXECUTOR", executor)
+@pytest.fixture
+def reload_definitions(monkeypatch):
+    """Rebuild the code location under a patched environment, and rebuild it again afterwards: later tests
+    (and executors that reconstruct jobs from `esa_pipeline.definitions`) must not see the patched executor."""
     import importlib
 
     import esa_pipeline.definitions as module
 
-    defs = importlib.reload(module).defs
+    yield lambda: importlib.reload(module).defs
+    monkeypatch.undo()
+    importlib.reload(module)
+
+
+@pytest.mark.parametrize("executor", ["multiprocess", "in_process", "k8s"])
+def test_definitions_load_with_each_executor(monkeypatch, reload_definitions, executor):
+    monkeypatch.setenv("ESA_EXECUTOR", executor)
+    defs = reload_definitions()
     Definitions.validate_loadable(defs)
     assert defs.resolve_job_def("esa_sweep").executor_def.name == {"k8s": "k8s"}.get(executor, executor)
 
