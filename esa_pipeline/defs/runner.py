@@ -14,6 +14,7 @@ transformers (~10 s of CPU on a 2-core machine), which would dominate a smoke ru
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,6 +139,44 @@ _FACTORIES = {
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": os.environ.get("ESA_LOG_LEVEL", "INFO")}}}}
 
 
+def owner_tags() -> dict[str, str]:
+    """Which process runs a CLI run, so a later CLI can tell a dead run from a live one."""
+    return {"esa/host": socket.gethostname(), "esa/pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_orphaned_runs(instance: DagsterInstance, log: Callable[[str], None] = print) -> int:
+    """Fail the CLI runs on this host whose process died (killed, OOM) and free their pool slots.
+
+    A run killed mid-step never releases its `gpu` pool slot; with a pool limit of 1 every later run would
+    wait for it forever.
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    in_progress = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+    records = instance.get_run_records(filters=RunsFilter(statuses=in_progress, tags={"esa/host": socket.gethostname()}))
+    released = 0
+    for record in records:
+        run = record.dagster_run
+        pid = int(run.tags.get("esa/pid", "0"))
+        if pid <= 0 or _alive(pid):
+            continue
+        instance.report_run_failed(run, message=f"the process that ran it (pid {pid}) is gone")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        log(f"released run {run.run_id[:8]} ({run.job_name}) left behind by dead process {pid}")
+        released += 1
+    return released
+
+
 def run_partition(
     instance: DagsterInstance, job_name: str, assets: list[str], partition: str | MultiPartitionKey | None,
     executor: str,
@@ -147,13 +186,13 @@ def run_partition(
     if executor == "in_process":
         result = job.execute_in_process(
             run_config=RUN_CONFIG, instance=instance, partition_key=None if partition is None else str(partition),
-            asset_selection=keys, raise_on_error=False,
+            asset_selection=keys, raise_on_error=False, tags=owner_tags(),
         )  # fmt: skip
         return result.success
-    tags = {}
+    tags = owner_tags()
     if partition is not None:
         assert job.partitions_def is not None
-        tags = dict(job.partitions_def.get_tags_for_partition_key(str(partition)))
+        tags.update(job.partitions_def.get_tags_for_partition_key(str(partition)))
     with execute_job(reconstructable(_FACTORIES[job_name]), instance, run_config=RUN_CONFIG, tags=tags,
                      asset_selection=keys) as result:  # fmt: skip
         return result.success
@@ -183,6 +222,7 @@ def materialize(
         raise ValueError(f"models {missing_models} are not in experiment {cfg.name!r}: {list(cfg.models)}")
 
     with DagsterInstance.get() as instance:
+        release_orphaned_runs(instance, log)
         plans = [p for p in partition_plan(cfg, store) if p.model in models]
         register_partitions(plans, instance)
         record_observations(plans, instance)

@@ -1,0 +1,35 @@
+"""A CLI run whose process died must not hold the `gpu` pool slot forever (limit 1 = every later run waits)."""
+
+import subprocess
+import sys
+
+from dagster import DagsterInstance, DagsterRunStatus
+from dagster._core.storage.dagster_run import DagsterRun
+
+from esa_pipeline.defs.runner import owner_tags, release_orphaned_runs
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_runs_of_dead_processes_are_failed_and_their_pool_slots_freed(tmp_path):
+    with DagsterInstance.local_temp(str(tmp_path)) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        dead = DagsterRun(job_name="esa_sweep", run_id="dead-run", status=DagsterRunStatus.STARTED,
+                          tags={**owner_tags(), "esa/pid": str(_dead_pid())})  # fmt: skip
+        live = DagsterRun(job_name="esa_sweep", run_id="live-run", status=DagsterRunStatus.STARTED, tags=owner_tags())
+        instance.add_run(dead)
+        instance.add_run(live)
+        assert storage.claim_concurrency_slot("gpu", "dead-run", "sensitivity").is_claimed
+        assert not storage.claim_concurrency_slot("gpu", "other-run", "baseline").is_claimed  # blocked by the orphan
+
+        assert release_orphaned_runs(instance, log=lambda _: None) == 1
+
+        assert instance.get_run_by_id("dead-run").status == DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id("live-run").status == DagsterRunStatus.STARTED  # our own pid is alive
+        storage.free_concurrency_slots_for_run("other-run")  # drop its pending claim, then try again
+        assert storage.claim_concurrency_slot("gpu", "other-run", "baseline").is_claimed
