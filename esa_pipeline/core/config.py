@@ -121,6 +121,9 @@ class Importance(_Strict):
     )
     top_k: int = Field(default=64, ge=1)
     token_budget: int = Field(default=1024, ge=1, description="tokens of the sweep dataset scored")
+    hutchinson_samples: int = Field(
+        default=4, ge=1, description="Rademacher probes per batch and parameter (each is one Hessian-vector product)"
+    )
     validation_fraction: float = Field(
         default=0.001, gt=0, le=1, description="fraction of a slice zeroed for top/random/bottom-k validation"
     )

@@ -187,7 +187,8 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
     metrics = list(plan.importance.metrics)
     context.log.info(f"{model}: scoring {metrics} on {len(components)} components x {len(layers)} layers "
                      f"over {base.n_tokens} tokens")  # fmt: skip
-    result = importance_scores(lm, adapter, base, metrics, components=components, layers=layers)
+    result = importance_scores(lm, adapter, base, metrics, components=components, layers=layers,
+                               hutchinson_samples=plan.importance.hutchinson_samples)
     rows = pd.concat(
         [top_k(result, plan.importance.top_k, scope="layer"), top_k(result, plan.importance.top_k, scope="global")],
         ignore_index=True,
