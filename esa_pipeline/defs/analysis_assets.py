@@ -143,7 +143,9 @@ def validate_and_find_super_weights(context, lm, adapter, base, result, plan, ca
     for component, layer in groups:
         middle.setdefault(component, []).append(layer)
     chosen = [(c, sorted(ls)[len(ls) // 2]) for c, ls in middle.items() if not c.startswith("norm.")]
-    checked = validate_importance(lm, base, result, fractions=[plan.importance.validation_fraction],
+    # A metric that could not be computed for a group (activation on fused MoE experts) is not validated there.
+    metrics = [m for m in result.metrics if all(m in result.group(c, layer).scores for c, layer in chosen)]
+    checked = validate_importance(lm, base, result, metrics=metrics, fractions=[plan.importance.validation_fraction],
                                   seeds=list(plan.seeds), groups=chosen, adapter=adapter, cache=cache)  # fmt: skip
     store_rows(st, "importance_validation", model, with_model(checked, model), config_hash)
     context.log.info(f"{model}: importance validation, {len(checked)} points on {chosen}")
