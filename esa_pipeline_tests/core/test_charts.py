@@ -365,3 +365,21 @@ def test_png_markdown_embeds_the_png_and_html_is_offline(relations):
     assert "<script src=\"http" not in html and "vega" in html.lower() and len(html) > 100_000
     with pytest.raises(ValueError, match="not a PNG"):
         charts.png_markdown(b"GIF89a")
+
+
+def test_heatmap_gives_each_model_its_own_layers_components_and_colour_range(relations):
+    """A 4-layer model must not inherit a 30-layer model's rows, nor its colour range."""
+    significance = relations["significance"]
+    spec = charts.sensitivity_heatmap(significance, models=relations["models"]).to_dict()
+    rows = spec["vconcat"][0]["vconcat"]
+    assert len(rows) == significance["model"].nunique()
+    assert all(spec["vconcat"][0]["resolve"]["scale"][ch] == "independent" for ch in ("x", "y", "color"))
+    for row in rows:
+        (model_filter,) = [t["filter"] for t in row["spec"]["transform"]]
+        model = model_filter.split("'")[1]
+        own = significance.loc[(significance["model"] == model) & (significance["kind"] == "gaussian")]
+        encoding = row["spec"]["layer"][0]["encoding"]
+        assert encoding["y"]["sort"] == [str(v) for v in sorted(own["layer"].dropna().astype(int).unique())]
+        assert encoding["x"]["sort"] == sorted(own["component"].unique())
+        limit = encoding["color"]["scale"]["domain"][1]
+        assert limit == pytest.approx(own["mean_delta_nll"].abs().max())

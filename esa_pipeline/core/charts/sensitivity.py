@@ -15,6 +15,8 @@ import pandas as pd
 
 from esa_pipeline.core.charts._common import (
     DELTA_NLL_TITLE,
+    PLUMBING_COLOR,
+    PLUMBING_NOTE,
     PPL_RATIO_TITLE,
     STRENGTH_SYMBOLS,
     STRENGTH_TITLES,
@@ -42,7 +44,7 @@ def sensitivity_heatmap(
     models: pd.DataFrame | None = None,
     marker: str = "significant_bh",
 ) -> alt.VConcatChart:
-    """Mean ΔNLL per layer (y) × component (x); one panel per model (rows) and strength (columns).
+    """Mean ΔNLL per layer (y) × component (x); one row of panels per model, one panel per strength.
 
     Cells whose paired test survives Benjamini–Hochberg (`marker` column, default significant_bh) get a dot.
     The colour scale is symmetric-log and diverging around 0: ΔNLL spans orders of magnitude across
@@ -61,48 +63,75 @@ def sensitivity_heatmap(
     df = df[["model", "component", "layer", "layer_label", "strength", "strength_label", "mean_delta_nll",
              "significant", "marker_label"] + [c for c in ("ci_low", "ci_high", "p_bh") if c in df.columns]]  # fmt: skip
 
-    magnitude = df["mean_delta_nll"].abs()
+    strengths = sorted(df["strength"].unique())
+    random_models = random_weight_models(df, models)
+    rows = [
+        _heatmap_row(df, model, kind=kind, strengths=strengths, plumbing_only=model in random_models)
+        for model in sorted(df["model"].unique())
+    ]
+    # One row per model, each with its own layers, components and colour scale: a 4-layer random-weight
+    # model must not show SmolLM2's 30 layers as empty rows, nor set the colour range of a pretrained model.
+    stacked = alt.vconcat(*rows, spacing=28).resolve_scale(
+        color="independent", shape="independent", x="independent", y="independent"
+    )
+    notes = [
+        f"dot = {SIGNIFICANT_LABEL}: paired test over evaluation windows, seed-averaged" if marker == "significant_bh"
+        else f"dot = cells where {marker} is true",
+        "colour scale per model (symmetric log, centred on 0)",
+        f"{n_dropped} cell(s) with non-finite ΔNLL not shown" if n_dropped else None,
+    ]  # fmt: skip
+    return finish(
+        stacked, title=f"Mean ΔNLL by layer and component — {models_text(df['model'])}, {strength_text(kind, strengths)}",
+        notes=notes, random_models=random_models, all_models=df["model"].unique(),
+    )  # fmt: skip
+
+
+def _heatmap_row(
+    df: pd.DataFrame, model: str, *, kind: str, strengths: list[float], plumbing_only: bool
+) -> alt.FacetChart:
+    """One model's heatmap, faceted by strength, drawn from the parent's data filtered to `model`."""
+    own = df.loc[df["model"] == model]
+    magnitude = own["mean_delta_nll"].abs()
     # symlog is linear below `constant`: put the bend at the small end of the observed magnitudes
     constant = float(np.quantile(magnitude[magnitude > 0], 0.1)) if (magnitude > 0).any() else 1.0
     limit = float(magnitude.max()) or 1.0
     color = alt.Color(
-        "mean_delta_nll:Q", title=DELTA_NLL_TITLE,
+        "mean_delta_nll:Q", title=f"{DELTA_NLL_TITLE}, {model}",
         scale=alt.Scale(type="symlog", constant=constant, scheme="redblue", reverse=True, domain=[-limit, limit]),
-        legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=240),
+        legend=alt.Legend(orient="right", gradientLength=120),
     )  # fmt: skip
-    layer_order = layer_sort_order(df["layer_label"])
     tooltip = [c for c in ("model", "component", "layer_label", "strength", "mean_delta_nll", "ci_low", "ci_high",
-                           "p_bh", "significant") if c in df.columns]  # fmt: skip
+                           "p_bh", "significant") if c in own.columns]  # fmt: skip
     base = alt.Chart().encode(
-        x=alt.X("component:N", title="component", sort=sorted(df["component"].unique()),
+        x=alt.X("component:N", title="component", sort=sorted(own["component"].unique()),
                 axis=alt.Axis(labelAngle=-40)),
-        y=alt.Y("layer_label:O", title="layer", sort=layer_order),
+        y=alt.Y("layer_label:O", title="layer", sort=layer_sort_order(own["layer_label"])),
     )  # fmt: skip
     cells = base.mark_rect(stroke="white", strokeWidth=0.5).encode(color=color, tooltip=tooltip)
     dots = (
         base.mark_point(filled=True, size=28, color="black")
-        .encode(shape=alt.Shape("marker_label:N", title=None, legend=alt.Legend(orient="bottom")))
+        .encode(shape=alt.Shape("marker_label:N", title=None, legend=alt.Legend(orient="right")))
         .transform_filter(alt.datum.significant)
     )
-    strengths = sorted(df["strength"].unique())
     # A shape legend over a filtered-empty layer makes vl-convert fail ("SVG has an invalid size"): draw the
-    # dots layer only when some cell is significant; the note below still says what a dot would mean.
-    layers = (cells, dots) if df["significant"].any() else (cells,)
-    panels = alt.layer(*layers, data=df).properties(width=alt.Step(26), height=alt.Step(18))
-    faceted = panels.facet(
-        row=alt.Row("model:N", title=None, header=alt.Header(labelFontWeight="bold", labelAngle=0, labelAlign="left")),
+    # dots layer only when some cell of this model is significant; the caption still says what a dot means.
+    layers = (cells, dots) if own["significant"].any() else (cells,)
+    panels = (
+        alt.layer(*layers)
+        .transform_filter(alt.datum.model == model)
+        .properties(width=alt.Step(26), height=alt.Step(18))
+    )
+    symbol = STRENGTH_SYMBOLS.get(kind, "strength")
+    header = f"{model} ({PLUMBING_NOTE})" if plumbing_only else model
+    # every row carries the whole frame (Altair stores it once) and filters it: the stored spec keeps one
+    # dataset that a reader can re-plot
+    return panels.facet(
+        data=df,
         column=alt.Column("strength_label:N", title=STRENGTH_TITLES.get(kind, "strength"),
-                          sort=[f"{STRENGTH_SYMBOLS.get(kind, 'strength')} = {float(s):g}" for s in strengths]),
-    )  # fmt: skip
-    notes = [
-        f"dot = {SIGNIFICANT_LABEL}: paired test over evaluation windows, seed-averaged" if marker == "significant_bh"
-        else f"dot = cells where {marker} is true",
-        f"{n_dropped} cell(s) with non-finite ΔNLL not shown" if n_dropped else None,
-    ]  # fmt: skip
-    return finish(
-        faceted, title=f"Mean ΔNLL by layer and component — {models_text(df['model'])}, {strength_text(kind, strengths)}",
-        notes=notes, random_models=random_weight_models(df, models), all_models=df["model"].unique(),
-    )  # fmt: skip
+                          sort=[f"{symbol} = {float(s):g}" for s in strengths],
+                          header=alt.Header(labelFontWeight="bold")),
+    ).properties(title=alt.TitleParams(header, anchor="start", fontSize=13,
+                                       color=PLUMBING_COLOR if plumbing_only else "black"))  # fmt: skip
 
 
 def degradation_curves(
