@@ -111,6 +111,13 @@ def _validate_spec(p: Perturbation) -> None:
         raise ValueError(f"noise_sigma must be > 0, got {p.noise_sigma}")
     if p.selection not in SELECTIONS:
         raise ValueError(f"unknown selection {p.selection!r}: use one of {', '.join(SELECTIONS)}")
+    if p.selection != "random" and p.kind not in WEIGHT_LEVEL_KINDS:
+        # gaussian/router/neurons/scale act on the whole slice (or on seeded neurons): a "top" request would
+        # otherwise be silently measured as a whole-slice perturbation and stored under the wrong label
+        raise ValueError(
+            f"selection {p.selection!r} picks individual weights, which kind {p.kind!r} does not: use kind one of "
+            f"{', '.join(WEIGHT_LEVEL_KINDS)} for top/bottom-k weights, or leave selection='random'"
+        )
     if p.bit is not None and p.kind != "bit_flip":
         raise ValueError(f"bit is only used by kind 'bit_flip': leave bit=None for kind {p.kind!r}")
     if p.layer is not None and (isinstance(p.layer, bool) or not isinstance(p.layer, int) or p.layer < 0):

@@ -15,27 +15,25 @@ from dagster import (
     asset,
 )
 
-from esa_pipeline.core.config import model_plan, model_section_hash, select_layers
-from esa_pipeline.core.storage import Store
+from esa_pipeline.core.config import select_layers
 from esa_pipeline.defs.common import (
-    EAGER,
     EAGER_AFTER_SWEEP,
-    GPU_OP_TAGS,
-    GPU_POOL,
+    PER_MODEL_ON_GPU,
+    ModelStep,
+    model_step,
     number,
-    store_rows,
     table_preview,
-    with_model,
 )
-from esa_pipeline.defs.loaded import baseline_result, loaded_model
+from esa_pipeline.defs.loaded import baseline_result
 from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.partitions import model_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sweep_assets import sensitivity
 
 
-def current_rows(store: Store, relation: str, model: str, config_hash: str) -> pd.DataFrame:
+def current_rows(step: ModelStep, relation: str) -> pd.DataFrame:
     """The model's rows computed under its current settings; a clear error when there are none yet."""
+    store, model, config_hash = step.store, step.model, step.config_hash
     if not store.has(relation):
         raise FileNotFoundError(f"no {relation} rows stored yet: materialize {relation} for {model} first")
     rows = store.read(relation, model=model, config_hash=config_hash)
@@ -60,21 +58,18 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
     from esa_pipeline.core.analysis import seed_consistency
     from esa_pipeline.core.analysis import significance as significance_test
 
-    model = context.partition_key
-    cfg = experiment.load()
-    config_hash = model_section_hash(cfg, model)
-    st = store.store()
-    sens = current_rows(st, "sensitivity", model, config_hash)
-    windows = current_rows(st, "sensitivity_windows", model, config_hash)
+    step = model_step(context.partition_key, experiment, store)
+    sens = current_rows(step, "sensitivity")
+    windows = current_rows(step, "sensitivity_windows")
     tested = significance_test(windows, sens)
     consistency = seed_consistency(sens)
-    n_rows = store_rows(st, "significance", model, tested, config_hash)
-    store_rows(st, "seed_consistency", model, consistency, config_hash)
+    n_rows = step.write("significance", tested)
+    step.write("seed_consistency", consistency)
 
     untested = int(tested["p_value"].isna().sum())
     return MaterializeResult(
         metadata={
-            "config_hash": config_hash,
+            "config_hash": step.config_hash,
             "rows": n_rows,
             "significant_holm": int(tested["significant_holm"].fillna(False).sum()),
             "significant_bh": int(tested["significant_bh"].fillna(False).sum()),
@@ -107,18 +102,15 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
 def critical_layers(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     from esa_pipeline.core.analysis import critical_layers as rank_layers
 
-    model = context.partition_key
-    cfg = experiment.load()
-    config_hash = model_section_hash(cfg, model)
-    st = store.store()
-    tested = current_rows(st, "significance", model, config_hash)
-    cards = current_rows(st, "models", model, config_hash)
+    step = model_step(context.partition_key, experiment, store)
+    tested = current_rows(step, "significance")
+    cards = current_rows(step, "models")
     ranked = rank_layers(tested, cards)
-    n_rows = store_rows(st, "critical_layers", model, ranked, config_hash)
+    n_rows = step.write("critical_layers", ranked)
     overall = ranked.loc[(ranked["component"] == "all") & ranked["is_critical"]]
     return MaterializeResult(
         metadata={
-            "config_hash": config_hash,
+            "config_hash": step.config_hash,
             "rows": n_rows,
             "critical_overall": ", ".join(
                 f"{r.kind}@{r.strength}: L{r.layer}" for r in overall.itertuples()
@@ -129,7 +121,7 @@ def critical_layers(context: AssetExecutionContext, experiment: ExperimentResour
     )
 
 
-def validate_and_find_super_weights(context, lm, adapter, base, result, plan, cache, st, config_hash) -> dict:
+def validate_and_find_super_weights(context, step: ModelStep, lm, adapter, base, result, cache) -> dict:
     """Causal validation (top-k vs random-k vs bottom-k) at each component's middle swept layer, and super weights.
 
     One layer per component keeps the smoke profile in minutes: every (metric, kind, selection) is a full point.
@@ -137,7 +129,7 @@ def validate_and_find_super_weights(context, lm, adapter, base, result, plan, ca
     from esa_pipeline.core.importance.super_weights import find_super_weights
     from esa_pipeline.core.importance.validation import validate_importance
 
-    model = plan.model
+    model, plan = step.model, step.plan
     groups = sorted({(g.component, g.layer) for g in result.groups}, key=str)
     middle = {}
     for component, layer in groups:
@@ -147,14 +139,14 @@ def validate_and_find_super_weights(context, lm, adapter, base, result, plan, ca
     metrics = [m for m in result.metrics if all(m in result.group(c, layer).scores for c, layer in chosen)]
     checked = validate_importance(lm, base, result, metrics=metrics, fractions=[plan.importance.validation_fraction],
                                   seeds=list(plan.seeds), groups=chosen, adapter=adapter, cache=cache)  # fmt: skip
-    store_rows(st, "importance_validation", model, with_model(checked, model), config_hash)
+    step.write("importance_validation", checked)
     context.log.info(f"{model}: importance validation, {len(checked)} points on {chosen}")
     metadata: dict = {"validation_rows": len(checked)}
     if lm.spec.is_moe:  # find_super_weights hooks 2-D down projections; fused 3-D experts have none
         metadata["super_weights"] = "not searched: fused MoE experts have no per-layer down-projection linear"
     elif adapter.num_layers >= 3 and "ffn.down" in adapter.components():
         supers = find_super_weights(lm, base, adapter=adapter)
-        store_rows(st, "super_weights", model, with_model(supers, model), config_hash)
+        step.write("super_weights", supers)
         metadata["super_weights"] = table_preview(supers, ["layer", "param_name", "row", "col", "weight_value",
                                                            "spike_ratio"])  # fmt: skip
     else:
@@ -163,25 +155,18 @@ def validate_and_find_super_weights(context, lm, adapter, base, result, plan, ca
 
 
 @asset(
-    partitions_def=model_partitions,
+    **PER_MODEL_ON_GPU,
     deps=[baseline],
     group_name="importance",
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    automation_condition=EAGER,
     description="Per-weight importance (grad x weight, grad², Hutchinson, magnitude, activation), top-k per layer; "
     "small-sigma prediction vs measured ΔNLL.",
 )
 def weight_importance(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    from esa_pipeline.core.adapters import adapter_for
     from esa_pipeline.core.importance.metrics import importance_scores, top_k
 
-    model = context.partition_key
-    cfg = experiment.load()
-    plan = model_plan(cfg, model)
-    config_hash = model_section_hash(cfg, model)
-    lm = loaded_model(plan)
-    adapter = adapter_for(lm.model)
+    step = model_step(context.partition_key, experiment, store)
+    model, plan = step.model, step.plan
+    lm, adapter = step.load()
     # Scored on the sweep dataset's own windows (a smaller budget), so predictions compare like with like.
     base = baseline_result(plan, plan.sweep_dataset, plan.importance.token_budget)
     components = [c for c in plan.components if c in adapter.components()]
@@ -195,13 +180,12 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
         [top_k(result, plan.importance.top_k, scope="layer"), top_k(result, plan.importance.top_k, scope="global")],
         ignore_index=True,
     )
-    st = store.store()
-    n_rows = store_rows(st, "weight_importance", model, with_model(rows, model), config_hash)
+    n_rows = step.write("weight_importance", rows)
     from esa_pipeline.core.prefix_cache import PrefixCache
 
     # Every causal point below resumes from the perturbed layer, as sweeps do.
     cache = PrefixCache.build(lm, base, adapter)
-    metadata = validate_and_find_super_weights(context, lm, adapter, base, result, plan, cache, st, config_hash)
+    metadata = validate_and_find_super_weights(context, step, lm, adapter, base, result, cache)
     curvature = next((c for c in ("grad_sq", "hutchinson") if c in metrics), None)
     small_sigmas = [s for s in plan.strengths.gaussian if s <= 0.05]  # the expansion holds for small sigma only
     if curvature and small_sigmas:
@@ -209,13 +193,13 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
 
         checked = prediction_check(lm, base, result, small_sigmas, seeds=list(plan.seeds), curvature=curvature,
                                    adapter=adapter, cache=cache)  # fmt: skip
-        store_rows(st, "prediction_check", model, with_model(checked, model), config_hash)
+        step.write("prediction_check", checked)
         metadata["prediction_median_ratio"] = number(checked["ratio"].median())
         metadata["prediction"] = table_preview(checked, ["component", "layer", "strength", "predicted_delta_nll",
                                                          "measured_delta_nll", "ratio"])  # fmt: skip
     return MaterializeResult(
         metadata={
-            "config_hash": config_hash,
+            "config_hash": step.config_hash,
             "rows": n_rows,
             "metrics": ", ".join(result.metrics),
             "scored_tokens": result.n_tokens,
@@ -228,23 +212,15 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
 
 
 @asset(
-    partitions_def=model_partitions,
+    **PER_MODEL_ON_GPU,
     deps=[baseline],
     group_name="importance",
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    automation_condition=EAGER,
     description="MoE routing under router noise: expert-selection change rate and load entropy (dense: not applicable).",
 )
 def moe_routing(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    from esa_pipeline.core.adapters import adapter_for
-
-    model = context.partition_key
-    cfg = experiment.load()
-    plan = model_plan(cfg, model)
-    config_hash = model_section_hash(cfg, model)
-    lm = loaded_model(plan)
-    adapter = adapter_for(lm.model)
+    step = model_step(context.partition_key, experiment, store)
+    model, plan, config_hash = step.model, step.plan, step.config_hash
+    lm, adapter = step.load()
     if "moe.router" not in adapter.components():
         context.log.info(f"{model}: {adapter.architecture} has no router; moe_routing is not applicable")
         return MaterializeResult(
@@ -257,7 +233,7 @@ def moe_routing(context: AssetExecutionContext, experiment: ExperimentResource, 
     layers = select_layers(plan.layers, adapter.num_layers)
     strengths = plan.strengths.router or plan.strengths.gaussian
     rows = routing_sweep(lm, base, list(strengths), list(plan.seeds), layers=layers, adapter=adapter)
-    n_rows = store_rows(store.store(), "moe_routing", model, with_model(rows, model), config_hash)
+    n_rows = step.write("moe_routing", rows)
     return MaterializeResult(
         metadata={
             "config_hash": config_hash,

@@ -10,6 +10,7 @@
 
 
 import json
+from collections.abc import Callable, Iterable
 
 from dagster import (
     AddDynamicPartitionsRequest,
@@ -17,6 +18,7 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    MultiPartitionKey,
     RunRequest,
     ScheduleEvaluationContext,
     SensorEvaluationContext,
@@ -34,7 +36,13 @@ from esa_pipeline.defs.partitions import (
     sweep_key,
     sweep_partitions,
 )
-from esa_pipeline.defs.planning import missing_partitions, observations, partition_plan, version_cursor
+from esa_pipeline.defs.planning import (
+    ModelPartitionPlan,
+    missing_partitions,
+    observations,
+    partition_plan,
+    version_cursor,
+)
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 
 MODEL_STAGE_ASSETS = ["model_card", "baseline", "weight_importance", "moe_routing"]
@@ -103,6 +111,22 @@ def stale(store: Store, relation: str, partition: str, config_hash: str) -> bool
     return list(hashes) != [config_hash]
 
 
+def backfill_requests(
+    context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource, relation: str,
+    partitions: Callable[[ModelPartitionPlan], Iterable[str | MultiPartitionKey]],
+) -> list[RunRequest]:
+    """One run per partition whose `relation` rows are missing or stale; the run key names the night and the
+    configuration, so a re-evaluated tick never launches the same backfill twice."""
+    st = store.store()
+    night = context.scheduled_execution_time.date().isoformat()
+    return [
+        RunRequest(run_key=f"{night}:{key}:{p.section_hash}", partition_key=key)
+        for p in partition_plan(experiment.load(), st)
+        for key in partitions(p)
+        if stale(st, relation, str(key), p.section_hash)
+    ]  # fmt: skip
+
+
 @schedule(
     cron_schedule="0 2 * * *",
     job=model_stage_job,
@@ -112,13 +136,7 @@ def stale(store: Store, relation: str, partition: str, config_hash: str) -> bool
 def nightly_model_backfill(
     context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
 ) -> list[RunRequest]:
-    st = store.store()
-    night = context.scheduled_execution_time.date().isoformat()
-    return [
-        RunRequest(run_key=f"{night}:{p.model}:{p.section_hash}", partition_key=p.model)
-        for p in partition_plan(experiment.load(), st)
-        if stale(st, "baselines", p.model, p.section_hash)
-    ]
+    return backfill_requests(context, experiment, store, "baselines", lambda p: [p.model])
 
 
 @schedule(
@@ -130,15 +148,8 @@ def nightly_model_backfill(
 def nightly_sweep_backfill(
     context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
 ) -> list[RunRequest]:
-    st = store.store()
-    night = context.scheduled_execution_time.date().isoformat()
-    requests = []
-    for p in partition_plan(experiment.load(), st):
-        for variant in p.variants:
-            key = sweep_key(p.model, variant)
-            if stale(st, "sensitivity", str(key), p.section_hash):
-                requests.append(RunRequest(run_key=f"{night}:{key}:{p.section_hash}", partition_key=key))
-    return requests
+    return backfill_requests(context, experiment, store, "sensitivity",
+                             lambda p: [sweep_key(p.model, v) for v in p.variants])  # fmt: skip
 
 
 SENSORS = [experiment_sensor, automation_sensor]

@@ -1,14 +1,23 @@
-"""Helpers shared by the asset modules: the GPU pool and k8s tags, eager automation, storing rows."""
+"""Helpers shared by the asset modules: the GPU pool and k8s tags, eager automation, a model step's
+settings, storing rows."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from dagster import AssetSelection, AutomationCondition, MetadataValue
 
+from esa_pipeline.core.config import ExperimentConfig, ModelPlan, model_plan, model_section_hash
 from esa_pipeline.core.storage import Store, with_provenance
+from esa_pipeline.defs.partitions import model_partitions
+
+if TYPE_CHECKING:
+    from esa_pipeline.core.adapters.base import Adapter
+    from esa_pipeline.core.models import LoadedModel
+    from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 
 GPU_POOL = "gpu"
 # Read by dagster_k8s.k8s_job_executor (ignored by the local executors): one GPU per model-heavy step.
@@ -18,6 +27,38 @@ GPU_OP_TAGS: dict[str, Any] = {
     }
 }
 EAGER = AutomationCondition.eager()
+# Decorator arguments of a step that loads a model: one GPU each, queued in the `gpu` pool.
+ON_GPU: dict[str, Any] = {"pool": GPU_POOL, "op_tags": GPU_OP_TAGS}
+# ... and of such a step run once per model partition, as soon as its parents are up to date.
+PER_MODEL_ON_GPU: dict[str, Any] = {"partitions_def": model_partitions, "automation_condition": EAGER, **ON_GPU}
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    """What every per-model step starts from: the model's settings under the active experiment file."""
+
+    model: str
+    cfg: ExperimentConfig
+    plan: ModelPlan
+    config_hash: str  # hash of the model's YAML section, stored on every row
+    store: Store
+
+    def load(self) -> tuple[LoadedModel, Adapter]:
+        """The model (cached per process) and its architecture adapter."""
+        from esa_pipeline.core.adapters import adapter_for
+        from esa_pipeline.defs.loaded import loaded_model
+
+        lm = loaded_model(self.plan)
+        return lm, adapter_for(lm.model)
+
+    def write(self, relation: str, df: pd.DataFrame, partition: str | None = None) -> int:
+        """Store `df` as the (default: this model's) partition of `relation`, keyed by the model name."""
+        return store_rows(self.store, relation, partition or self.model, with_model(df, self.model), self.config_hash)
+
+
+def model_step(model: str, experiment: ExperimentResource, store: StoreResource) -> ModelStep:
+    cfg = experiment.load()
+    return ModelStep(model, cfg, model_plan(cfg, model), model_section_hash(cfg, model), store.store())
 
 
 def store_rows(store: Store, relation: str, partition: str, df: pd.DataFrame, config_hash: str) -> int:

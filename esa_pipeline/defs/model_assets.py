@@ -14,18 +14,9 @@ from dagster import (
     asset,
 )
 
-from esa_pipeline.core.config import components_for_architecture, model_plan, model_section_hash
-from esa_pipeline.defs.common import (
-    EAGER,
-    GPU_OP_TAGS,
-    GPU_POOL,
-    number,
-    store_rows,
-    table_preview,
-    with_model,
-)
+from esa_pipeline.core.config import components_for_architecture
+from esa_pipeline.defs.common import PER_MODEL_ON_GPU, model_step, number, table_preview, with_model
 from esa_pipeline.defs.loaded import baseline_result, loaded_model
-from esa_pipeline.defs.partitions import model_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sources import experiment_config
 
@@ -39,18 +30,14 @@ ZERO_SHOT_COLUMNS = ["model", "task", "metric", "value", "stderr", "n_items", "n
 
 
 @asset(
-    partitions_def=model_partitions,
+    **PER_MODEL_ON_GPU,
     deps=[experiment_config],
     group_name="models",
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    automation_condition=EAGER,
     description="Loads the model once and records its card: architecture, layers, parameters (total/active).",
 )
 def model_card(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    model = context.partition_key
-    cfg = experiment.load()
-    plan = model_plan(cfg, model)
+    step = model_step(context.partition_key, experiment, store)
+    model, plan = step.model, step.plan
     lm = loaded_model(plan)
     spec = lm.spec
     # Known for sure now that the model is loaded (a hub model's layout may not have been before).
@@ -69,12 +56,12 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
         {"hf_id": "string", "revision": "string", "sliding_window": "Int64", "n_experts": "Int64",
          "experts_per_token": "Int64"}
     )  # fmt: skip
-    rows = store_rows(store.store(), "models", model, card, model_section_hash(cfg, model))
+    rows = step.write("models", card)
     if not_applicable:
         context.log.info(f"{model}: not applicable to {spec.architecture}: {', '.join(not_applicable)}")
     return MaterializeResult(
         metadata={
-            "config_hash": model_section_hash(cfg, model),
+            "config_hash": step.config_hash,
             "rows": rows,
             "architecture": spec.architecture,
             "n_layers": spec.n_layers,
@@ -89,12 +76,9 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
 
 
 @asset(
-    partitions_def=model_partitions,
+    **PER_MODEL_ON_GPU,
     deps=[model_card],
     group_name="models",
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    automation_condition=EAGER,
     check_specs=[
         AssetCheckSpec("baseline_sanity", asset="baseline", blocking=True,
                        description="Rows present, no sanity flags, token PPL plausible (random-weight models exempt)"),
@@ -104,12 +88,9 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
     description="Unperturbed perplexity per dataset and window (+ per-window NLL), zero-shot scores, tok/s, memory.",
 )
 def baseline(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    model = context.partition_key
-    cfg = experiment.load()
-    plan = model_plan(cfg, model)
-    config_hash = model_section_hash(cfg, model)
-    results_store = store.store()
-    previous = results_store.read("baselines", model) if results_store.has("baselines", model) else None
+    step = model_step(context.partition_key, experiment, store)
+    model, plan = step.model, step.plan
+    previous = step.store.read("baselines", model) if step.store.has("baselines", model) else None
 
     lm = loaded_model(plan)
     rows, windows = [], []
@@ -124,16 +105,14 @@ def baseline(context: AssetExecutionContext, experiment: ExperimentResource, sto
     baselines = with_model(pd.DataFrame(rows), model)
     zero_shot_rows = _zero_shot(context, lm, plan)
 
-    st = results_store
-    n_windows = store_rows(st, "baseline_windows", model, with_model(pd.concat(windows, ignore_index=True), model),
-                           config_hash)  # fmt: skip
-    n_zero_shot = store_rows(st, "zero_shot", model, zero_shot_rows, config_hash)
-    store_rows(st, "baselines", model, baselines, config_hash)
+    n_windows = step.write("baseline_windows", pd.concat(windows, ignore_index=True))
+    n_zero_shot = step.write("zero_shot", zero_shot_rows)
+    step.write("baselines", baselines)
 
     headline = baselines.iloc[0]
     return MaterializeResult(
         metadata={
-            "config_hash": config_hash,
+            "config_hash": step.config_hash,
             "rows": len(baselines),
             "window_rows": n_windows,
             "zero_shot_rows": n_zero_shot,

@@ -17,17 +17,9 @@ from dagster import (
     asset,
 )
 
-from esa_pipeline.core.config import ModelPlan, model_plan, model_section_hash, parse_variant, select_layers
-from esa_pipeline.defs.common import (
-    EAGER,
-    GPU_OP_TAGS,
-    GPU_POOL,
-    number,
-    store_rows,
-    table_preview,
-    with_model,
-)
-from esa_pipeline.defs.loaded import baseline_result, forget_models, loaded_model
+from esa_pipeline.core.config import ModelPlan, parse_variant, select_layers
+from esa_pipeline.defs.common import EAGER, ON_GPU, model_step, number, table_preview, with_model
+from esa_pipeline.defs.loaded import baseline_result, forget_models
 from esa_pipeline.defs.model_assets import baseline
 from esa_pipeline.defs.partitions import split_sweep_key, sweep_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
@@ -52,9 +44,8 @@ def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int]) -
     partitions_def=sweep_partitions,
     deps=[baseline, sweep_plan],
     group_name="sweep",
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
     automation_condition=EAGER,
+    **ON_GPU,
     check_specs=[
         AssetCheckSpec("every_row_restored", asset="sensitivity", blocking=True,
                        description="Every perturbed slice was restored bit-identical after its point"),
@@ -64,17 +55,13 @@ def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int]) -
 def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     model, variant = split_sweep_key(context.partition_key)
     component, seed = parse_variant(variant)
-    cfg = experiment.load()
-    plan = model_plan(cfg, model)
-    config_hash = model_section_hash(cfg, model)
-    results = store.store()
+    step = model_step(model, experiment, store)
+    plan, config_hash = step.plan, step.config_hash
     partition = str(context.partition_key)
 
-    from esa_pipeline.core.adapters import adapter_for
     from esa_pipeline.core.sweep import run_sweep
 
-    lm = loaded_model(plan)
-    adapter = adapter_for(lm.model)
+    lm, adapter = step.load()
     if component not in adapter.components() or component not in plan.components:
         # Not requested by automation (sweep_plan is never observed for it); a manual run says so explicitly.
         reason = (
@@ -105,8 +92,8 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
     if len(unrestored):
         forget_models()  # the cached weights can no longer be trusted as the unperturbed model
     # windows first: a reader who sees a sensitivity partition can rely on its windows being there
-    store_rows(results, "sensitivity_windows", partition, windows, config_hash)
-    n_rows = store_rows(results, "sensitivity", partition, rows, config_hash)
+    step.write("sensitivity_windows", windows, partition)
+    n_rows = step.write("sensitivity", rows, partition)
 
     worst = rows.loc[rows["delta_nll"].idxmax()] if rows["delta_nll"].notna().any() else None
     chart = layer_profile_markdown(rows)

@@ -255,7 +255,9 @@ def test_different_seed_differs_and_spec_seed_is_stable():
      (dict(kind="dropout", strength=0.1), "unknown perturbation kind"),
      (dict(kind="gaussian", component="ffn.wrong", strength=0.1), "unknown component"),
      (dict(kind="scale", component="ffn.down", strength=1.1), "norm gains"),
-     (dict(kind="gaussian", strength=0.1, mode="drop"), "unknown mode")],
+     (dict(kind="gaussian", strength=0.1, mode="drop"), "unknown mode"),
+     (dict(kind="gaussian", strength=0.1, selection="top"), "picks individual weights"),
+     (dict(kind="neurons", strength=0.1, selection="bottom"), "picks individual weights")],
 )
 def test_invalid_specs_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
