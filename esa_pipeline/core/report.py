@@ -37,6 +37,9 @@ PNG_SCALE = 2
 SCALING_COLUMNS = ["kind", "component", "strength", "param_basis", "n_models", "exponent", "exponent_ci_low",
                    "exponent_ci_high", "r2", "r2_required_p05", "p_value", "warnings"]  # fmt: skip
 
+GROUP_COLUMNS = ["comparison", "kind", "component", "strength", "models_a", "models_b", "mean_a", "mean_b",
+                 "difference", "welch_p", "mannwhitney_p", "warnings"]  # fmt: skip
+
 READING_GUIDES = {
     "heatmap": (
         "Each cell is the mean increase in negative log-likelihood per token (ΔNLL, nats/token) when one "
@@ -132,6 +135,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
     for title, figures in _figures(tables):
         sections.append(_figure_section(title, figures, out_dir))
     sections.append(_scaling_table_section(tables.get("scaling_fit")))
+    sections.append(_group_comparison_section(tables.get("group_comparison")))
 
     name = str(experiment.get("name", "experiment"))
     page = _PAGE.format(
@@ -249,6 +253,18 @@ def _scaling_table_section(scaling: pd.DataFrame | None) -> str:
     if scaling is None or scaling.empty:
         return head + _empty("scaling_fit", "fewer than the models needed, or the all-models assets have not run") + "</section>"
     return head + _table(scaling, {c: c for c in SCALING_COLUMNS}) + "</section>"
+
+
+def _group_comparison_section(groups: pd.DataFrame | None) -> str:
+    head = (
+        '<section id="group-comparison"><h2>Dense vs MoE, instruct vs base</h2>'
+        "<p class='guide'>Model-level mean ΔNLL of group a minus group b per (kind, component, strength); "
+        "component \"all\" averages the components. Welch's t and Mann–Whitney U compare the models' means "
+        "(no test with fewer than 2 models per group: the difference is then descriptive only).</p>"
+    )
+    if groups is None or groups.empty:
+        return head + _empty("group_comparison", "the architecture_comparison asset has not run") + "</section>"
+    return head + _table(groups, {c: c for c in GROUP_COLUMNS}) + "</section>"
 
 
 def _figure_section(title: str, figures: list[_Figure], out_dir: Path) -> str:

@@ -21,7 +21,7 @@ SENSITIVITY_COLUMNS = [
     "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights",
 ]  # fmt: skip
 SENSITIVITY_WINDOW_COLUMNS = [
-    "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed",
+    "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed", "mode", "selection",
     "window_id", "nll_sum", "n_tokens", "delta_nll_sum",
 ]  # fmt: skip
 
@@ -64,7 +64,7 @@ def run_sweep(
         rows.append({**context, **result.to_row()})
         frame = result.windows.assign(
             model=context["model"], dataset=base.dataset, kind=p.kind, component=p.component, layer=p.layer,
-            expert=p.expert, strength=p.strength, seed=p.seed,
+            expert=p.expert, strength=p.strength, seed=p.seed, mode=p.mode, selection=p.selection,
         )  # fmt: skip
         window_frames.append(frame)
         layer_points += 1

@@ -22,9 +22,10 @@ from esa_pipeline.defs.sweep_assets import sensitivity
 
 REPORT_RELATIONS = [
     "models", "baselines", "zero_shot", "sensitivity", "significance", "seed_consistency", "critical_layers",
-    "weight_importance", "prediction_check", "moe_routing", "architecture_comparison", "scaling_fit",
+    "weight_importance", "prediction_check", "moe_routing", "architecture_comparison", "group_comparison",
+    "scaling_fit",
 ]  # fmt: skip
-CROSS_MODEL_RELATIONS = {"architecture_comparison", "scaling_fit"}
+CROSS_MODEL_RELATIONS = {"architecture_comparison", "group_comparison", "scaling_fit"}
 
 
 def experiment_rows(store: Store, relation: str, cfg: ExperimentConfig) -> pd.DataFrame:
@@ -45,22 +46,30 @@ def experiment_rows(store: Store, relation: str, cfg: ExperimentConfig) -> pd.Da
     deps=[sensitivity, model_card],
     group_name="cross_model",
     automation_condition=EAGER_ACROSS_MODELS,
-    description="Layer profiles of all models on normalized depth, component ranks, dense vs MoE, instruct vs base.",
+    description="Layer profiles of all models on normalized depth, component ranks; dense vs MoE and instruct vs "
+    "base contrasts (group_comparison).",
 )
 def architecture_comparison(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     from esa_pipeline.core.analysis import architecture_comparison as compare
+    from esa_pipeline.core.analysis import dense_vs_moe, instruct_vs_base
 
     cfg = experiment.load()
     st = store.store()
     sens, cards = experiment_rows(st, "sensitivity", cfg), experiment_rows(st, "models", cfg)
     rows = compare(sens, cards)
+    groups = pd.concat([dense_vs_moe(rows, cards), instruct_vs_base(rows, cards)], ignore_index=True)
     n_rows = store_rows(st, "architecture_comparison", UNPARTITIONED, rows, experiment_hash(cfg))
+    n_groups = store_rows(st, "group_comparison", UNPARTITIONED, groups, experiment_hash(cfg))
+    overall = groups.loc[groups["component"] == "all"]
     ranks = rows.groupby(["model", "component"], dropna=False)["component_rank"].min().reset_index()
     return MaterializeResult(
         metadata={
             "config_hash": experiment_hash(cfg),
             "rows": n_rows,
             "models": ", ".join(sorted(rows["model"].unique())),
+            "group_comparison_rows": n_groups,
+            "groups_overall": table_preview(overall, ["comparison", "kind", "strength", "models_a", "models_b",
+                                                      "difference", "welch_p", "warnings"]),
             "component_ranks": table_preview(ranks.sort_values(["model", "component_rank"]),
                                              ["model", "component", "component_rank"], limit=60),
         }  # fmt: skip

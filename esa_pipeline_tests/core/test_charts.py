@@ -124,12 +124,15 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
          "num_fewshot": 0, "random_weights": MODELS[m][6]}
         for m in names for task, value in (("esa_mc", 0.55), ("piqa", 0.61))
     ])  # fmt: skip
+    architecture = analysis.architecture_comparison(sensitivity, models)
+    groups = pd.concat([analysis.dense_vs_moe(architecture, models), analysis.instruct_vs_base(architecture, models)],
+                       ignore_index=True)  # fmt: skip
     return {
         "models": models, "baselines": baselines, "zero_shot": zero_shot, "sensitivity": sensitivity,
         "sensitivity_windows": sensitivity_windows, "significance": significance,
         "seed_consistency": analysis.seed_consistency(sensitivity),
         "critical_layers": analysis.critical_layers(significance, models),
-        "architecture_comparison": analysis.architecture_comparison(sensitivity, models),
+        "architecture_comparison": architecture, "group_comparison": groups,
         "scaling_fit": analysis.scaling_fit(sensitivity, models), "moe_routing": routing,
         "weight_importance": importance, "importance_validation": validation, "prediction_check": prediction,
     }  # fmt: skip

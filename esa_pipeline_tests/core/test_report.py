@@ -23,7 +23,7 @@ EXPERIMENT = {
 }  # fmt: skip
 SECTIONS = ["setup", "random-weights", "baselines", "zero-shot", "heatmap", "degradation", "critical_layers",
             "seed_consistency", "architecture", "moe_routing", "scaling", "importance", "validation", "prediction",
-            "scaling-table"]  # fmt: skip
+            "scaling-table", "group-comparison"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,14 @@ def test_scaling_section_draws_points_and_the_table_says_why_there_is_no_fit(rep
     assert "<img" in scaling  # two models: points only, the reason in the chart's subtitle
     table = page.split('<section id="scaling-table"', 1)[1].split("</section>", 1)[0]
     assert "no fit: a log-log line needs at least 3 models" in table
+
+
+def test_group_comparison_table_says_when_a_group_is_too_small_to_test(report):
+    _, page = report
+    table = page.split('<section id="group-comparison"', 1)[1].split("</section>", 1)[0]
+    # the fixture has one dense (smollm2-135m) and one MoE model (tiny-mixtral): descriptive difference only
+    assert "dense_vs_moe" in table and "instruct_vs_base" in table
+    assert "tiny-mixtral" in table and "fewer than 2 models in a group" in table
 
 
 def test_empty_relations_are_called_out_and_pretrained_data_carry_no_warning(tmp_path):

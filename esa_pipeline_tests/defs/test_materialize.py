@@ -42,6 +42,8 @@ def test_one_sensitivity_partition_lands_in_the_store_and_the_database(esa_env, 
     assert (rows["config_hash"] == model_section_hash(load_experiment(esa_env.experiment), "tiny-llama")).all()
     windows = esa_env.store.read("sensitivity_windows", "tiny-llama|ffn.gate__1")
     assert len(windows) == len(rows) * windows["window_id"].nunique()
+    # each window row says which perturbation it belongs to, neuron mode included
+    assert set(zip(windows["kind"], windows["mode"], strict=True)) == set(zip(rows["kind"], rows["mode"], strict=True))
     with esa_env.store.connect() as con:
         stored = con.execute("SELECT count(*) FROM sensitivity WHERE model = 'tiny-llama'").fetchone()[0]
     assert stored == 4
