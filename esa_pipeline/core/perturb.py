@@ -58,6 +58,9 @@ class Perturbation:
     noise_sigma: float = 0.1  # neurons/noise: sigma (rms units) applied to selected neurons
     selection: str = "random"  # weight-level: "top" | "random" | "bottom"
     bit: int | None = None  # bit_flip: bit index in the stored dtype (default: exponent MSB)
+    # gaussian/router: add -z instead of z, with the same draw z as the spec with antithetic=False. The mean
+    # of a ± pair cancels the first-order term gᵀδ exactly (importance/prediction.py).
+    antithetic: bool = False
 
     def __post_init__(self) -> None:
         # Normalize numbers so that 1 and 1.0 hash identically.
@@ -73,8 +76,11 @@ class Perturbation:
         return cls(**data)
 
     def spec_seed(self) -> int:
-        """Stable 63-bit seed: sha256 of the sorted spec fields (python's hash() is salted per process)."""
-        payload = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Stable 63-bit seed: sha256 of the sorted spec fields (python's hash() is salted per process).
+
+        `antithetic` is left out so that a ± pair shares its draw (and seeds of earlier results still hold)."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "antithetic"}
+        payload = json.dumps(fields, sort_keys=True).encode()
         return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") & (2**63 - 1)
 
 
@@ -118,6 +124,8 @@ def _validate_spec(p: Perturbation) -> None:
             f"selection {p.selection!r} picks individual weights, which kind {p.kind!r} does not: use kind one of "
             f"{', '.join(WEIGHT_LEVEL_KINDS)} for top/bottom-k weights, or leave selection='random'"
         )
+    if p.antithetic and p.kind not in ("gaussian", "router"):
+        raise ValueError(f"antithetic negates gaussian noise: kind {p.kind!r} has no sign to flip, leave it False")
     if p.bit is not None and p.kind != "bit_flip":
         raise ValueError(f"bit is only used by kind 'bit_flip': leave bit=None for kind {p.kind!r}")
     if p.layer is not None and (isinstance(p.layer, bool) or not isinstance(p.layer, int) or p.layer < 0):
@@ -240,7 +248,7 @@ def _weight_level(view: torch.Tensor, p: Perturbation, score: torch.Tensor | Non
 def _new_values(p: Perturbation, slices: list[ParamSlice], views: list[torch.Tensor],
                 scores: list[torch.Tensor] | None, gen: torch.Generator) -> list[torch.Tensor]:
     if p.kind in ("gaussian", "router"):
-        return [_gaussian(v, p.strength, gen) for v in views]
+        return [_gaussian(v, -p.strength if p.antithetic else p.strength, gen) for v in views]
     if p.kind == "scale":
         return [v.float() * p.strength for v in views]
     if p.kind == "neurons":

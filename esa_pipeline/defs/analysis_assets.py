@@ -191,8 +191,10 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
     if curvature and small_sigmas:
         from esa_pipeline.core.importance.prediction import prediction_check
 
-        checked = prediction_check(lm, base, result, small_sigmas, seeds=list(plan.seeds), curvature=curvature,
-                                   adapter=adapter, cache=cache)  # fmt: skip
+        # each seed is an antithetic ± pair (two evaluations): half the seeds keep the cost of plain draws
+        pair_seeds = list(plan.seeds)[: max(1, len(plan.seeds) // 2)]
+        checked = prediction_check(lm, base, result, small_sigmas, seeds=pair_seeds, curvature=curvature,
+                                   adapter=adapter, cache=cache, antithetic=True)  # fmt: skip
         step.write("prediction_check", checked)
         metadata["prediction_median_ratio"] = number(checked["ratio"].median())
         metadata["prediction"] = table_preview(checked, ["component", "layer", "strength", "predicted_delta_nll",

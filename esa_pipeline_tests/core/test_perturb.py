@@ -238,6 +238,25 @@ def test_same_spec_gives_identical_weights_in_fresh_processes():
     assert runs[0][1] != runs[0][3]  # seed 1 produced different weights from seed 0
 
 
+def test_antithetic_adds_the_same_draw_negated(tiny):
+    lm = tiny("tiny-llama")
+    adapter = adapter_for(lm.model)
+    view = adapter.slices("ffn.down", 1)[0].get(lm.model)
+    original = view.detach().clone()
+    deltas = []
+    for negate in (False, True):
+        spec = Perturbation("gaussian", "ffn.down", 1, 0.1, 7, antithetic=negate)
+        with perturbed(lm.model, adapter, spec):
+            deltas.append(view.detach().float() - original.float())
+    assert torch.equal(view, original)
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[1], -deltas[0], rtol=0, atol=1e-6)
+    # one draw for the pair: the seed ignores the sign, so earlier results' seeds are unchanged too
+    assert spec.spec_seed() == Perturbation("gaussian", "ffn.down", 1, 0.1, 7).spec_seed()
+    with pytest.raises(ValueError, match="no sign to flip"):
+        Perturbation("zero", "ffn.down", 1, 0.1, 7, antithetic=True)
+
+
 def test_different_seed_differs_and_spec_seed_is_stable():
     spec = Perturbation("gaussian", "ffn.down", 15, 0.1, 0)
     # Pinned: changing the hash would silently change every stored result's noise.

@@ -85,7 +85,7 @@ def test_prediction_check_rows(tiny):
     base = perplexity(tiny, [TEXT], window=48, max_tokens=96)
     adapter = adapter_for(tiny.model)
     result = importance_scores(tiny, adapter, base, ("grad_sq",), components=["norm.input"], layers=[1])
-    rows = prediction_check(tiny, base, result, [0.05], seeds=(0, 1))
+    rows = prediction_check(tiny, base, result, [0.05], seeds=(0, 1), antithetic=False)
     assert list(rows.columns) == PREDICTION_COLUMNS
     row = rows.iloc[0]
     # norm gains of a fresh model are all 1, so rms² = 1 and the prediction is ½σ²·ΣF
@@ -95,6 +95,11 @@ def test_prediction_check_rows(tiny):
               for s in (0, 1)]
     assert row.measured_delta_nll == pytest.approx(sum(direct) / 2, rel=1e-9)
     assert row.ratio == pytest.approx(row.measured_delta_nll / row.predicted_delta_nll)
+    # antithetic: each seed is the mean of +δ and −δ, the same draw negated
+    paired = prediction_check(tiny, base, result, [0.05], seeds=(0,)).iloc[0]
+    minus = evaluate_against(tiny, base, Perturbation("gaussian", "norm.input", 1, 0.05, 0, antithetic=True)).delta_nll
+    assert paired.antithetic and paired.measured_delta_nll == pytest.approx((direct[0] + minus) / 2, rel=1e-9)
+    assert minus != pytest.approx(direct[0], rel=1e-3)
     other = importance_scores(tiny, adapter, base.token_windows[:1], ("grad_sq",), components=["norm.input"],
                               layers=[1])
     with pytest.raises(ValueError, match="same windows"):

@@ -14,7 +14,8 @@ The Hessian diagonal is replaced by a curvature estimate from `importance_scores
 
 One measured point is a single draw of z: its linear term gᵀδ has mean 0 but standard deviation
 σ·sqrt(Σ_s rms_s² ‖g_s‖²), which dominates at very small σ (the quadratic mean shrinks as σ², the linear noise
-as σ). `prediction_check` therefore averages the measured ΔNLL over several seeds. In bf16, small σ changes
+as σ). `prediction_check` therefore measures each seed as an antithetic pair, ½(ΔL(+δ) + ΔL(−δ)), in which the
+linear term cancels exactly (odd terms vanish draw by draw, not only in expectation), and averages the seeds. In bf16, small σ changes
 few stored weights (see `changed_fraction`), so the measured value falls below the prediction: use fp32.
 """
 
@@ -28,7 +29,7 @@ import torch
 from esa_pipeline.core.importance.metrics import ImportanceResult, unwrap_model
 
 PREDICTION_COLUMNS = ["model", "component", "layer", "strength", "predicted_delta_nll", "measured_delta_nll",
-                      "ratio"]
+                      "ratio", "antithetic"]
 CURVATURES = ("grad_sq", "hutchinson")
 
 
@@ -50,8 +51,10 @@ def predicted_delta_nll(lm, result: ImportanceResult, component: str, layer: int
 
 def prediction_check(lm, base, result: ImportanceResult, strengths: Sequence[float], *,
                      seeds: Sequence[int] = (0, 1, 2), curvature: str = "grad_sq", adapter=None, cache=None,
-                     groups: Sequence[tuple[str, int | None]] | None = None) -> pd.DataFrame:
+                     groups: Sequence[tuple[str, int | None]] | None = None, antithetic: bool = True) -> pd.DataFrame:
     """`prediction_check` rows: predicted vs measured (seed-averaged) gaussian ΔNLL per component, layer, σ.
+
+    antithetic=True measures each seed at +δ and −δ (two evaluations) and keeps their mean; False measures +δ.
 
     `result` must have been scored on `base` (pass the PerplexityResult as `token_batches`) so that both use
     the same N tokens; groups default to every (component, layer) group of `result`.
@@ -69,14 +72,19 @@ def prediction_check(lm, base, result: ImportanceResult, strengths: Sequence[flo
     for component, layer in chosen:
         kind = "router" if component == "moe.router" else "gaussian"
         for strength in strengths:
-            measured = [evaluate_against(lm, base, Perturbation(kind, component, layer, strength, seed),
-                                         adapter=adapter, cache=cache).delta_nll for seed in seeds]
+            signs = (False, True) if antithetic else (False,)
+            measured = [
+                sum(evaluate_against(lm, base, Perturbation(kind, component, layer, strength, seed, antithetic=neg),
+                                     adapter=adapter, cache=cache).delta_nll for neg in signs) / len(signs)
+                for seed in seeds
+            ]  # fmt: skip
             predicted = predicted_delta_nll(lm, result, component, layer, strength, curvature=curvature)
             mean_measured = float(torch.tensor(measured, dtype=torch.float64).mean())
             rows.append({"model": result.model, "component": component, "layer": layer,
                          "strength": float(strength), "predicted_delta_nll": predicted,
                          "measured_delta_nll": mean_measured,
-                         "ratio": mean_measured / predicted if predicted != 0 else float("nan")})
+                         "ratio": mean_measured / predicted if predicted != 0 else float("nan"),
+                         "antithetic": antithetic})
     df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     df["layer"] = df["layer"].astype("Int64")
     return df
