@@ -239,7 +239,10 @@ def test_sensitivity_partition_page_shows_its_chart(server, browser):
 
 def dismiss_markdown_dialog(driver) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     ActionChains(driver).send_keys(Keys.ESCAPE).perform()
-    time.sleep(0.5)
+    # the backdrop fades out: clicking the next link before it is gone hits the backdrop instead
+    wait_for(driver, lambda d: not d.find_elements(By.CSS_SELECTOR, ".bp5-overlay-backdrop"),
+             "the markdown dialog to close")  # fmt: skip

@@ -37,6 +37,14 @@ PNG_SCALE = 2
 SCALING_COLUMNS = ["kind", "component", "strength", "param_basis", "n_models", "exponent", "exponent_ci_low",
                    "exponent_ci_high", "r2", "r2_required_p05", "p_value", "warnings"]  # fmt: skip
 
+# Every relation build_report reads; the report asset loads exactly these.
+REPORT_RELATIONS = [
+    "models", "baselines", "zero_shot", "sensitivity", "significance", "seed_consistency", "critical_layers",
+    "weight_importance", "importance_validation", "super_weights", "prediction_check", "moe_routing",
+    "architecture_comparison", "group_comparison", "scaling_fit",
+]  # fmt: skip
+SUPER_WEIGHT_COLUMNS = ["model", "layer", "param_name", "row", "col", "weight_value", "activation_in",
+                        "activation_out", "spike_ratio"]  # fmt: skip
 GROUP_COLUMNS = ["comparison", "kind", "component", "strength", "models_a", "models_b", "mean_a", "mean_b",
                  "difference", "welch_p", "mannwhitney_p", "warnings"]  # fmt: skip
 
@@ -136,6 +144,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
         sections.append(_figure_section(title, figures, out_dir))
     sections.append(_scaling_table_section(tables.get("scaling_fit")))
     sections.append(_group_comparison_section(tables.get("group_comparison")))
+    sections.append(_super_weights_section(tables.get("super_weights")))
 
     name = str(experiment.get("name", "experiment"))
     page = _PAGE.format(
@@ -267,6 +276,19 @@ def _group_comparison_section(groups: pd.DataFrame | None) -> str:
     return head + _table(groups, {c: c for c in GROUP_COLUMNS}) + "</section>"
 
 
+def _super_weights_section(supers: pd.DataFrame | None) -> str:
+    head = (
+        '<section id="super-weights"><h2>Super-weight candidates</h2>'
+        "<p class='guide'>Per layer, the down-projection weight feeding the largest output activation spike "
+        "(spike ratio = that activation over the layer's median). A super weight is a candidate whose zeroing "
+        "alone raises the loss sharply; a spike without that effect is an outlier, not a super weight.</p>"
+    )
+    if supers is None or supers.empty:
+        return head + _empty("super_weights", "no dense model with an ffn.down of ≥ 3 layers was scored") + "</section>"
+    top = supers.sort_values("spike_ratio", ascending=False).groupby("model", sort=True).head(5)
+    return head + _table(top, {c: c for c in SUPER_WEIGHT_COLUMNS}) + "</section>"
+
+
 def _figure_section(title: str, figures: list[_Figure], out_dir: Path) -> str:
     anchor = figures[0].name.split("__")[0]
     parts = [f'<section id="{html.escape(anchor)}"><h2>{html.escape(title)}</h2>',
@@ -332,9 +354,9 @@ def _figures(tables: dict[str, pd.DataFrame]) -> list[tuple[str, list[_Figure]]]
         ("Weight importance", single(
             "importance", "weight_importance", lambda f: charts.importance_distribution_chart(f, models=models),
             "importance score distributions")),
-        ("Importance validation: top-k vs random-k vs bottom-k", single(
+        ("Importance validation: top-k vs random-k vs bottom-k", per_kind(
             "validation", "importance_validation",
-            lambda f: charts.importance_validation_chart(f, models=models), "causal check of importance")),
+            lambda f, k: charts.importance_validation_chart(f, kind=k, models=models), "causal check of importance")),
         ("Prediction check", single(
             "prediction", "prediction_check", lambda f: charts.prediction_chart(f, models=models),
             "predicted vs measured ΔNLL")),

@@ -20,11 +20,6 @@ from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sweep_assets import sensitivity
 
-REPORT_RELATIONS = [
-    "models", "baselines", "zero_shot", "sensitivity", "significance", "seed_consistency", "critical_layers",
-    "weight_importance", "prediction_check", "moe_routing", "architecture_comparison", "group_comparison",
-    "scaling_fit",
-]  # fmt: skip
 CROSS_MODEL_RELATIONS = {"architecture_comparison", "group_comparison", "scaling_fit"}
 
 
@@ -126,7 +121,7 @@ def scaling_fit(context: AssetExecutionContext, experiment: ExperimentResource, 
     description="Charts (PNG/HTML/JSON) and a self-contained HTML report under data/reports/.",
 )  # fmt: skip
 def report(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    from esa_pipeline.core.report import build_report
+    from esa_pipeline.core.report import REPORT_RELATIONS, build_report
 
     cfg = experiment.load()
     st = store.store()

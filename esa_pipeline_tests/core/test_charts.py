@@ -106,6 +106,8 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
         for m in names for metric in ("grad_x_weight", "magnitude") for sel in ("top", "random", "bottom")
         for k in (10, 100) for seed in SEEDS
     ])  # fmt: skip
+    # weight_importance validates with several kinds: charts and report must pick one per figure
+    validation = pd.concat([validation, validation.assign(kind="sign_flip")], ignore_index=True)
     small = sensitivity.loc[sensitivity["strength"] == STRENGTHS[0]]
     prediction = small.groupby(["model", "component", "layer", "strength"], as_index=False)["delta_nll"].mean()
     prediction = prediction.rename(columns={"delta_nll": "measured_delta_nll"})
@@ -124,6 +126,11 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
          "num_fewshot": 0, "random_weights": MODELS[m][6]}
         for m in names for task, value in (("esa_mc", 0.55), ("piqa", 0.61))
     ])  # fmt: skip
+    supers = pd.DataFrame({
+        "model": "smollm2-135m", "layer": [1, 2], "param_name": [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)],
+        "row": [507, 12], "col": [1229, 40], "weight_value": [5.9, -0.4], "activation_in": [3065.0, 2.1],
+        "activation_out": [24882.0, 30.0], "spike_ratio": [152.0, 1.6],
+    })  # fmt: skip
     architecture = analysis.architecture_comparison(sensitivity, models)
     groups = pd.concat([analysis.dense_vs_moe(architecture, models), analysis.instruct_vs_base(architecture, models)],
                        ignore_index=True)  # fmt: skip
@@ -132,7 +139,7 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
         "sensitivity_windows": sensitivity_windows, "significance": significance,
         "seed_consistency": analysis.seed_consistency(sensitivity),
         "critical_layers": analysis.critical_layers(significance, models),
-        "architecture_comparison": architecture, "group_comparison": groups,
+        "architecture_comparison": architecture, "group_comparison": groups, "super_weights": supers,
         "scaling_fit": analysis.scaling_fit(sensitivity, models), "moe_routing": routing,
         "weight_importance": importance, "importance_validation": validation, "prediction_check": prediction,
     }  # fmt: skip
@@ -162,7 +169,8 @@ def build(name: str, rel: dict[str, pd.DataFrame]):
         "architecture": lambda: charts.architecture_chart(rel["architecture_comparison"], models=rel["models"]),
         "moe_routing": lambda: charts.moe_routing_chart(rel["moe_routing"], models=rel["models"]),
         "importance": lambda: charts.importance_distribution_chart(rel["weight_importance"], models=rel["models"]),
-        "validation": lambda: charts.importance_validation_chart(rel["importance_validation"], models=rel["models"]),
+        "validation": lambda: charts.importance_validation_chart(rel["importance_validation"], kind="zero",
+                                                                      models=rel["models"]),
         "prediction": lambda: charts.prediction_chart(rel["prediction_check"], models=rel["models"]),
     }
     return builders[name]()

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from esa_pipeline.core import charts
-from esa_pipeline.core.report import build_report
+from esa_pipeline.core.report import REPORT_RELATIONS, build_report
 from esa_pipeline_tests.core.test_charts import fixture_relations
 
 EXPERIMENT = {
@@ -23,7 +23,7 @@ EXPERIMENT = {
 }  # fmt: skip
 SECTIONS = ["setup", "random-weights", "baselines", "zero-shot", "heatmap", "degradation", "critical_layers",
             "seed_consistency", "architecture", "moe_routing", "scaling", "importance", "validation", "prediction",
-            "scaling-table", "group-comparison"]  # fmt: skip
+            "scaling-table", "group-comparison", "super-weights"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def test_report_has_every_section_with_embedded_charts(report):
     for section in SECTIONS:
         assert f'<section id="{section}"' in page, section
     images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)' width='\d+'", page)
-    # one per kind-specific chart (one kind here) and per single chart; scaling has no fit with two models
-    assert len(images) == 10
+    # one per kind-specific chart (one sweep kind, two validation kinds here) and per single chart
+    assert len(images) == 11
     for data in images:
         png = base64.b64decode(data)
         assert png.startswith(b"\x89PNG") and len(png) > 8_000
@@ -70,7 +70,8 @@ def test_report_marks_random_weight_models_and_baseline_flags(report):
 def test_report_writes_png_and_spec_files(report):
     index, _ = report
     pngs = sorted(p.name for p in index.parent.glob("*.png"))
-    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 10
+    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 11
+    assert {"validation__zero.png", "validation__sign_flip.png"} <= set(pngs)  # one figure per kind
     spec = json.loads((index.parent / "heatmap__gaussian.vl.json").read_text())
     assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
     assert not list(index.parent.glob(".*.tmp")), "temporary files left behind"
@@ -82,6 +83,14 @@ def test_scaling_section_draws_points_and_the_table_says_why_there_is_no_fit(rep
     assert "<img" in scaling  # two models: points only, the reason in the chart's subtitle
     table = page.split('<section id="scaling-table"', 1)[1].split("</section>", 1)[0]
     assert "no fit: a log-log line needs at least 3 models" in table
+
+
+def test_every_relation_the_report_draws_is_one_the_report_asset_loads(report):
+    _, page = report
+    # the fixture fills every relation the report uses (sensitivity_windows only feeds significance)
+    assert set(fixture_relations()) - {"sensitivity_windows"} <= set(REPORT_RELATIONS)
+    for relation in REPORT_RELATIONS:
+        assert f"The `{relation}` relation is empty" not in page, relation
 
 
 def test_group_comparison_table_says_when_a_group_is_too_small_to_test(report):

@@ -32,6 +32,12 @@ STRENGTH_TITLES = {
 STRENGTH_SYMBOLS = {"gaussian": "σ", "router": "σ", "neurons": "fraction", "scale": "factor"}
 
 
+def model_panels(columns: int = 3) -> dict:
+    """`.facet(**model_panels())`: one panel per model, wrapped after `columns` so six models stay readable
+    (one row of six panels is wider than a page)."""
+    return {"facet": alt.Facet("model:N", title=None, header=alt.Header(labelFontWeight="bold")), "columns": columns}
+
+
 def require_rows(df: object, needed: Iterable[str], *, chart: str, relation: str) -> pd.DataFrame:
     """The frame itself, after checking it is a non-empty DataFrame with the relation's columns."""
     if not isinstance(df, pd.DataFrame):

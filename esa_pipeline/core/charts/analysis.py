@@ -21,6 +21,7 @@ from esa_pipeline.core.charts._common import (
     STRENGTH_TITLES,
     drop_nonfinite,
     finish,
+    model_panels,
     models_text,
     random_weight_models,
     require_rows,
@@ -89,7 +90,7 @@ def critical_layers_chart(
     faceted = (
         alt.layer(bars, labels, data=data)
         .properties(width=300, height=180)
-        .facet(column=alt.Column("model:N", title=None, header=alt.Header(labelFontWeight="bold")))
+        .facet(**model_panels())
         .resolve_scale(y="independent")
     )
     notes = [
@@ -130,7 +131,7 @@ def seed_consistency_chart(
     faceted = (
         alt.layer(rule, points, data=data)
         .properties(width=260, height=alt.Step(22))
-        .facet(column=alt.Column("model:N", title=None, header=alt.Header(labelFontWeight="bold")))
+        .facet(**model_panels())
     )
     pairs = df["seed_pair"].nunique()
     notes = [
@@ -218,7 +219,7 @@ def moe_routing_chart(moe_routing: pd.DataFrame, *, models: pd.DataFrame | None 
     faceted = (
         alt.layer(lines, dots, data=both)
         .properties(width=300, height=180)
-        .facet(column=alt.Column("model:N", title=None, header=alt.Header(labelFontWeight="bold")))
+        .facet(**model_panels())
     )
     notes = [f"line: mean over seeds {sorted(int(s) for s in df['seed'].unique())}; dots: single seeds",
              f"{n_dropped} row(s) with non-finite change rate not shown" if n_dropped else None]  # fmt: skip

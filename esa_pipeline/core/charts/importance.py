@@ -14,6 +14,8 @@ import pandas as pd
 
 from esa_pipeline.core.charts._common import (
     DELTA_NLL_TITLE,
+    PLUMBING_COLOR,
+    PLUMBING_NOTE,
     drop_nonfinite,
     finish,
     models_text,
@@ -92,15 +94,17 @@ def importance_validation_chart(
     if unknown:
         raise ValueError(f"{chart}(): selection values {unknown} are not one of {SELECTION_ORDER}")
     df, n_dropped = drop_nonfinite(df, "delta_nll", chart=chart, relation="importance_validation")
-    df["panel"] = df["model"].astype(str) + " · " + df["metric"].astype(str)
-    df["k_label"] = df["k"].map(lambda k: f"k = {int(k):,}")
-    per_seed = df.groupby(["panel", "model", "metric", "k", "k_label", "selection", "seed"], as_index=False)[
-        "delta_nll"
-    ].mean()
-    mean = per_seed.groupby(["panel", "model", "metric", "k", "k_label", "selection"], as_index=False)["delta_nll"].mean()
+    # one x group per validated (component, layer): k differs with the slice size, so k alone is ambiguous
+    where = df["component"].astype(str)
+    if "layer" in df.columns:
+        where = where + pd.to_numeric(df["layer"], errors="coerce").map(lambda v: "" if pd.isna(v) else f" L{int(v)}")
+    df["k_label"] = where + " · k = " + df["k"].map(lambda k: f"{int(k):,}")
+    keys = ["model", "metric", "component", "k", "k_label", "selection"]
+    per_seed = df.groupby([*keys, "seed"], as_index=False)["delta_nll"].mean()
+    mean = per_seed.groupby(keys, as_index=False)["delta_nll"].mean()
     both = pd.concat([per_seed.assign(role="seed"), mean.assign(role="mean")], ignore_index=True)
-    k_order = [f"k = {int(k):,}" for k in sorted(df["k"].unique())]
-    x = alt.X("k_label:N", title="weights perturbed (k)", sort=k_order, axis=alt.Axis(labelAngle=0))
+    k_order = df.sort_values(["component", "k"])["k_label"].drop_duplicates().tolist()
+    x = alt.X("k_label:N", title="slice · weights perturbed (k)", sort=k_order, axis=alt.Axis(labelAngle=-30))
     color = alt.Color("selection:N", title="weights chosen", sort=SELECTION_ORDER,
                       scale=alt.Scale(domain=SELECTION_ORDER, range=SELECTION_COLORS))  # fmt: skip
     offset = alt.XOffset("selection:N", sort=SELECTION_ORDER)
@@ -118,14 +122,21 @@ def importance_validation_chart(
         .encode(x=x, xOffset=offset, y=y)
         .transform_filter(alt.datum.role == "seed")
     )
-    faceted = (
-        alt.layer(bars, dots, data=both)
-        .properties(width=alt.Step(22), height=170)
-        .facet(row=alt.Row("model:N", title=None, header=alt.Header(labelFontWeight="bold", labelAngle=0,
-                                                                     labelAlign="left")),
-               column=alt.Column("metric:N", title="importance metric", header=alt.Header(labelFontWeight="bold")))
-        .resolve_scale(y="independent")
-    )  # fmt: skip
+    random_models = random_weight_models(df, models)
+    # one row per model over only the metrics it has (fused MoE experts get no activation score): a shared
+    # facet grid would leave that cell as an empty panel
+    rows = []
+    for model in sorted(both["model"].unique(), key=lambda m: (m in random_models, str(m))):
+        title = f"{model} ({PLUMBING_NOTE})" if model in random_models else str(model)
+        rows.append(
+            alt.layer(bars, dots, data=both.loc[both["model"] == model])
+            .properties(width=alt.Step(16), height=170)
+            .facet(column=alt.Column("metric:N", title=None, header=alt.Header(labelFontWeight="bold")))
+            .resolve_scale(x="independent", y="independent")
+            .properties(title=alt.TitleParams(title, anchor="start", fontSize=13,
+                                              color=PLUMBING_COLOR if model in random_models else "black"))
+        )  # fmt: skip
+    faceted = alt.vconcat(*rows, spacing=24).resolve_scale(x="independent", y="independent")
     strengths = ", ".join(f"{s:g}" for s in sorted(df["strength"].astype(float).unique()))
     notes = [
         f"{kind} on the chosen weights (strength {strengths}); bars: seed mean, dots: single seeds",
@@ -133,20 +144,44 @@ def importance_validation_chart(
     ]
     return finish(
         faceted, title=f"Causal check of importance: top-k vs random-k vs bottom-k — {models_text(df['model'])}",
-        notes=notes, random_models=random_weight_models(df, models), all_models=df["model"].unique(),
+        notes=notes, random_models=random_models, all_models=df["model"].unique(),
     )  # fmt: skip
 
 
 def prediction_chart(prediction_check: pd.DataFrame, *, models: pd.DataFrame | None = None) -> alt.VConcatChart:
-    """Predicted (½σ²·Σ rms²·diag F) vs measured ΔNLL, colour = component, shape = model, with y = x.
+    """Predicted (½σ²·Σ rms²·diag F) vs measured ΔNLL, one panel per model (its own axes and y = x line),
+    colour = component, shape = σ.
 
-    Log axes when every value is positive (the prediction spans orders of magnitude across σ); a measured
-    ΔNLL ≤ 0 (noise that happened to help) cannot go on a log axis, so then both axes are linear.
+    A panel gets log axes when all its values are positive (the prediction spans orders of magnitude across
+    σ); a measured ΔNLL ≤ 0 (noise that happened to help) cannot go on a log axis, so then it is linear.
+    Panels are separate because a random-weight model's curvature is orders of magnitude below a pretrained
+    model's: on shared axes one of them collapses onto a line.
     """
     chart = "prediction_chart"
     df = require_rows(prediction_check, PREDICTION_NEEDED, chart=chart, relation="prediction_check")
     df, n_pred = drop_nonfinite(df, "predicted_delta_nll", chart=chart, relation="prediction_check")
     df, n_meas = drop_nonfinite(df, "measured_delta_nll", chart=chart, relation="prediction_check")
+    random_models = random_weight_models(df, models)
+    # pretrained models first: they are the finding, the random-weight panels only check the plumbing
+    order = sorted(df["model"].unique(), key=lambda m: (m in random_models, str(m)))
+    panels = [_prediction_panel(df.loc[df["model"] == m], str(m), plumbing_only=m in random_models) for m in order]
+    dropped = n_pred + n_meas
+    antithetic = "antithetic" in df.columns and df["antithetic"].fillna(False).astype(bool).all()
+    notes = [
+        "dashed: y = x (prediction exact); above it the quadratic approximation underestimates the damage",
+        "measured: seed mean of antithetic ±δ pairs (the first-order term cancels)" if antithetic
+        else "measured: seed mean of single draws (the first-order term adds noise at small σ)",
+        "log axes where every value of a panel is positive, linear otherwise; axes per model",
+        f"{dropped} point(s) with non-finite values not shown" if dropped else None,
+    ]  # fmt: skip
+    grid = alt.concat(*panels, columns=3).resolve_scale(x="independent", y="independent")
+    return finish(
+        grid, title=f"Second-order prediction vs measured ΔNLL — {models_text(df['model'])}",
+        notes=notes, random_models=random_models, all_models=df["model"].unique(),
+    )  # fmt: skip
+
+
+def _prediction_panel(df: pd.DataFrame, model: str, *, plumbing_only: bool) -> alt.LayerChart:
     values = pd.concat([df["predicted_delta_nll"], df["measured_delta_nll"]])
     log_axes = bool((values > 0).all())
     scale = alt.Scale(type="log") if log_axes else alt.Scale(type="linear", zero=False)
@@ -157,18 +192,12 @@ def prediction_chart(prediction_check: pd.DataFrame, *, models: pd.DataFrame | N
     y = alt.Y("measured_delta_nll:Q", title=f"measured {DELTA_NLL_TITLE}", scale=scale)
     identity = alt.Chart(diagonal).mark_line(color="#888888", strokeDash=[4, 4]).encode(x=x, y=y)
     points = alt.Chart(data).mark_point(filled=True, size=50, opacity=0.8).encode(
-        x=x, y=y, color=alt.Color("component:N", title="component"), shape=alt.Shape("model:N", title="model"),
+        x=x, y=y, color=alt.Color("component:N", title="component"), shape=alt.Shape("strength:O", title="σ"),
         tooltip=["model", "component", "layer", "strength", alt.Tooltip("predicted_delta_nll:Q", format=".4g"),
                  alt.Tooltip("measured_delta_nll:Q", format=".4g")],
     )  # fmt: skip
-    dropped = n_pred + n_meas
-    notes = [
-        "dashed: y = x (prediction exact); above it the quadratic approximation underestimates the damage",
-        "log axes" if log_axes else "linear axes: some ΔNLL ≤ 0",
-        f"{dropped} point(s) with non-finite values not shown" if dropped else None,
-    ]
-    return finish(
-        alt.layer(identity, points).properties(width=380, height=320),
-        title=f"Second-order prediction vs measured ΔNLL — {models_text(df['model'])}",
-        notes=notes, random_models=random_weight_models(df, models), all_models=df["model"].unique(),
+    title = f"{model} ({PLUMBING_NOTE})" if plumbing_only else model
+    return alt.layer(identity, points).properties(
+        width=300, height=240,
+        title=alt.TitleParams(title, anchor="start", fontSize=12, color=PLUMBING_COLOR if plumbing_only else "black"),
     )  # fmt: skip

@@ -25,6 +25,7 @@ from esa_pipeline.core.charts._common import (
     finish,
     layer_labels,
     layer_sort_order,
+    model_panels,
     models_text,
     random_weight_models,
     require_rows,
@@ -182,7 +183,7 @@ def degradation_curves(
     if metric == "delta_nll":
         layers.insert(0, alt.Chart().mark_rule(color="#888888", strokeDash=[3, 3]).encode(y=alt.datum(0)))
     panels = alt.layer(*layers, data=curves).properties(width=260, height=200)
-    faceted = panels.facet(column=alt.Column("model:N", title=None, header=alt.Header(labelFontWeight="bold")))
+    faceted = panels.facet(**model_panels())
     faceted = faceted.resolve_scale(y="independent")
     where = f"layer {layer}" if layer is not None else "mean over measured layers"
     band_text = (
