@@ -132,6 +132,7 @@ def seed_consistency_chart(
         alt.layer(rule, points, data=data)
         .properties(width=260, height=alt.Step(22))
         .facet(**model_panels())
+        .resolve_scale(y="independent")  # each model lists only the components it has
     )
     pairs = df["seed_pair"].nunique()
     notes = [

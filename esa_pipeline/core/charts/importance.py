@@ -188,8 +188,9 @@ def _prediction_panel(df: pd.DataFrame, model: str, *, plumbing_only: bool) -> a
     low, high = float(values.min()), float(values.max())
     diagonal = pd.DataFrame({"predicted_delta_nll": [low, high], "measured_delta_nll": [low, high]})
     data = df[["model", "component", "layer", "strength", "predicted_delta_nll", "measured_delta_nll"]]
-    x = alt.X("predicted_delta_nll:Q", title=f"predicted {DELTA_NLL_TITLE}", scale=scale)
-    y = alt.Y("measured_delta_nll:Q", title=f"measured {DELTA_NLL_TITLE}", scale=scale)
+    axis = alt.Axis(format="~g")  # 2e-7, not 0.0000002
+    x = alt.X("predicted_delta_nll:Q", title=f"predicted {DELTA_NLL_TITLE}", scale=scale, axis=axis)
+    y = alt.Y("measured_delta_nll:Q", title=f"measured {DELTA_NLL_TITLE}", scale=scale, axis=axis)
     identity = alt.Chart(diagonal).mark_line(color="#888888", strokeDash=[4, 4]).encode(x=x, y=y)
     points = alt.Chart(data).mark_point(filled=True, size=50, opacity=0.8).encode(
         x=x, y=y, color=alt.Color("component:N", title="component"), shape=alt.Shape("strength:O", title="σ"),

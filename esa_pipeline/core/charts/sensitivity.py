@@ -120,7 +120,8 @@ def _heatmap_row(
     panels = (
         alt.layer(*layers)
         .transform_filter(alt.datum.model == model)
-        .properties(width=alt.Step(26), height=alt.Step(18))
+        # 26 px per component, but wide enough that neighbouring strength headers ("factor = 0.9") never touch
+        .properties(width=max(26 * own["component"].nunique(), 90), height=alt.Step(18))
     )
     symbol = STRENGTH_SYMBOLS.get(kind, "strength")
     header = f"{model} ({PLUMBING_NOTE})" if plumbing_only else model
