@@ -257,36 +257,42 @@ def _zero_shot_section(zero_shot: pd.DataFrame | None) -> str:
     return head + _table(frame, columns) + "</section>"
 
 
+def _table_section(anchor: str, title: str, relation: str, frame: pd.DataFrame | None, columns: list[str], *,
+                   why_empty: str, guide: str | None = None) -> str:
+    """A section holding one relation as a table, or saying why it is empty."""
+    head = f'<section id="{anchor}"><h2>{html.escape(title)}</h2>'
+    head += f"<p class='guide'>{html.escape(guide)}</p>" if guide else ""
+    if frame is None or frame.empty:
+        return head + _empty(relation, why_empty) + "</section>"
+    return head + _table(frame, {c: c for c in columns}) + "</section>"
+
+
 def _scaling_table_section(scaling: pd.DataFrame | None) -> str:
-    head = '<section id="scaling-table"><h2>Scaling fits (all cells)</h2>'
-    if scaling is None or scaling.empty:
-        return head + _empty("scaling_fit", "fewer than the models needed, or the all-models assets have not run") + "</section>"
-    return head + _table(scaling, {c: c for c in SCALING_COLUMNS}) + "</section>"
+    return _table_section("scaling-table", "Scaling fits (all cells)", "scaling_fit", scaling, SCALING_COLUMNS,
+                          why_empty="fewer than the models needed, or the all-models assets have not run")
 
 
 def _group_comparison_section(groups: pd.DataFrame | None) -> str:
-    head = (
-        '<section id="group-comparison"><h2>Dense vs MoE, instruct vs base</h2>'
-        "<p class='guide'>Model-level mean ΔNLL of group a minus group b per (kind, component, strength); "
-        "component \"all\" averages the components. Welch's t and Mann–Whitney U compare the models' means "
-        "(no test with fewer than 2 models per group: the difference is then descriptive only).</p>"
+    return _table_section(
+        "group-comparison", "Dense vs MoE, instruct vs base", "group_comparison", groups, GROUP_COLUMNS,
+        why_empty="the architecture_comparison asset has not run",
+        guide="Model-level mean ΔNLL of group a minus group b per (kind, component, strength); component \"all\" "
+        "averages the components. Welch's t and Mann–Whitney U compare the models' means (no test with fewer than "
+        "2 models per group: the difference is then descriptive only).",
     )
-    if groups is None or groups.empty:
-        return head + _empty("group_comparison", "the architecture_comparison asset has not run") + "</section>"
-    return head + _table(groups, {c: c for c in GROUP_COLUMNS}) + "</section>"
 
 
 def _super_weights_section(supers: pd.DataFrame | None) -> str:
-    head = (
-        '<section id="super-weights"><h2>Super-weight candidates</h2>'
-        "<p class='guide'>Per layer, the down-projection weight feeding the largest output activation spike "
-        "(spike ratio = that activation over the layer's median). A super weight is a candidate whose zeroing "
-        "alone raises the loss sharply; a spike without that effect is an outlier, not a super weight.</p>"
+    top = supers
+    if supers is not None and not supers.empty:
+        top = supers.sort_values("spike_ratio", ascending=False).groupby("model").head(5)
+    return _table_section(
+        "super-weights", "Super-weight candidates", "super_weights", top, SUPER_WEIGHT_COLUMNS,
+        why_empty="no dense model with an ffn.down of ≥ 3 layers was scored",
+        guide="Per layer, the down-projection weight feeding the largest output activation spike (spike ratio = "
+        "that activation over the layer's median). A super weight is a candidate whose zeroing alone raises the "
+        "loss sharply; a spike without that effect is an outlier, not a super weight.",
     )
-    if supers is None or supers.empty:
-        return head + _empty("super_weights", "no dense model with an ffn.down of ≥ 3 layers was scored") + "</section>"
-    top = supers.sort_values("spike_ratio", ascending=False).groupby("model", sort=True).head(5)
-    return head + _table(top, {c: c for c in SUPER_WEIGHT_COLUMNS}) + "</section>"
 
 
 def _figure_section(title: str, figures: list[_Figure], out_dir: Path) -> str:
