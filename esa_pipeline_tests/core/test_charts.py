@@ -394,3 +394,17 @@ def test_heatmap_gives_each_model_its_own_layers_components_and_colour_range(rel
         assert encoding["x"]["sort"] == sorted(own["component"].unique())
         limit = encoding["color"]["scale"]["domain"][1]
         assert limit == pytest.approx(own["mean_delta_nll"].abs().max())
+
+
+def test_validation_marks_an_overflowed_loss_instead_of_dropping_its_bar(relations):
+    """bit_flip on top weights can overflow the loss: that is the largest effect, so it must stay visible."""
+    validation = relations["importance_validation"].copy()
+    top = (validation["selection"] == "top") & (validation["model"] == "smollm2-135m") & (validation["kind"] == "zero")
+    validation.loc[top, "delta_nll"] = np.inf
+    spec = charts.importance_validation_chart(validation, kind="zero", models=relations["models"]).to_dict()
+    plotted = pd.concat([pd.DataFrame(rows) for rows in spec["datasets"].values()], ignore_index=True)
+    flagged = plotted.loc[plotted["role"] == "nonfinite"]
+    assert set(flagged["selection"]) == {"top"} and set(flagged["model"]) == {"smollm2-135m"}
+    assert len(flagged) == validation.loc[top].groupby(["metric", "k"]).ngroups
+    assert any(n.get("mark", {}).get("text") == "∞" for n in walk(spec))
+    assert "inf/NaN" in json.dumps(spec)

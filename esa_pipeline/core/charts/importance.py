@@ -93,16 +93,21 @@ def importance_validation_chart(
     unknown = sorted(set(df["selection"].astype(str)) - set(SELECTION_ORDER))
     if unknown:
         raise ValueError(f"{chart}(): selection values {unknown} are not one of {SELECTION_ORDER}")
-    df, n_dropped = drop_nonfinite(df, "delta_nll", chart=chart, relation="importance_validation")
     # one x group per validated (component, layer): k differs with the slice size, so k alone is ambiguous
     where = df["component"].astype(str)
     if "layer" in df.columns:
         where = where + pd.to_numeric(df["layer"], errors="coerce").map(lambda v: "" if pd.isna(v) else f" L{int(v)}")
-    df["k_label"] = where + " · k = " + df["k"].map(lambda k: f"{int(k):,}")
+    df = df.assign(k_label=where + " · k = " + df["k"].map(lambda k: f"{int(k):,}"))
     keys = ["model", "metric", "component", "k", "k_label", "selection"]
+    # a perturbation that overflowed the loss (bit_flip on the top weights) is the largest effect of all:
+    # it must show as a marker, not as a missing bar that leaves the smaller ones looking like the worst
+    finite = np.isfinite(pd.to_numeric(df["delta_nll"], errors="coerce").astype(float))
+    overflowed = df.loc[~finite].groupby(keys, as_index=False).size().rename(columns={"size": "nonfinite_seeds"})
+    df, n_dropped = drop_nonfinite(df, "delta_nll", chart=chart, relation="importance_validation")
     per_seed = df.groupby([*keys, "seed"], as_index=False)["delta_nll"].mean()
     mean = per_seed.groupby(keys, as_index=False)["delta_nll"].mean()
-    both = pd.concat([per_seed.assign(role="seed"), mean.assign(role="mean")], ignore_index=True)
+    both = pd.concat([per_seed.assign(role="seed"), mean.assign(role="mean"),
+                      overflowed.assign(role="nonfinite", delta_nll=np.nan)], ignore_index=True)  # fmt: skip
     k_order = df.sort_values(["component", "k"])["k_label"].drop_duplicates().tolist()
     x = alt.X("k_label:N", title="slice · weights perturbed (k)", sort=k_order, axis=alt.Axis(labelAngle=-30))
     color = alt.Color("selection:N", title="weights chosen", sort=SELECTION_ORDER,
@@ -122,6 +127,13 @@ def importance_validation_chart(
         .encode(x=x, xOffset=offset, y=y)
         .transform_filter(alt.datum.role == "seed")
     )
+    infinite = (
+        alt.Chart()
+        .mark_text(text="∞", fontSize=18, fontWeight="bold", baseline="top")
+        .encode(x=x, xOffset=offset, y=alt.value(2), color=color,
+                tooltip=["model", "metric", "k", "selection", alt.Tooltip("nonfinite_seeds:Q", title="seeds inf/NaN")])
+        .transform_filter(alt.datum.role == "nonfinite")
+    )  # fmt: skip
     random_models = random_weight_models(df, models)
     # one row per model over only the metrics it has (fused MoE experts get no activation score): a shared
     # facet grid would leave that cell as an empty panel
@@ -129,7 +141,7 @@ def importance_validation_chart(
     for model in sorted(both["model"].unique(), key=lambda m: (m in random_models, str(m))):
         title = f"{model} ({PLUMBING_NOTE})" if model in random_models else str(model)
         rows.append(
-            alt.layer(bars, dots, data=both.loc[both["model"] == model])
+            alt.layer(bars, dots, infinite, data=both.loc[both["model"] == model])
             .properties(width=alt.Step(16), height=170)
             .facet(column=alt.Column("metric:N", title=None, header=alt.Header(labelFontWeight="bold")))
             .resolve_scale(x="independent", y="independent")
@@ -140,7 +152,8 @@ def importance_validation_chart(
     strengths = ", ".join(f"{s:g}" for s in sorted(df["strength"].astype(float).unique()))
     notes = [
         f"{kind} on the chosen weights (strength {strengths}); bars: seed mean, dots: single seeds",
-        f"{n_dropped} row(s) with non-finite ΔNLL not shown" if n_dropped else None,
+        f"∞: {n_dropped} row(s) whose ΔNLL was inf/NaN (the loss overflowed); a bar beside ∞ is the mean of the "
+        "finite seeds only" if n_dropped else None,
     ]
     return finish(
         faceted, title=f"Causal check of importance: top-k vs random-k vs bottom-k — {models_text(df['model'])}",
