@@ -223,9 +223,8 @@ def test_sensitivity_partition_page_shows_its_chart(server, browser):
     for link in browser.find_elements(By.XPATH, "//*[normalize-space(text())='[Show Markdown]']"):
         if images:
             break
-        link.click()
-        time.sleep(1)
-        images = chart_images(browser)
+        click_past_overlays(browser, link)
+        images = wait_briefly(browser, chart_images)  # the PNG decodes after the dialog opens
         if not images:
             dismiss_markdown_dialog(browser)
     browser.save_screenshot(str(ARTIFACTS / "ui_sensitivity_chart.png"))
@@ -235,6 +234,30 @@ def test_sensitivity_partition_page_shows_its_chart(server, browser):
     )
     width, height = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", images[0])
     assert width >= 400 and height >= 250, f"chart image is only {width}x{height}"
+
+
+def wait_briefly(driver, condition, timeout: float = 5.0):
+    """condition(driver) once it is truthy, or its last (falsy) value after `timeout` seconds."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition)
+    except TimeoutException:
+        return condition(driver)
+
+
+def click_past_overlays(driver, element) -> None:
+    """Click `element`; if a dialog's backdrop is in the way (the welcome dialog can open after the page has
+    rendered, and a closing dialog fades out), close it, wait for the backdrop to go and click again."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    try:
+        element.click()
+    except ElementClickInterceptedException:
+        dismiss_welcome_dialog(driver)
+        dismiss_markdown_dialog(driver)
+        element.click()
 
 
 def dismiss_markdown_dialog(driver) -> None:
