@@ -56,10 +56,12 @@ def importance_distribution_chart(
     # live on unrelated scales (|W| ~ 1e-1, Hutchinson ~ 1e-6), squeezing each histogram into a few bins
     panels = [
         alt.Chart(group[["model", "metric", "log10_score"]], title=alt.TitleParams(str(metric), fontSize=12))
-        .mark_bar(opacity=0.6, binSpacing=0)
+        .mark_bar(opacity=0.85, binSpacing=0)
         .encode(
-            x=alt.X("log10_score:Q", bin=alt.Bin(maxbins=25), title="log10(importance score) (metric's own units)"),
-            y=alt.Y("count():Q", title="weights (count)", stack=None),
+            x=alt.X("log10_score:Q", bin=alt.Bin(maxbins=25), title="log10(importance score) (metric's own units)",
+                    axis=alt.Axis(labelOverlap=True, format="~g")),
+            # stacked: overlaid bars hid every model but the last drawn where scores coincide (norm gains = 1)
+            y=alt.Y("count():Q", title="weights (count, stacked by model)", stack="zero"),
             color=alt.Color("model:N", title="model"),
             tooltip=["model", "metric", alt.Tooltip("count():Q", title="weights")],
         )
