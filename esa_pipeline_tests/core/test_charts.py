@@ -408,3 +408,14 @@ def test_validation_marks_an_overflowed_loss_instead_of_dropping_its_bar(relatio
     assert len(flagged) == validation.loc[top].groupby(["metric", "k"]).ngroups
     assert any(n.get("mark", {}).get("text") == "∞" for n in walk(spec))
     assert "inf/NaN" in json.dumps(spec)
+
+
+def test_norm_gain_factors_get_a_linear_strength_axis(relations):
+    """Factors 0.9 and 1.1 nearly coincide on a log axis; σ spans decades and keeps it."""
+    significance = relations["significance"]
+    spec = charts.degradation_curves(significance.assign(strength=significance["strength"] + 0.9), kind=None).to_dict()
+    scale_spec = charts.degradation_curves(significance.assign(kind="scale", strength=significance["strength"] + 0.9),
+                                           kind="scale").to_dict()  # fmt: skip
+    scales = [n["scale"]["type"] for n in walk(scale_spec) if n.get("field") == "strength" and "scale" in n]
+    assert scales and set(scales) == {"linear"}
+    assert {n["scale"]["type"] for n in walk(spec) if n.get("field") == "strength" and "scale" in n} == {"log"}

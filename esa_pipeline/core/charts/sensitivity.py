@@ -144,7 +144,8 @@ def degradation_curves(
     metric: str = "delta_nll",
     models: pd.DataFrame | None = None,
 ) -> alt.VConcatChart:
-    """Strength (log x) → mean ΔNLL or PPL ratio per component, one panel per model, with a band.
+    """Strength (log x; linear for norm gain factors) → mean ΔNLL or PPL ratio per component, one panel per
+    model, with a band.
 
     `frame` is the `significance` relation (band: the mean of the per-layer 95% CIs, which bounds the CI of
     the layer mean from above since SD(Σx) ≤ Σ SD(x)) or the `sensitivity` relation (band: min..max over
@@ -172,8 +173,10 @@ def degradation_curves(
         raise ValueError(f"{chart}(): strengths must be > 0 for the log x-axis, got {sorted(curves['strength'].unique())}")
 
     y_title = DELTA_NLL_TITLE if metric == "delta_nll" else PPL_RATIO_TITLE
-    # ticks at the measured strengths: a log axis over one decade otherwise crowds its labels
-    x = alt.X("strength:Q", title=STRENGTH_TITLES.get(kind, "strength"), scale=alt.Scale(type="log"),
+    # ticks at the measured strengths: a log axis over one decade otherwise crowds its labels. A norm gain
+    # factor straddles 1 (0.9, 1.1): on a log axis its points nearly coincide, so it gets a linear one.
+    x_scale = alt.Scale(type="linear", zero=False, padding=20) if kind == "scale" else alt.Scale(type="log")
+    x = alt.X("strength:Q", title=STRENGTH_TITLES.get(kind, "strength"), scale=x_scale,
               axis=alt.Axis(values=sorted(float(v) for v in curves["strength"].unique()), format="~g"))  # fmt: skip
     color = alt.Color("component:N", title="component", legend=alt.Legend(orient="right"))
     band = alt.Chart().mark_area(opacity=0.18).encode(x=x, y=alt.Y("low:Q", title=y_title), y2="high:Q", color=color)
