@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from dagster import AssetSelection, AutomationCondition, MetadataValue
 
-from esa_pipeline.core.config import ExperimentConfig, ModelPlan, model_plan, model_section_hash
+from esa_pipeline.core.config import ModelPlan, model_plan, model_section_hash
 from esa_pipeline.core.storage import Store, with_provenance
 from esa_pipeline.defs.partitions import model_partitions
 
@@ -38,7 +38,6 @@ class ModelStep:
     """What every per-model step starts from: the model's settings under the active experiment file."""
 
     model: str
-    cfg: ExperimentConfig
     plan: ModelPlan
     config_hash: str  # hash of the model's YAML section, stored on every row
     store: Store
@@ -58,7 +57,7 @@ class ModelStep:
 
 def model_step(model: str, experiment: ExperimentResource, store: StoreResource) -> ModelStep:
     cfg = experiment.load()
-    return ModelStep(model, cfg, model_plan(cfg, model), model_section_hash(cfg, model), store.store())
+    return ModelStep(model, model_plan(cfg, model), model_section_hash(cfg, model), store.store())
 
 
 def store_rows(store: Store, relation: str, partition: str, df: pd.DataFrame, config_hash: str) -> int:

@@ -15,7 +15,7 @@ from dagster import (
 )
 
 from esa_pipeline.core.config import components_for_architecture
-from esa_pipeline.defs.common import PER_MODEL_ON_GPU, model_step, number, table_preview, with_model
+from esa_pipeline.defs.common import PER_MODEL_ON_GPU, model_step, number, table_preview
 from esa_pipeline.defs.loaded import baseline_result, loaded_model
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sources import experiment_config
@@ -102,7 +102,7 @@ def baseline(context: AssetExecutionContext, experiment: ExperimentResource, sto
         )
         rows.append(result.to_row())
         windows.append(result.window_rows())
-    baselines = with_model(pd.DataFrame(rows), model)
+    baselines = pd.DataFrame(rows)  # keyed by the partition's model name when written
     zero_shot_rows = _zero_shot(context, lm, plan)
 
     n_windows = step.write("baseline_windows", pd.concat(windows, ignore_index=True))
@@ -141,7 +141,7 @@ def _zero_shot(context: AssetExecutionContext, lm, plan) -> pd.DataFrame:
     rows = zero_shot(lm, list(plan.zero_shot.tasks), limit=plan.zero_shot.limit,
                      num_fewshot=plan.zero_shot.num_fewshot, batch_size=plan.batch_size)  # fmt: skip
     context.log.info(f"{plan.model}: zero-shot {', '.join(plan.zero_shot.tasks)} in {time.perf_counter() - started:.1f}s")
-    return with_model(rows, plan.model)
+    return rows
 
 
 def sanity_check(baselines: pd.DataFrame, *, random_weights: bool) -> AssetCheckResult:

@@ -84,9 +84,8 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
         f"on {plan.sweep_dataset} ({base.n_tokens} tokens, baseline token PPL {base.token_ppl:.3f})"
     )
     rows, windows = run_sweep(lm, base, specs, adapter=adapter, log=lambda line: context.log.info(f"{partition}: {line}"))
-    rows = with_model(rows, model)
+    rows = with_model(rows, model)  # keyed now, not only on write: the partition's chart labels panels by model
     rows.insert(rows.columns.get_loc("kind"), "variant", variant)
-    windows = with_model(windows, model)
 
     unrestored = rows.loc[rows["restored"] != True]  # noqa: E712  (None/False both fail)
     if len(unrestored):

@@ -38,6 +38,18 @@ def model_panels(columns: int = 3) -> dict:
     return {"facet": alt.Facet("model:N", title=None, header=alt.Header(labelFontWeight="bold")), "columns": columns}
 
 
+def model_title(model: str, *, plumbing_only: bool, font_size: int = 13) -> alt.TitleParams:
+    """Title of one model's panel or row: a random-weight model says so, in the plumbing red."""
+    text = f"{model} ({PLUMBING_NOTE})" if plumbing_only else str(model)
+    return alt.TitleParams(text, anchor="start", fontSize=font_size, color=PLUMBING_COLOR if plumbing_only else "black")
+
+
+def pretrained_first(models: Iterable[str], random_models: Iterable[str]) -> list[str]:
+    """Model names with the pretrained ones first (they are the finding), each group alphabetical."""
+    plumbing = set(random_models)
+    return sorted(set(models), key=lambda m: (m in plumbing, str(m)))
+
+
 def require_rows(df: object, needed: Iterable[str], *, chart: str, relation: str) -> pd.DataFrame:
     """The frame itself, after checking it is a non-empty DataFrame with the relation's columns."""
     if not isinstance(df, pd.DataFrame):
@@ -53,10 +65,16 @@ def require_rows(df: object, needed: Iterable[str], *, chart: str, relation: str
     return df
 
 
+def finite_mask(values: pd.Series) -> pd.Series:
+    """True where the value is a finite number (not NaN, not ±inf, not unparseable)."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    return numbers.notna() & numbers.abs().ne(float("inf"))
+
+
 def drop_nonfinite(df: pd.DataFrame, column: str, *, chart: str, relation: str) -> tuple[pd.DataFrame, int]:
     """Rows with a finite `column`, and how many were dropped; ValueError when none is left."""
     values = pd.to_numeric(df[column], errors="coerce").astype(float)
-    finite = values.notna() & values.abs().ne(float("inf"))
+    finite = finite_mask(values)
     if not finite.any():
         raise ValueError(
             f"{chart}(): every `{relation}`.{column} value is NaN or infinite ({len(df)} rows); nothing to plot "

@@ -14,11 +14,12 @@ import pandas as pd
 
 from esa_pipeline.core.charts._common import (
     DELTA_NLL_TITLE,
-    PLUMBING_COLOR,
-    PLUMBING_NOTE,
     drop_nonfinite,
     finish,
+    finite_mask,
+    model_title,
     models_text,
+    pretrained_first,
     random_weight_models,
     require_rows,
     select_kind,
@@ -103,8 +104,7 @@ def importance_validation_chart(
     keys = ["model", "metric", "component", "k", "k_label", "selection"]
     # a perturbation that overflowed the loss (bit_flip on the top weights) is the largest effect of all:
     # it must show as a marker, not as a missing bar that leaves the smaller ones looking like the worst
-    finite = np.isfinite(pd.to_numeric(df["delta_nll"], errors="coerce").astype(float))
-    overflowed = df.loc[~finite].groupby(keys, as_index=False).size().rename(columns={"size": "nonfinite_seeds"})
+    overflowed = df.loc[~finite_mask(df["delta_nll"])].groupby(keys, as_index=False).size().rename(columns={"size": "nonfinite_seeds"})
     df, n_dropped = drop_nonfinite(df, "delta_nll", chart=chart, relation="importance_validation")
     per_seed = df.groupby([*keys, "seed"], as_index=False)["delta_nll"].mean()
     mean = per_seed.groupby(keys, as_index=False)["delta_nll"].mean()
@@ -140,15 +140,13 @@ def importance_validation_chart(
     # one row per model over only the metrics it has (fused MoE experts get no activation score): a shared
     # facet grid would leave that cell as an empty panel
     rows = []
-    for model in sorted(both["model"].unique(), key=lambda m: (m in random_models, str(m))):
-        title = f"{model} ({PLUMBING_NOTE})" if model in random_models else str(model)
+    for model in pretrained_first(both["model"], random_models):
         rows.append(
             alt.layer(bars, dots, infinite, data=both.loc[both["model"] == model])
             .properties(width=alt.Step(16), height=170)
             .facet(column=alt.Column("metric:N", title=None, header=alt.Header(labelFontWeight="bold")))
             .resolve_scale(x="independent", y="independent")
-            .properties(title=alt.TitleParams(title, anchor="start", fontSize=13,
-                                              color=PLUMBING_COLOR if model in random_models else "black"))
+            .properties(title=model_title(model, plumbing_only=model in random_models))
         )  # fmt: skip
     faceted = alt.vconcat(*rows, spacing=24).resolve_scale(x="independent", y="independent")
     strengths = ", ".join(f"{s:g}" for s in sorted(df["strength"].astype(float).unique()))
@@ -178,8 +176,8 @@ def prediction_chart(prediction_check: pd.DataFrame, *, models: pd.DataFrame | N
     df, n_meas = drop_nonfinite(df, "measured_delta_nll", chart=chart, relation="prediction_check")
     random_models = random_weight_models(df, models)
     # pretrained models first: they are the finding, the random-weight panels only check the plumbing
-    order = sorted(df["model"].unique(), key=lambda m: (m in random_models, str(m)))
-    panels = [_prediction_panel(df.loc[df["model"] == m], str(m), plumbing_only=m in random_models) for m in order]
+    panels = [_prediction_panel(df.loc[df["model"] == m], str(m), plumbing_only=m in random_models)
+              for m in pretrained_first(df["model"], random_models)]  # fmt: skip
     dropped = n_pred + n_meas
     antithetic = "antithetic" in df.columns and df["antithetic"].fillna(False).astype(bool).all()
     notes = [
@@ -212,8 +210,6 @@ def _prediction_panel(df: pd.DataFrame, model: str, *, plumbing_only: bool) -> a
         tooltip=["model", "component", "layer", "strength", alt.Tooltip("predicted_delta_nll:Q", format=".4g"),
                  alt.Tooltip("measured_delta_nll:Q", format=".4g")],
     )  # fmt: skip
-    title = f"{model} ({PLUMBING_NOTE})" if plumbing_only else model
     return alt.layer(identity, points).properties(
-        width=300, height=240,
-        title=alt.TitleParams(title, anchor="start", fontSize=12, color=PLUMBING_COLOR if plumbing_only else "black"),
-    )  # fmt: skip
+        width=300, height=240, title=model_title(model, plumbing_only=plumbing_only, font_size=12)
+    )

@@ -15,8 +15,6 @@ import pandas as pd
 
 from esa_pipeline.core.charts._common import (
     DELTA_NLL_TITLE,
-    PLUMBING_COLOR,
-    PLUMBING_NOTE,
     PPL_RATIO_TITLE,
     STRENGTH_SYMBOLS,
     STRENGTH_TITLES,
@@ -26,6 +24,7 @@ from esa_pipeline.core.charts._common import (
     layer_labels,
     layer_sort_order,
     model_panels,
+    model_title,
     models_text,
     random_weight_models,
     require_rows,
@@ -124,7 +123,6 @@ def _heatmap_row(
         .properties(width=max(26 * own["component"].nunique(), 90), height=alt.Step(18))
     )
     symbol = STRENGTH_SYMBOLS.get(kind, "strength")
-    header = f"{model} ({PLUMBING_NOTE})" if plumbing_only else model
     # every row carries the whole frame (Altair stores it once) and filters it: the stored spec keeps one
     # dataset that a reader can re-plot
     return panels.facet(
@@ -132,8 +130,7 @@ def _heatmap_row(
         column=alt.Column("strength_label:N", title=STRENGTH_TITLES.get(kind, "strength"),
                           sort=[f"{symbol} = {float(s):g}" for s in strengths],
                           header=alt.Header(labelFontWeight="bold")),
-    ).properties(title=alt.TitleParams(header, anchor="start", fontSize=13,
-                                       color=PLUMBING_COLOR if plumbing_only else "black"))  # fmt: skip
+    ).properties(title=model_title(model, plumbing_only=plumbing_only))  # fmt: skip
 
 
 def degradation_curves(
