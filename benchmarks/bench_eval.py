@@ -29,14 +29,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from esa_pipeline.core.adapters import adapter_for  # noqa: E402
-from esa_pipeline.core.models import load_model  # noqa: E402
-from esa_pipeline.core.paired import evaluate_against  # noqa: E402
-from esa_pipeline.core.perplexity import measure_peak_memory, model_device, perplexity  # noqa: E402
-from esa_pipeline.core.perturb import Perturbation, perturbed  # noqa: E402
-from esa_pipeline.core.prefix_cache import PrefixCache  # noqa: E402
-from esa_pipeline.core.sweep import run_sweep  # noqa: E402
-from esa_pipeline.core.text import load_texts  # noqa: E402
+from esa_pipeline.core.evaluation.paired import evaluate_against  # noqa: E402
+from esa_pipeline.core.evaluation.perplexity import measure_peak_memory, model_device, perplexity  # noqa: E402
+from esa_pipeline.core.evaluation.prefix_cache import PrefixCache  # noqa: E402
+from esa_pipeline.core.evaluation.sweep import run_sweep  # noqa: E402
+from esa_pipeline.core.evaluation.text import load_texts  # noqa: E402
+from esa_pipeline.core.models.adapters import adapter_for  # noqa: E402
+from esa_pipeline.core.models.registry import load_model  # noqa: E402
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed  # noqa: E402
 
 MODEL = "smollm2-135m"
 COMPONENT = "ffn.down"

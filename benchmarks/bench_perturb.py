@@ -21,9 +21,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from esa_pipeline.core.adapters import adapter_for  # noqa: E402
-from esa_pipeline.core.models import load_model  # noqa: E402
-from esa_pipeline.core.perturb import Perturbation, perturbed, resolve_slices  # noqa: E402
+from esa_pipeline.core.models.adapters import adapter_for  # noqa: E402
+from esa_pipeline.core.models.registry import load_model  # noqa: E402
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices  # noqa: E402
 
 MIB = 2**20
 

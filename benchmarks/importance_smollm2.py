@@ -14,7 +14,10 @@ import time
 import pandas as pd
 import torch
 
-from esa_pipeline.core.adapters import adapter_for
+from esa_pipeline.core.evaluation.paired import evaluate_against
+from esa_pipeline.core.evaluation.perplexity import perplexity
+from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.text import load_texts
 from esa_pipeline.core.importance.metrics import METRICS, importance_scores, top_k
 from esa_pipeline.core.importance.prediction import predicted_delta_nll, prediction_check
 from esa_pipeline.core.importance.super_weights import find_super_weights
@@ -24,12 +27,9 @@ from esa_pipeline.core.importance.validation import (
     stability_overlap,
     validate_importance,
 )
-from esa_pipeline.core.models import load_model
-from esa_pipeline.core.paired import evaluate_against
-from esa_pipeline.core.perplexity import perplexity
-from esa_pipeline.core.perturb import Perturbation
-from esa_pipeline.core.prefix_cache import PrefixCache
-from esa_pipeline.core.text import load_texts
+from esa_pipeline.core.models.adapters import adapter_for
+from esa_pipeline.core.models.registry import load_model
+from esa_pipeline.core.perturbation.perturb import Perturbation
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 20)

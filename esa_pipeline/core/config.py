@@ -431,7 +431,7 @@ def _format_validation_error(file: pathlib.Path, exc: ValidationError) -> str:
 
 
 def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str]:
-    from esa_pipeline.core.adapters.base import LAYER_COMPONENTS
+    from esa_pipeline.core.models.adapters.base import LAYER_COMPONENTS
 
     problems: list[str] = []
 
@@ -464,7 +464,7 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
     where = f"models.{name}"
     facts = describe_source(plan.source, plan.revision)
     if facts is None:
-        from esa_pipeline.core.models import registered_models
+        from esa_pipeline.core.models.registry import registered_models
 
         return [
             f"{where}: unknown model {plan.source!r}; registered models are {', '.join(registered_models())}. "
@@ -476,13 +476,13 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
         return []  # hub model not in the local cache: checked when it loads
     available = components_for_architecture(architecture)
     if available is None:
-        from esa_pipeline.core.adapters import supported_architectures
+        from esa_pipeline.core.models.adapters import supported_architectures
 
         return [
             f"{where}: architecture {architecture} has no adapter; supported: "
             f"{', '.join(supported_architectures())}"
         ]
-    from esa_pipeline.core.adapters.base import LAYER_COMPONENTS
+    from esa_pipeline.core.models.adapters.base import LAYER_COMPONENTS
 
     problems = []
     own_list = cfg.section(name).components
@@ -516,7 +516,7 @@ def describe_source(source: str, revision: str | None = None) -> tuple[str | Non
     local directories from config.json; hub ids from the local HF cache. (None, None) means the source is
     valid but its layout is only known once it loads (hub model not downloaded yet).
     """
-    from esa_pipeline.core import models
+    from esa_pipeline.core.models import registry as models
 
     entry = models.MODEL_REGISTRY.get(source)
     if entry is not None:
@@ -524,7 +524,7 @@ def describe_source(source: str, revision: str | None = None) -> tuple[str | Non
             model = entry.build_tiny()
             return type(model).__name__, int(model.config.num_hidden_layers)
         if entry.source == "gguf-wheel":
-            from esa_pipeline.core import smollm2
+            from esa_pipeline.core.models import smollm2
 
             return _config_json_facts(smollm2.cache_dir() / "config.json")
         assert entry.hf_id is not None
@@ -554,7 +554,7 @@ def _config_json_facts(path: pathlib.Path) -> tuple[str | None, int | None]:
 
 def components_for_architecture(architecture: str) -> list[str] | None:
     """Per-layer components the adapter of an HF class name supports; None when no adapter exists."""
-    from esa_pipeline.core.adapters import base
+    from esa_pipeline.core.models.adapters import base
 
     adapter_cls = base._REGISTRY.get(architecture)  # noqa: SLF001  (no public class-level accessor yet)
     if adapter_cls is None:

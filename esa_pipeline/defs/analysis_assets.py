@@ -181,7 +181,7 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
         ignore_index=True,
     )
     n_rows = step.write("weight_importance", rows)
-    from esa_pipeline.core.prefix_cache import PrefixCache
+    from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
 
     # Every causal point below resumes from the perturbed layer, as sweeps do.
     cache = PrefixCache.build(lm, base, adapter)

@@ -15,8 +15,8 @@ from esa_pipeline.core.storage import Store, with_provenance
 from esa_pipeline.defs.partitions import model_partitions
 
 if TYPE_CHECKING:
-    from esa_pipeline.core.adapters.base import Adapter
-    from esa_pipeline.core.models import LoadedModel
+    from esa_pipeline.core.models.adapters.base import Adapter
+    from esa_pipeline.core.models.registry import LoadedModel
     from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 
 GPU_POOL = "gpu"
@@ -44,7 +44,7 @@ class ModelStep:
 
     def load(self) -> tuple[LoadedModel, Adapter]:
         """The model (cached per process) and its architecture adapter."""
-        from esa_pipeline.core.adapters import adapter_for
+        from esa_pipeline.core.models.adapters import adapter_for
         from esa_pipeline.defs.loaded import loaded_model
 
         lm = loaded_model(self.plan)

@@ -121,7 +121,7 @@ def scaling_fit(context: AssetExecutionContext, experiment: ExperimentResource, 
     description="Charts (PNG/HTML/JSON) and a self-contained HTML report under data/reports/.",
 )  # fmt: skip
 def report(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    from esa_pipeline.core.report import REPORT_RELATIONS, build_report
+    from esa_pipeline.core.reporting.report import REPORT_RELATIONS, build_report
 
     cfg = experiment.load()
     st = store.store()

@@ -13,7 +13,7 @@ from dagster import ExecutorDefinition, in_process_executor, multiprocess_execut
 EXECUTORS = ("multiprocess", "in_process", "k8s")
 # Step processes fork from a server that has already imported torch, transformers and the pipeline: a fresh
 # `spawn` would pay that import (~10 s of CPU on 2 cores) for every step instead of once per run.
-FORKSERVER_PRELOAD = ["esa_pipeline.definitions", "esa_pipeline.core.models", "esa_pipeline.core.sweep"]
+FORKSERVER_PRELOAD = ["esa_pipeline.definitions", "esa_pipeline.core.models.registry", "esa_pipeline.core.evaluation.sweep"]
 
 
 def executor_from_env(name: str | None = None) -> ExecutorDefinition:

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 from esa_pipeline.core.config import ModelPlan
 
 if TYPE_CHECKING:
-    from esa_pipeline.core.models import LoadedModel
-    from esa_pipeline.core.perplexity import PerplexityResult
+    from esa_pipeline.core.evaluation.perplexity import PerplexityResult
+    from esa_pipeline.core.models.registry import LoadedModel
 
 
 @functools.lru_cache(maxsize=1)
 def _load(source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
-    from esa_pipeline.core.models import load_model
+    from esa_pipeline.core.models.registry import load_model
 
     return load_model(source, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
 
@@ -33,8 +33,8 @@ def _baseline(
     source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool,
     dataset: str, window: int, token_budget: int, batch_size: int,
 ) -> PerplexityResult:  # fmt: skip
-    from esa_pipeline.core.perplexity import perplexity
-    from esa_pipeline.core.text import load_texts
+    from esa_pipeline.core.evaluation.perplexity import perplexity
+    from esa_pipeline.core.evaluation.text import load_texts
 
     lm = _load(source, revision, dtype, device, trust_remote_code)
     texts = load_texts(dataset)

@@ -135,7 +135,7 @@ def baseline(context: AssetExecutionContext, experiment: ExperimentResource, sto
 def _zero_shot(context: AssetExecutionContext, lm, plan) -> pd.DataFrame:
     if not plan.zero_shot.tasks:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in ZERO_SHOT_COLUMNS})
-    from esa_pipeline.core.zeroshot import zero_shot
+    from esa_pipeline.core.evaluation.zeroshot import zero_shot
 
     started = time.perf_counter()
     rows = zero_shot(lm, list(plan.zero_shot.tasks), limit=plan.zero_shot.limit,

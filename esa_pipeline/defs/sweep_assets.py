@@ -28,7 +28,7 @@ from esa_pipeline.defs.sources import sweep_plan
 
 def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int]) -> list:
     """Perturbation specs of one partition, in layer order (the prefix cache resumes from each layer)."""
-    from esa_pipeline.core.perturb import Perturbation
+    from esa_pipeline.core.perturbation.perturb import Perturbation
 
     specs = []
     for layer in layers:
@@ -59,7 +59,7 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
     plan, config_hash = step.plan, step.config_hash
     partition = str(context.partition_key)
 
-    from esa_pipeline.core.sweep import run_sweep
+    from esa_pipeline.core.evaluation.sweep import run_sweep
 
     lm, adapter = step.load()
     if component not in adapter.components() or component not in plan.components:
@@ -119,7 +119,7 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
 
 def layer_profile_markdown(rows: pd.DataFrame) -> str:
     """The partition's layer profile as a PNG in markdown: Dagster has no Vega-Lite metadata type."""
-    from esa_pipeline.core import charts
+    from esa_pipeline.core.reporting import charts
 
     finite = rows.loc[rows["delta_nll"].map(lambda v: v == v and abs(v) != float("inf"))]
     if finite.empty:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from esa_pipeline.core.adapters import (
+from esa_pipeline.core.models.adapters import (
     ComponentNotApplicable,
     UnsupportedArchitecture,
     adapter_for,

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esa_pipeline.core import analysis, charts
+from esa_pipeline.core import analysis
+from esa_pipeline.core.reporting import charts
 
 MODELS = {
     # name: (family, is_moe, n_layers, params_total, params_active, vocab, random_weights)

@@ -6,7 +6,6 @@ import pytest
 import torch
 import transformers
 
-from esa_pipeline.core.adapters import adapter_for
 from esa_pipeline.core.importance.metrics import (
     ImportanceResult,
     SliceGroupScores,
@@ -14,6 +13,7 @@ from esa_pipeline.core.importance.metrics import (
     importance_scores,
     top_k,
 )
+from esa_pipeline.core.models.adapters import adapter_for
 
 
 def _tiny_llama(seed: int = 0) -> transformers.PreTrainedModel:
@@ -184,7 +184,7 @@ def test_top_k_indexes_the_right_elements_of_a_fused_parameter():
 
 
 def test_top_k_scopes_on_hand_made_scores():
-    from esa_pipeline.core.adapters import ParamSlice
+    from esa_pipeline.core.models.adapters import ParamSlice
 
     a = SliceGroupScores("ffn.down", 0, None, [ParamSlice("a.weight", None, (), 1)],
                          {"magnitude": [torch.tensor([[0.0, 5.0, 1.0], [2.0, 0.5, 9.0]])]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esa_pipeline.core.adapters import ParamSlice, adapter_for
+from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.importance.metrics import ImportanceResult, SliceGroupScores, importance_scores
 from esa_pipeline.core.importance.super_weights import SUPER_WEIGHT_COLUMNS, find_super_weights
 from esa_pipeline.core.importance.validation import (
@@ -16,8 +16,8 @@ from esa_pipeline.core.importance.validation import (
     stability_overlap,
     validate_importance,
 )
-from esa_pipeline.core.models import load_model
-from esa_pipeline.core.perplexity import perplexity
+from esa_pipeline.core.models.adapters import ParamSlice, adapter_for
+from esa_pipeline.core.models.registry import load_model
 
 TEXT = ("The harbour pilots met before dawn to read the tide tables and argue about the wind. "
         "By noon the freighter had cleared the bar and the gulls followed it out past the lighthouse.")

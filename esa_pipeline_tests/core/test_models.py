@@ -5,9 +5,14 @@ import time
 import pytest
 import torch
 
-from esa_pipeline.core import smollm2 as smollm2_cache
-from esa_pipeline.core.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
-from esa_pipeline.core.models import ModelUnavailable, UnknownModelError, load_model, registered_models
+from esa_pipeline.core.models import smollm2 as smollm2_cache
+from esa_pipeline.core.models.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from esa_pipeline.core.models.registry import (
+    ModelUnavailable,
+    UnknownModelError,
+    load_model,
+    registered_models,
+)
 
 SEED_MODELS = ("llama-3.1-8b", "mistral-7b-v0.3", "phi-3-mini-4k-instruct", "pythia-1.4b", "mixtral-8x7b")
 EXPECTED = {  # name: (architecture, family, attention kind, sliding window, tied, moe)

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from esa_pipeline.core.adapters import adapter_for
-from esa_pipeline.core.paired import evaluate_against, kl_on_support, ratio_estimator_se
-from esa_pipeline.core.perplexity import full_forward, perplexity
-from esa_pipeline.core.perturb import Perturbation, perturbed
-from esa_pipeline.core.prefix_cache import PrefixCache
-from esa_pipeline.core.text import load_texts
+from esa_pipeline.core.evaluation.paired import evaluate_against, kl_on_support, ratio_estimator_se
+from esa_pipeline.core.evaluation.perplexity import full_forward, perplexity
+from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.text import load_texts
+from esa_pipeline.core.models.adapters import adapter_for
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from esa_pipeline.core.perplexity import perplexity, repeated_ngram_fraction, sanity_flags
-from esa_pipeline.core.text import Document, load_texts
-from esa_pipeline.core.windows import make_batches, rolling_windows
+from esa_pipeline.core.evaluation.perplexity import perplexity, repeated_ngram_fraction, sanity_flags
+from esa_pipeline.core.evaluation.text import Document, load_texts
+from esa_pipeline.core.evaluation.windows import make_batches, rolling_windows
 
 REPEATED = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "

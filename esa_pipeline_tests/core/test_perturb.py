@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from esa_pipeline.core.adapters import adapter_for
-from esa_pipeline.core.perturb import Perturbation, perturbed, resolve_slices
+from esa_pipeline.core.models.adapters import adapter_for
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices
 
 MIDDLE = 2
 
@@ -207,9 +207,9 @@ def test_tied_embedding_perturbation_is_noted(tiny):
 
 _DIGEST_SCRIPT = textwrap.dedent("""
     import hashlib, sys
-    from esa_pipeline.core.adapters import adapter_for
-    from esa_pipeline.core.models import load_model
-    from esa_pipeline.core.perturb import Perturbation, perturbed
+    from esa_pipeline.core.models.adapters import adapter_for
+    from esa_pipeline.core.models.registry import load_model
+    from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
     lm = load_model("tiny-mixtral", dtype="float32", device="cpu")
     adapter = adapter_for(lm.model)
     digest = hashlib.sha256()

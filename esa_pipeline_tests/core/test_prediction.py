@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esa_pipeline.core.adapters import adapter_for
+from esa_pipeline.core.evaluation.paired import evaluate_against
+from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.importance.metrics import importance_scores
 from esa_pipeline.core.importance.prediction import PREDICTION_COLUMNS, predicted_delta_nll, prediction_check
-from esa_pipeline.core.models import load_model
-from esa_pipeline.core.paired import evaluate_against
-from esa_pipeline.core.perplexity import perplexity
-from esa_pipeline.core.perturb import Perturbation
+from esa_pipeline.core.models.adapters import adapter_for
+from esa_pipeline.core.models.registry import load_model
+from esa_pipeline.core.perturbation.perturb import Perturbation
 
 TEXT = ("The harbour pilots met before dawn to read the tide tables and argue about the wind. "
         "By noon the freighter had cleared the bar and the gulls followed it out past the lighthouse.")

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from esa_pipeline.core.adapters import adapter_for
-from esa_pipeline.core.paired import evaluate_against
-from esa_pipeline.core.perplexity import full_forward, perplexity, score_batch
-from esa_pipeline.core.perturb import Perturbation, perturbed
-from esa_pipeline.core.prefix_cache import BaselineMismatch, PrefixCache, _drop_kv_cache
-from esa_pipeline.core.text import Document, load_texts
+from esa_pipeline.core.evaluation.paired import evaluate_against
+from esa_pipeline.core.evaluation.perplexity import full_forward, perplexity, score_batch
+from esa_pipeline.core.evaluation.prefix_cache import BaselineMismatch, PrefixCache, _drop_kv_cache
+from esa_pipeline.core.evaluation.text import Document, load_texts
+from esa_pipeline.core.models.adapters import adapter_for
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
 from esa_pipeline_tests.conftest import TINY_FAMILIES
 
 

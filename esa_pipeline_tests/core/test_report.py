@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from esa_pipeline.core import charts
-from esa_pipeline.core.report import REPORT_RELATIONS, build_report
+from esa_pipeline.core.reporting import charts
+from esa_pipeline.core.reporting.report import REPORT_RELATIONS, build_report
 from esa_pipeline_tests.core.test_charts import fixture_relations
 
 EXPERIMENT = {

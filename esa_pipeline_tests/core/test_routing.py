@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from esa_pipeline.core.adapters import adapter_for
+from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.importance.routing import (
     MOE_ROUTING_COLUMNS,
     expert_assignments,
@@ -15,8 +15,8 @@ from esa_pipeline.core.importance.routing import (
     load_entropy,
     routing_sweep,
 )
-from esa_pipeline.core.models import load_model
-from esa_pipeline.core.perplexity import perplexity
+from esa_pipeline.core.models.adapters import adapter_for
+from esa_pipeline.core.models.registry import load_model
 
 TEXT = ("The harbour pilots met before dawn to read the tide tables and argue about the wind. "
         "By noon the freighter had cleared the bar and the gulls followed it out past the lighthouse.")

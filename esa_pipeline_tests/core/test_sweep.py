@@ -2,14 +2,14 @@ import dataclasses
 
 import pytest
 
-from esa_pipeline.core.adapters import adapter_for
-from esa_pipeline.core.paired import evaluate_against
-from esa_pipeline.core.perplexity import perplexity
-from esa_pipeline.core.perturb import Perturbation
-from esa_pipeline.core.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.paired import evaluate_against
+from esa_pipeline.core.evaluation.perplexity import perplexity
+from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.sweep import SENSITIVITY_COLUMNS, SENSITIVITY_WINDOW_COLUMNS, run_sweep
+from esa_pipeline.core.evaluation.text import load_texts
+from esa_pipeline.core.models.adapters import adapter_for
+from esa_pipeline.core.perturbation.perturb import Perturbation
 from esa_pipeline.core.protocols import PROTOCOLS, protocol
-from esa_pipeline.core.sweep import SENSITIVITY_COLUMNS, SENSITIVITY_WINDOW_COLUMNS, run_sweep
-from esa_pipeline.core.text import load_texts
 
 
 def test_sweep_rows_are_layer_ordered_and_match_single_evaluations(tiny):

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from esa_pipeline.core.text import (
+from esa_pipeline.core.evaluation.text import (
     BUNDLED_CORPUS_DIR,
     DatasetUnavailable,
     Document,

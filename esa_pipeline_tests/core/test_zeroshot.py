@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from esa_pipeline.core.zeroshot import (
+from esa_pipeline.core.evaluation.zeroshot import (
     BUNDLED_TASKS,
     RESULT_COLUMNS,
     SEED_TASKS,

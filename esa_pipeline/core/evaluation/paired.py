@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from esa_pipeline.core.perplexity import (
+from esa_pipeline.core.evaluation.perplexity import (
     PerplexityResult,
     TokenScores,
     concat_scores,
@@ -33,8 +33,8 @@ from esa_pipeline.core.perplexity import (
     score_batch,
     unwrap,
 )
-from esa_pipeline.core.perturb import Perturbation, perturbed
-from esa_pipeline.core.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
 
 
 @dataclass
@@ -95,7 +95,7 @@ def evaluate_against(
         if cache is not None:
             adapter = cache.adapter
         else:
-            from esa_pipeline.core.adapters import adapter_for
+            from esa_pipeline.core.models.adapters import adapter_for
 
             adapter = adapter_for(model)
     batches = cache.batches if cache is not None else base.batches()

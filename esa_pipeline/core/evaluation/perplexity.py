@@ -21,8 +21,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from esa_pipeline.core.text import Document
-from esa_pipeline.core.windows import TokenWindow, WindowBatch, make_batches, rolling_windows
+from esa_pipeline.core.evaluation.text import Document
+from esa_pipeline.core.evaluation.windows import TokenWindow, WindowBatch, make_batches, rolling_windows
 
 # Up to this vocabulary size the "top-k" kept per token is the whole distribution, so KL is exact.
 FULL_DISTRIBUTION_MAX_VOCAB = 1024

@@ -17,9 +17,15 @@ from typing import Any
 import psutil
 import torch
 
-from esa_pipeline.core.perplexity import PerplexityResult, full_forward, model_device, score_batch, unwrap
-from esa_pipeline.core.perturb import resolve_slices
-from esa_pipeline.core.windows import WindowBatch
+from esa_pipeline.core.evaluation.perplexity import (
+    PerplexityResult,
+    full_forward,
+    model_device,
+    score_batch,
+    unwrap,
+)
+from esa_pipeline.core.evaluation.windows import WindowBatch
+from esa_pipeline.core.perturbation.perturb import resolve_slices
 
 # Without an explicit budget the cache may use this share of free memory (GPU if on CUDA, else RAM).
 DEFAULT_BUDGET_SHARE = 0.25

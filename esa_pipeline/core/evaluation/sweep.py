@@ -8,10 +8,10 @@ from typing import Any
 
 import pandas as pd
 
-from esa_pipeline.core.paired import evaluate_against
-from esa_pipeline.core.perplexity import PerplexityResult, unwrap
-from esa_pipeline.core.perturb import Perturbation
-from esa_pipeline.core.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.paired import evaluate_against
+from esa_pipeline.core.evaluation.perplexity import PerplexityResult, unwrap
+from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.perturbation.perturb import Perturbation
 
 # `sensitivity` columns produced here, in order (the caller adds `variant` and provenance).
 SENSITIVITY_COLUMNS = [
@@ -44,7 +44,7 @@ def run_sweep(
     once unless one is given; `log` receives one progress line per layer."""
     model, _, spec = unwrap(lm)
     if adapter is None:
-        from esa_pipeline.core.adapters import adapter_for
+        from esa_pipeline.core.models.adapters import adapter_for
 
         adapter = adapter_for(model)
     if cache is None:

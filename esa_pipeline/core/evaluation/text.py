@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-BUNDLED_CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"
+BUNDLED_CORPUS_DIR = Path(__file__).resolve().parents[3] / "data" / "corpus"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Streamed sets are effectively unbounded: without max_docs we stop here rather than read for hours.
 DEFAULT_STREAMED_DOCS = 2000

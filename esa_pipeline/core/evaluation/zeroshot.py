@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerBase
 
-    from esa_pipeline.core.models import LoadedModel
+    from esa_pipeline.core.models.registry import LoadedModel
 
 RESULT_COLUMNS = ["model", "task", "metric", "value", "stderr", "n_items", "num_fewshot", "random_weights"]
 
@@ -73,7 +73,7 @@ class ZeroShotTaskUnavailable(RuntimeError):
 
 def bundled_tasks_dir() -> Path:
     """`data/tasks/` of this checkout: one folder per bundled task (lm-eval YAML + JSONL)."""
-    return Path(__file__).resolve().parents[2] / "data" / "tasks"
+    return Path(__file__).resolve().parents[3] / "data" / "tasks"
 
 
 def _repo_root() -> Path:
@@ -156,7 +156,7 @@ def _unavailable_message(name: str, dataset: str, error: Exception) -> str:
         f"zero-shot task {name!r} cannot load its dataset {dataset!r} ({type(error).__name__}: {error}). "
         "Offline (HF_DATASETS_OFFLINE=1 / no network) only datasets already in the local Hugging Face datasets "
         "cache can be used. Fix: run once with network access and without HF_DATASETS_OFFLINE to populate the "
-        f"cache (e.g. `python -c \"from esa_pipeline.core.zeroshot import load_tasks; load_tasks(['{name}'])\"`), "
+        f"cache (e.g. `python -c \"from esa_pipeline.core.evaluation.zeroshot import load_tasks; load_tasks(['{name}'])\"`), "
         f"or remove {name!r} from the zero-shot tasks of the experiment YAML. "
         f"Bundled tasks that always work offline: {', '.join(BUNDLED_TASKS)}."
     )

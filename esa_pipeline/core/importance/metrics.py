@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from esa_pipeline.core.adapters.base import GLOBAL_COMPONENTS, ComponentNotApplicable, ParamSlice
+from esa_pipeline.core.models.adapters.base import GLOBAL_COMPONENTS, ComponentNotApplicable, ParamSlice
 
 METRICS: tuple[str, ...] = ("grad_x_weight", "grad_sq", "hutchinson", "magnitude", "activation")
 GRADIENT_METRICS = frozenset({"grad_x_weight", "grad_sq", "hutchinson"})

@@ -59,8 +59,8 @@ def prediction_check(lm, base, result: ImportanceResult, strengths: Sequence[flo
     `result` must have been scored on `base` (pass the PerplexityResult as `token_batches`) so that both use
     the same N tokens; groups default to every (component, layer) group of `result`.
     """
-    from esa_pipeline.core.paired import evaluate_against
-    from esa_pipeline.core.perturb import Perturbation
+    from esa_pipeline.core.evaluation.paired import evaluate_against
+    from esa_pipeline.core.perturbation.perturb import Perturbation
 
     if not seeds:
         raise ValueError("seeds must name at least one seed for the measured ΔNLL")

@@ -89,9 +89,9 @@ def load_entropy(assignments: torch.Tensor, n_experts: int) -> float:
 def routing_sweep(lm, base, strengths: Sequence[float], seeds: Sequence[int] = (0,), *,
                   layers: Sequence[int] | None = None, adapter=None, cache=None) -> pd.DataFrame:
     """`moe_routing` rows for `router` perturbations of each layer × strength × seed on `base`'s windows."""
-    from esa_pipeline.core.adapters import adapter_for
-    from esa_pipeline.core.paired import evaluate_against
-    from esa_pipeline.core.perturb import Perturbation, perturbed
+    from esa_pipeline.core.evaluation.paired import evaluate_against
+    from esa_pipeline.core.models.adapters import adapter_for
+    from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
 
     model = unwrap_model(lm)
     adapter = adapter or adapter_for(model)

@@ -64,7 +64,7 @@ def find_super_weights(lm, token_batches, *, adapter=None, threshold: float = 10
 
     all_layers=True returns every layer's candidate (with its spike_ratio) for inspection, spike or not.
     """
-    from esa_pipeline.core.adapters import adapter_for
+    from esa_pipeline.core.models.adapters import adapter_for
 
     model = unwrap_model(lm)
     adapter = adapter or adapter_for(model)

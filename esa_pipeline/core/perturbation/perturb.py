@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import CANONICAL_COMPONENTS, FFN_COMPONENTS, Adapter, ComponentNotApplicable, ParamSlice
+from esa_pipeline.core.models.adapters import (
+    CANONICAL_COMPONENTS,
+    FFN_COMPONENTS,
+    Adapter,
+    ComponentNotApplicable,
+    ParamSlice,
+)
 
 KINDS: tuple[str, ...] = ("gaussian", "neurons", "scale", "router", "zero", "sign_flip", "bit_flip")
 WEIGHT_LEVEL_KINDS: tuple[str, ...] = ("zero", "sign_flip", "bit_flip")

@@ -19,8 +19,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from esa_pipeline.core import charts
-from esa_pipeline.core.charts._common import PLUMBING_NOTE
+from esa_pipeline.core.reporting import charts
+from esa_pipeline.core.reporting.charts._common import PLUMBING_NOTE
 
 BASELINE_COLUMNS = {
     "model": "model", "dataset": "dataset", "window": "window (tokens)", "n_tokens": "tokens",

@@ -226,6 +226,6 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     if cls is None:
         raise UnsupportedArchitecture(
             f"no adapter for {name}: supported architectures are {', '.join(supported_architectures())}. "
-            "Add one in esa_pipeline/core/adapters/ (one declarative file per family)."
+            "Add one in esa_pipeline/core/models/adapters/ (one declarative file per family)."
         )
     return cls(model)

@@ -6,21 +6,32 @@ plumbing only" in a red subtitle when the data come from random-weight models. `
 into PNG / HTML / markdown.
 """
 
-from esa_pipeline.core.charts._common import DELTA_NLL_TITLE, DEPTH_TITLE, PLUMBING_NOTE
-from esa_pipeline.core.charts.analysis import (
+from esa_pipeline.core.reporting.charts._common import DELTA_NLL_TITLE, DEPTH_TITLE, PLUMBING_NOTE
+from esa_pipeline.core.reporting.charts.analysis import (
     architecture_chart,
     critical_layers_chart,
     moe_routing_chart,
     scaling_chart,
     seed_consistency_chart,
 )
-from esa_pipeline.core.charts.importance import (
+from esa_pipeline.core.reporting.charts.importance import (
     importance_distribution_chart,
     importance_validation_chart,
     prediction_chart,
 )
-from esa_pipeline.core.charts.render import png_data_uri, png_markdown, png_size, to_html, to_png, to_svg
-from esa_pipeline.core.charts.sensitivity import degradation_curves, layer_profile_chart, sensitivity_heatmap
+from esa_pipeline.core.reporting.charts.render import (
+    png_data_uri,
+    png_markdown,
+    png_size,
+    to_html,
+    to_png,
+    to_svg,
+)
+from esa_pipeline.core.reporting.charts.sensitivity import (
+    degradation_curves,
+    layer_profile_chart,
+    sensitivity_heatmap,
+)
 
 __all__ = [
     "DELTA_NLL_TITLE",

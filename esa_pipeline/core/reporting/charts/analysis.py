@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from esa_pipeline.core.analysis.consistency import layer_profiles
-from esa_pipeline.core.charts._common import (
+from esa_pipeline.core.reporting.charts._common import (
     DELTA_NLL_TITLE,
     DEPTH_TITLE,
     STRENGTH_TITLES,

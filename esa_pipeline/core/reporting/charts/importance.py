@@ -12,7 +12,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from esa_pipeline.core.charts._common import (
+from esa_pipeline.core.reporting.charts._common import (
     DELTA_NLL_TITLE,
     drop_nonfinite,
     finish,

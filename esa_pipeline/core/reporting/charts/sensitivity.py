@@ -13,7 +13,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from esa_pipeline.core.charts._common import (
+from esa_pipeline.core.reporting.charts._common import (
     DELTA_NLL_TITLE,
     PPL_RATIO_TITLE,
     STRENGTH_SYMBOLS,

@@ -1,0 +1,1 @@
+"""Perturbation specs and exact in-place apply/restore (`perturb`). Import submodules directly."""

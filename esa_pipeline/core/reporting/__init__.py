@@ -1,0 +1,1 @@
+"""Charts (altair, pure) and the self-contained HTML report. Import submodules directly."""
