@@ -156,3 +156,14 @@ def test_slices_are_writable_views_and_accessors_find_modules(tiny_model):
         assert router(hidden)[0].shape == (3, adapter.n_experts)  # router logits per token
     else:
         assert router is None
+
+
+def test_final_norm_then_head_logits_reproduce_the_models_logits(tiny_model):
+    """The evaluator computes logits as head_logits(final_norm(h)); it must equal the model's own logits."""
+    model, adapter = tiny_model.model, adapter_for(tiny_model.model)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        normed = out.hidden_states[-1]  # HF's last hidden state is already after the final norm
+        logits = adapter.head_logits(model, normed)
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-5)

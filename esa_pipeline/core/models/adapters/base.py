@@ -187,6 +187,16 @@ class Adapter:
     def lm_head(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.get_submodule(self.lm_head_path)
 
+    def head_logits(self, model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own next-token logits from final hidden states.
+
+        hidden: [..., H], already passed through `final_norm(model)`; returns [..., V] in the head's dtype.
+        The default applies the LM head only; families whose `forward` transforms the head's output
+        (Gemma2 final-logit soft-capping, Granite `logits_scaling`) override this so that every evaluator
+        path (full forward in token chunks, prefix-cache replay, KL) reproduces `model(...).logits`.
+        """
+        return self.lm_head(model)(hidden)
+
     def embedding(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.get_submodule(self.embedding_path)
 
