@@ -1,0 +1,120 @@
+"""The adaptive stopping rule on synthetic streams whose true mean is known."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from esa_pipeline.core.evaluation.sequential import (
+    STOP_NEGLIGIBLE,
+    STOP_RESOLVED,
+    DocumentAccumulator,
+    SequentialRule,
+    mixture_half_width,
+    running_states,
+    sequence_state,
+    simulate_false_stops,
+    stop_reason,
+)
+
+RULE = SequentialRule(alpha=0.05, rel_precision=0.25, abs_tolerance=0.002, min_units=16, design_units=32)
+
+
+def test_false_stop_rate_under_optional_stopping_stays_below_alpha():
+    # Null streams, checked after every document: declaring an effect is a false stop.
+    rate = simulate_false_stops(RULE, n_streams=2000, max_units=200, seed=0)
+    assert rate <= RULE.alpha
+
+
+def test_a_t_interval_rechecked_after_every_unit_is_not_anytime_valid():
+    # The reason for a confidence sequence: the same optional stopping with a fixed-n t-interval errs far more
+    # often than alpha (a check that the simulation can detect invalid intervals at all).
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(5, size=(1000, 200)) * 0.01  # [streams, units]
+    n = np.arange(1, 201)
+    mean = np.cumsum(x, axis=1) / n
+    sd = np.sqrt((np.cumsum(x * x, axis=1) - n * mean**2) / np.maximum(n - 1, 1))
+    half = stats.t.ppf(0.975, np.maximum(n - 1, 1)) * sd / np.sqrt(n)
+    rejects = (np.abs(mean) > half)[:, RULE.min_units - 1 :]
+    assert rejects.any(axis=1).mean() > 2 * RULE.alpha
+
+
+def test_the_sequence_covers_the_true_mean_at_every_time():
+    rng = np.random.default_rng(1)
+    misses = 0
+    for _ in range(1000):
+        x = 0.3 + rng.normal(0, 0.05, size=200)
+        _, lo, hi = running_states(x, RULE)
+        misses += bool(((lo > 0.3) | (hi < 0.3))[RULE.min_units - 1 :].any())
+    assert misses / 1000 <= RULE.alpha
+
+
+def test_a_clear_effect_stops_resolved_early_with_the_true_mean_inside():
+    rng = np.random.default_rng(2)
+    x = 0.1 + rng.normal(0, 0.02, size=400)
+    for n in range(1, 401):
+        state = sequence_state(x[:n], RULE)
+        reason = stop_reason(state, RULE)
+        if reason:
+            break
+    assert reason == STOP_RESOLVED
+    assert n < 2 * RULE.min_units
+    assert state.lower <= 0.1 <= state.upper
+    assert state.half_width <= 0.25 * abs(state.estimate)
+
+
+def test_a_negligible_effect_stops_as_practically_zero():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 0.001, size=400)
+    reasons = [stop_reason(sequence_state(x[:n], RULE), RULE) for n in range(1, 401)]
+    first = next(r for r in reasons if r)
+    assert first == STOP_NEGLIGIBLE
+
+
+def test_no_stop_before_min_units_and_overflow_stops_at_once():
+    x = list(np.random.default_rng(5).normal(0.5, 0.001, size=RULE.min_units))
+    assert stop_reason(sequence_state(x[:-1], RULE), RULE) is None
+    assert stop_reason(sequence_state(x, RULE), RULE) == STOP_RESOLVED
+    inf = sequence_state([0.1, math.inf], RULE)
+    assert stop_reason(inf, RULE) == STOP_RESOLVED and math.isinf(inf.estimate)
+
+
+def test_half_width_matches_the_closed_form_by_hand():
+    # alpha = 0.05, t* = 32, n = 10, sd = 1: the formula evaluated step by step.
+    log_term = -2 * math.log(0.05)
+    rho2 = (log_term + math.log(log_term + 1)) / 32
+    expected = math.sqrt(2 * (10 * rho2 + 1) / (100 * rho2) * math.log(math.sqrt(10 * rho2 + 1) / 0.05))
+    assert mixture_half_width(10, 1.0, 0.05, 32) == pytest.approx(expected, rel=1e-12)
+    assert mixture_half_width(1, 1.0, 0.05, 32) == math.inf
+    # wider than the fixed-n 95% normal interval at every n (the price of validity at all times)
+    for n in (10, 32, 100, 1000):
+        assert mixture_half_width(n, 1.0, 0.05, 32) > 1.96 / math.sqrt(n)
+
+
+def test_documents_enter_the_sequence_only_when_complete():
+    acc = DocumentAccumulator({"d1": 2, "d2": 1})
+    acc.add("d1", 1.0, 100)
+    assert acc.units == []
+    acc.add("d2", 0.5, 50)
+    acc.add("d1", 3.0, 100)
+    assert acc.unit_docs == ["d2", "d1"] and acc.units == [0.01, 0.02]
+    with pytest.raises(KeyError, match="d9"):
+        acc.add("d9", 0.0, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"alpha": 0}, {"alpha": 1.5}, {"rel_precision": math.inf}, {"min_units": 1}, {"min_units": True},
+               {"abs_tolerance": -1.0}, {"design_units": 0}],
+)  # fmt: skip
+def test_invalid_rules_are_refused(kwargs):
+    with pytest.raises(ValueError, match="SequentialRule"):
+        SequentialRule(**kwargs)
+
+
+def test_running_states_equal_the_one_shot_state_at_every_n():
+    x = np.random.default_rng(4).normal(0.05, 0.02, size=30)
+    est, lo, hi = running_states(x, RULE)
+    for n in (2, 8, 30):
+        state = sequence_state(x[:n], RULE)
+        assert (est[n - 1], lo[n - 1], hi[n - 1]) == pytest.approx((state.estimate, state.lower, state.upper))
