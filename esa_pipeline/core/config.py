@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from esa_pipeline.core.checks import Count, Fraction, Index, NonNegativeInt, PositiveFloat, Seed
 from esa_pipeline.core.provenance import REPO_ROOT, stable_hash
 
 EXPERIMENTS_DIR = REPO_ROOT / "data" / "experiments"
@@ -48,10 +49,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
-
-
 class Strengths(_Strict):
     """Perturbation strengths per kind (see DESIGN §4 for the units of each)."""
 
@@ -65,6 +62,11 @@ class Strengths(_Strict):
     sign_flip: list[Fraction] = Field(default_factory=list, description="fraction of elements sign-flipped")
     bit_flip: list[Fraction] = Field(default_factory=list, description="fraction of elements with a bit flipped")
 
+    @field_validator("*")
+    @classmethod
+    def _unique(cls, values: list[float]) -> list[float]:
+        return _no_repeats(values, "strengths")
+
 
 class StrengthsOverride(_Strict):
     """A model section's strengths: a kind given here replaces the global list for that kind."""
@@ -77,37 +79,57 @@ class StrengthsOverride(_Strict):
     sign_flip: list[Fraction] | None = None
     bit_flip: list[Fraction] | None = None
 
+    @field_validator("*")
+    @classmethod
+    def _unique(cls, values: list[float] | None) -> list[float] | None:
+        return None if values is None else _no_repeats(values, "strengths")
+
+
+def _no_repeats(values: list, what: str) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} repeat ({values}); list each once")
+    return values
+
 
 class LayerStride(_Strict):
     """Every `stride`-th layer from `start`; the last layer is added so the output end is always measured."""
 
-    stride: int = Field(ge=1)
-    start: int = Field(default=0, ge=0)
+    stride: Count
+    start: Index = 0
     include_last: bool = True
 
 
-LayerSelection = Literal["all"] | list[Annotated[int, Field(ge=0)]] | LayerStride
+LayerSelection = Literal["all"] | Annotated[list[Index], Field(min_length=1)] | LayerStride
 
 
 def select_layers(selection: LayerSelection, n_layers: int) -> list[int]:
-    """Concrete layer indices of a selection for a model with `n_layers` decoder layers."""
+    """Concrete layer indices of a selection for a model with `n_layers` decoder layers.
+
+    Raises ConfigError when the selection names layers the model lacks or selects none (a stride starting
+    beyond the last layer): a sweep over zero layers would finish "successfully" with no rows.
+    """
     if selection == "all":
         return list(range(n_layers))
     if isinstance(selection, LayerStride):
+        if selection.start >= n_layers:
+            raise ConfigError(
+                f"{{stride: {selection.stride}, start: {selection.start}}} selects no layer of a model with "
+                f"{n_layers} layers; use a start in 0..{n_layers - 1}"
+            )
         layers = list(range(selection.start, n_layers, selection.stride))
-        if selection.include_last and n_layers - 1 not in layers and n_layers > selection.start:
+        if selection.include_last and n_layers - 1 not in layers:
             layers.append(n_layers - 1)
         return layers
     bad = [layer for layer in selection if layer >= n_layers]
     if bad:
-        raise ConfigError(f"layers {bad} do not exist in a model with {n_layers} layers (use 0..{n_layers - 1})")
+        raise ConfigError(f"{bad} do not exist in a model with {n_layers} layers; use 0..{n_layers - 1}")
     return sorted(set(selection))
 
 
 class ZeroShot(_Strict):
     tasks: list[str] = Field(default_factory=list, description="lm-eval task names; esa_mc is bundled")
-    limit: int | None = Field(default=None, ge=1, description="items per task (None = all)")
-    num_fewshot: int = Field(default=0, ge=0)
+    limit: Count | None = Field(default=None, description="items per task (None = all)")
+    num_fewshot: NonNegativeInt = 0
 
 
 IMPORTANCE_METRICS = ("grad_x_weight", "grad_sq", "hutchinson", "magnitude", "activation")
@@ -119,13 +141,13 @@ class Importance(_Strict):
     metrics: list[Literal[IMPORTANCE_METRICS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["grad_x_weight", "magnitude", "activation"], min_length=1
     )
-    top_k: int = Field(default=64, ge=1)
-    token_budget: int = Field(default=1024, ge=1, description="tokens of the sweep dataset scored")
-    hutchinson_samples: int = Field(
-        default=4, ge=1, description="Rademacher probes per batch and parameter (each is one Hessian-vector product)"
+    top_k: Count = 64
+    token_budget: Count = Field(default=1024, description="tokens of the sweep dataset scored")
+    hutchinson_samples: Count = Field(
+        default=4, description="Rademacher probes per batch and parameter (each is one Hessian-vector product)"
     )
-    validation_fraction: float = Field(
-        default=0.001, gt=0, le=1, description="fraction of a slice zeroed for top/random/bottom-k validation"
+    validation_fraction: Fraction = Field(
+        default=0.001, description="fraction of a slice zeroed for top/random/bottom-k validation"
     )
 
 
@@ -139,10 +161,10 @@ class ModelSection(_Strict):
     trust_remote_code: bool = False
     components: list[str] | None = None
     layers: LayerSelection | None = None
-    seeds: list[int] | None = None
+    seeds: Annotated[list[Seed], Field(min_length=1)] | None = None
     strengths: StrengthsOverride | None = None
-    token_budget: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
+    token_budget: Count | None = None
+    batch_size: Count | None = None
 
 
 class ExperimentConfig(_Strict):
@@ -151,11 +173,11 @@ class ExperimentConfig(_Strict):
     protocol: Literal["smoke", "standard", "extended"]
     datasets: list[str] = Field(min_length=1)
     sweep_dataset: str | None = Field(default=None, description="dataset of the sweeps (default: the first)")
-    window: int = Field(ge=8, description="tokens per evaluation window, pinned and recorded")
-    token_budget: int = Field(ge=1, description="max tokens evaluated per dataset (baseline and every point)")
-    batch_size: int = Field(default=4, ge=1)
+    window: int = Field(ge=8, strict=True, description="tokens per evaluation window, pinned and recorded")
+    token_budget: Count = Field(description="max tokens evaluated per dataset (baseline and every point)")
+    batch_size: Count = 4
     zero_shot: ZeroShot = Field(default_factory=ZeroShot)
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[Seed] = Field(min_length=1)
     strengths: Strengths
     neuron_mode: Literal["noise", "zero"] = "noise"
     components: list[str] = Field(min_length=1)
@@ -426,8 +448,19 @@ def _format_validation_error(file: pathlib.Path, exc: ValidationError) -> str:
                 continue
             lines.append(f"{path}: required setting is missing; add it")
         else:
-            lines.append(f"{path}: {err['msg']} (got {err.get('input')!r}); fix the value")
+            lines.append(f"{path}: {err['msg']} (got {err.get('input')!r}); {_fix_hint(err)}")
     return f"{file}: invalid experiment config:\n" + "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
+
+
+def _fix_hint(err: Any) -> str:
+    """The fix for a value error, where its kind says more than "fix the value"."""
+    if err["type"] == "finite_number":
+        return "write a finite number (.inf and .nan cannot be measured)"
+    if isinstance(err.get("input"), bool):
+        return "true/false is not a number here: write the number itself"
+    if err["type"] == "int_type":
+        return "write a whole number"
+    return "fix the value"
 
 
 def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str]:
@@ -499,12 +532,13 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             f"{where}: none of the global components applies to {architecture}; give {where} its own "
             f"`components:` from {', '.join(available)}"
         )
-    if n_layers is not None and isinstance(plan.layers, list):
-        bad = [layer for layer in plan.layers if layer >= n_layers]
-        if bad:
-            problems.append(
-                f"{where}.layers: {bad} do not exist in {name} ({n_layers} layers); use 0..{n_layers - 1}"
-            )
+    if n_layers is not None:
+        # The section's own `layers:` if it has one, else the global key it inherits.
+        own = cfg.section(name).layers is not None
+        try:
+            select_layers(plan.layers, n_layers)
+        except ConfigError as exc:
+            problems.append(f"{where}.layers: {exc}" if own else f"layers: {exc} (inherited by {name})")
     return problems
 
 

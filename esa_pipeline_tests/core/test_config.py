@@ -115,7 +115,7 @@ def test_unknown_component_suggests_the_canonical_name(tmp_path):
 
 def test_explicit_layer_beyond_the_model_is_an_error(tmp_path):
     message = error_for(tmp_path, BASE.replace("  tiny-llama: {}", "  tiny-llama: {layers: [0, 9]}"))
-    assert "models.tiny-llama.layers: [9] do not exist in tiny-llama (4 layers); use 0..3" in message
+    assert "models.tiny-llama.layers: [9] do not exist in a model with 4 layers; use 0..3" in message
 
 
 def test_malformed_yaml_names_line_and_column(tmp_path):
@@ -195,3 +195,61 @@ def test_importance_metric_names_match_the_engine():
     from esa_pipeline.core.importance.metrics import METRICS
 
     assert set(IMPORTANCE_METRICS) == set(METRICS)
+
+
+# ---- issue 15 item 7: non-finite numbers, empty selections, bools as ints — each refused by `esa validate` ----
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [("gaussian: [0.1]", "gaussian: [.inf]", "strengths.gaussian[0]: Input should be a finite number (got inf); "
+      "write a finite number"),
+     ("gaussian: [0.1]", "gaussian: [.nan]", "strengths.gaussian[0]: Input should be a finite number"),
+     ("scale: [1.1]", "scale: [true]", "strengths.scale[0]: Input should be a valid number (got True); "
+      "true/false is not a number here"),
+     ("gaussian: [0.1]", "gaussian: [0.1, 0.1]", "strengths.gaussian: Value error, strengths repeat"),
+     ("window: 64", "window: true", "window: Input should be a valid integer (got True); true/false"),
+     ("window: 64", "window: 64.5", "window: Input should be a valid integer (got 64.5); write a whole number"),
+     ("token_budget: 256", "token_budget: 0", "token_budget: Input should be greater than or equal to 1"),
+     ("seeds: [1, 2]", "seeds: [1, true]", "seeds[1]: Input should be a valid integer (got True)"),
+     ("layers: {stride: 2}", "layers: {stride: true}", "layers.stride: Input should be a valid integer (got True)"),
+     ("layers: {stride: 2}", "layers: {stride: 0}", "layers.stride: Input should be greater than or equal to 1"),
+     ("layers: {stride: 2}", "layers: []", "layers: List should have at least 1 item"),
+     ("layers: {stride: 2}", "layers: [0, true]", "layers[1]: Input should be a valid integer (got True)"),
+     ("layers: {stride: 2}", "layers: [-1]", "layers[0]: Input should be greater than or equal to 0"),
+     ("models:", "zero_shot: {tasks: [esa_mc], limit: true}\nmodels:", "zero_shot.limit: Input should be a valid "
+      "integer (got True)"),
+     ("models:", "importance: {top_k: 0}\nmodels:", "importance.top_k: Input should be greater than or equal to 1"),
+     ("models:", "importance: {validation_fraction: .nan}\nmodels:", "importance.validation_fraction: Input should "
+      "be a finite number"),
+     ("  tiny-llama: {}", "  tiny-llama: {batch_size: true}", "models.tiny-llama.batch_size: Input should be a "
+      "valid integer (got True)"),
+     ("  tiny-llama: {}", "  tiny-llama: {seeds: []}", "models.tiny-llama.seeds: List should have at least 1 item"),
+     ("  tiny-llama: {}", "  tiny-llama: {strengths: {gaussian: [.inf]}}", "models.tiny-llama.strengths.gaussian[0]: "
+      "Input should be a finite number")],
+)  # fmt: skip
+def test_non_finite_bool_and_empty_values_are_refused(tmp_path, old, new, expected):
+    assert old in BASE
+    message = error_for(tmp_path, BASE.replace(old, new))
+    assert expected in message
+
+
+def test_stride_starting_beyond_the_model_selects_nothing_and_is_refused(tmp_path):
+    # issue 15: {stride: 2, start: 10} on 4-layer models was accepted and swept 0 layers
+    message = error_for(tmp_path, BASE.replace("layers: {stride: 2}", "layers: {stride: 2, start: 10}"))
+    assert "layers: {stride: 2, start: 10} selects no layer of a model with 4 layers; use a start in 0..3 " \
+           "(inherited by tiny-llama)" in message
+    own = BASE.replace("  tiny-llama: {}", "  tiny-llama: {layers: {stride: 1, start: 4}}")
+    assert "models.tiny-llama.layers: {stride: 1, start: 4} selects no layer of a model with 4 layers" in error_for(
+        tmp_path, own
+    )
+    with pytest.raises(ConfigError, match="selects no layer"):
+        select_layers(LayerStride(stride=2, start=10), 4)
+    assert select_layers(LayerStride(stride=2, start=3), 4) == [3]
+
+
+def test_esa_validate_reports_the_file_key_and_fix_before_any_run(tmp_path, capsys):
+    from esa_pipeline.cli import main
+
+    path = write(tmp_path, BASE.replace("gaussian: [0.1]", "gaussian: [.inf]"))
+    assert main(["validate", "--experiment", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "strengths.gaussian[0]" in err and "write a finite number" in err

@@ -308,3 +308,40 @@ def test_smollm2_perturbation_restores_exactly(smollm2):
         assert hashlib.sha256(weight.numpy().tobytes()).hexdigest() != digest
     assert report.restored and report.changed_fraction == 1.0
     assert hashlib.sha256(weight.numpy().tobytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [(dict(expert=True), "expert must be an int"),  # issue 15: a bool passed as expert 1, then ZeroDivisionError
+     (dict(expert=-1), "expert must be >= 0"),
+     (dict(expert=1.0), "expert must be an int"),
+     (dict(layer=True), "layer must be an int"),
+     (dict(seed=False), "seed must be an int"),
+     (dict(seed=1.5), "seed must be an int"),
+     (dict(strength=True), "strength must be a number"),
+     (dict(strength=float("inf")), "must be finite"),
+     (dict(strength=float("nan")), "must be finite"),
+     (dict(noise_sigma=float("inf")), "noise_sigma must be finite"),
+     (dict(noise_sigma=0.0), "noise_sigma must be > 0"),
+     (dict(kind="bit_flip", bit=True), "bit must be an int"),
+     (dict(kind="bit_flip", bit=-1), "bit must be >= 0"),
+     (dict(antithetic=1), "antithetic must be True or False")],
+)
+def test_bools_non_finite_and_negative_indices_are_refused(fields, match):
+    with pytest.raises(ValueError, match=match):
+        Perturbation(**{"kind": "gaussian", "component": "ffn.down", "layer": 1, "strength": 0.1, "seed": 0,
+                        **fields})  # fmt: skip
+
+
+def test_mixtral_expert_bool_or_out_of_range_is_refused_before_any_write(tiny):
+    model = tiny("tiny-mixtral").model
+    adapter = adapter_for(model)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="expert must be an int"):
+        Perturbation("gaussian", "ffn.down", 1, 0.1, 0, expert=True)
+    with pytest.raises(ValueError, match="expert must be an int"):
+        adapter.slices("ffn.down", 1, True)
+    with pytest.raises(ValueError, match=rf"expert {adapter.n_experts} is out of range"):
+        with perturbed(model, adapter, Perturbation("gaussian", "ffn.down", 1, 0.1, 0, expert=adapter.n_experts)):
+            pytest.fail("the body must not run")
+    _assert_bit_identical(model, before)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from esa_pipeline.core.checks import check_index, check_int, check_real
 from esa_pipeline.core.models.adapters import (
     CANONICAL_COMPONENTS,
     FFN_COMPONENTS,
@@ -69,9 +70,16 @@ class Perturbation:
     antithetic: bool = False
 
     def __post_init__(self) -> None:
-        # Normalize numbers so that 1 and 1.0 hash identically.
-        object.__setattr__(self, "strength", float(self.strength))
-        object.__setattr__(self, "noise_sigma", float(self.noise_sigma))
+        # Types first (a bool is an int to Python: expert=True would silently mean expert 1), then normalize
+        # numbers so that 1 and 1.0 hash identically.
+        check_index("layer", self.layer)
+        check_index("expert", self.expert)
+        check_int("seed", self.seed)
+        check_index("bit", self.bit)
+        if not isinstance(self.antithetic, bool):
+            raise ValueError(f"antithetic must be True or False, got {self.antithetic!r}")
+        object.__setattr__(self, "strength", check_real("strength", self.strength, positive=True))
+        object.__setattr__(self, "noise_sigma", check_real("noise_sigma", self.noise_sigma, positive=True))
         _validate_spec(self)
 
     def to_dict(self) -> dict:
@@ -134,8 +142,6 @@ def _validate_spec(p: Perturbation) -> None:
         raise ValueError(f"antithetic negates gaussian noise: kind {p.kind!r} has no sign to flip, leave it False")
     if p.bit is not None and p.kind != "bit_flip":
         raise ValueError(f"bit is only used by kind 'bit_flip': leave bit=None for kind {p.kind!r}")
-    if p.layer is not None and (isinstance(p.layer, bool) or not isinstance(p.layer, int) or p.layer < 0):
-        raise ValueError(f"layer must be a non-negative int (or None for 'embedding'), got {p.layer!r}")
 
 
 # ---- slice resolution --------------------------------------------------------------------------------

@@ -150,6 +150,8 @@ class Adapter:
     def _check_expert(self, component: str, expert: int | None) -> None:
         if expert is None:
             return
+        if isinstance(expert, bool) or not isinstance(expert, int):  # True would silently mean expert 1
+            raise ValueError(f"expert must be an int index or None for all experts, got {expert!r}")
         if self.n_experts is None:
             raise ValueError(f"{self.architecture} is not a mixture of experts: pass expert=None")
         if component not in FFN_COMPONENTS + ("moe.router",):
