@@ -65,6 +65,7 @@ class PairedResult:
         return {
             "kind": p.kind, "component": p.component, "layer": p.layer, "expert": p.expert,
             "strength": p.strength, "seed": p.seed, "mode": p.mode, "selection": p.selection,
+            "group_size": p.group_size,
             "delta_nll": self.delta_nll, "ppl_ratio": self.ppl_ratio, "ppl_ratio_se": self.ppl_ratio_se,
             "kl": self.kl, "top1_agreement": self.top1_agreement, "token_ppl": self.token_ppl,
             "nll_sum": self.nll_sum, "n_tokens": self.n_tokens, "nonfinite": self.nonfinite,

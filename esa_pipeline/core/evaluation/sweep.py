@@ -16,13 +16,13 @@ from esa_pipeline.core.perturbation.perturb import Perturbation
 # `sensitivity` columns produced here, in order (the caller adds `variant` and provenance).
 SENSITIVITY_COLUMNS = [
     "model", "dataset", "window", "kind", "component", "layer", "expert", "strength", "seed", "mode",
-    "selection", "delta_nll", "ppl_ratio", "ppl_ratio_se", "kl", "top1_agreement", "token_ppl", "nll_sum",
+    "selection", "group_size", "delta_nll", "ppl_ratio", "ppl_ratio_se", "kl", "top1_agreement", "token_ppl", "nll_sum",
     "n_tokens", "nonfinite", "relative_change", "changed_fraction", "n_changed", "restored",
     "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights",
 ]  # fmt: skip
 SENSITIVITY_WINDOW_COLUMNS = [
     "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed", "mode", "selection",
-    "window_id", "nll_sum", "n_tokens", "delta_nll_sum",
+    "group_size", "window_id", "nll_sum", "n_tokens", "delta_nll_sum",
 ]  # fmt: skip
 
 
@@ -65,6 +65,7 @@ def run_sweep(
         frame = result.windows.assign(
             model=context["model"], dataset=base.dataset, kind=p.kind, component=p.component, layer=p.layer,
             expert=p.expert, strength=p.strength, seed=p.seed, mode=p.mode, selection=p.selection,
+            group_size=p.group_size,
         )  # fmt: skip
         window_frames.append(frame)
         layer_points += 1
@@ -81,6 +82,6 @@ def run_sweep(
         else pd.DataFrame(columns=SENSITIVITY_WINDOW_COLUMNS)
     )
     for frame in (sensitivity, windows):
-        for column in ("layer", "expert"):
+        for column in ("layer", "expert", "group_size"):
             frame[column] = frame[column].astype("Int64")
     return sensitivity, windows

@@ -16,6 +16,13 @@ Kinds (strength meaning in brackets):
   scale     norm gains (weights, not LayerNorm biases) * strength        [multiplicative factor]
   zero, sign_flip, bit_flip  on a set of elements per slice chosen by `selection`: "random", or "top" /
             "bottom" by |scores| (scores must be given)                   [fraction of slice elements]
+Compression-facing kinds (deterministic: the seed draws nothing; biases and norm gains are left alone):
+  quantize  round-to-nearest fake quantization along the input dimension (quantize.py); mode = scheme
+            ("symmetric" | "asymmetric"), group_size (0 = per-channel | 32 | 64 | 128)   [bit width]
+  prune     zero the elements chosen by prune.py; mode = method ("magnitude" | "wanda" | "2:4"); wanda
+            needs scores = |W|·‖X‖ (importance metric "activation")                       [sparsity]
+  layer_drop  bypass a sub-block: component "block" | "block.attention" | "block.mlp" (layer_drop.py)
+                                                                                          [1.0]
 """
 
 from __future__ import annotations
@@ -39,9 +46,14 @@ from esa_pipeline.core.models.adapters import (
     ComponentNotApplicable,
     ParamSlice,
 )
+from esa_pipeline.core.perturbation.layer_drop import LAYER_DROP_COMPONENTS, layer_drop_slices
+from esa_pipeline.core.perturbation.prune import prune_mask, validate_prune
+from esa_pipeline.core.perturbation.quantize import fake_quantize, validate_quantize
 
-KINDS: tuple[str, ...] = ("gaussian", "neurons", "scale", "router", "zero", "sign_flip", "bit_flip")
+KINDS: tuple[str, ...] = ("gaussian", "neurons", "scale", "router", "zero", "sign_flip", "bit_flip",
+                          "quantize", "prune", "layer_drop")
 WEIGHT_LEVEL_KINDS: tuple[str, ...] = ("zero", "sign_flip", "bit_flip")
+COMPRESSION_KINDS: tuple[str, ...] = ("quantize", "prune", "layer_drop")
 MODES: tuple[str, ...] = ("noise", "zero")
 SELECTIONS: tuple[str, ...] = ("top", "random", "bottom")
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
@@ -68,6 +80,7 @@ class Perturbation:
     # gaussian/router: add -z instead of z, with the same draw z as the spec with antithetic=False. The mean
     # of a ± pair cancels the first-order term gᵀδ exactly (importance/prediction.py).
     antithetic: bool = False
+    group_size: int | None = None  # quantize: inputs per scale group, 0 = per-channel; None for other kinds
 
     def __post_init__(self) -> None:
         # Types first (a bool is an int to Python: expert=True would silently mean expert 1), then normalize
@@ -92,8 +105,10 @@ class Perturbation:
     def spec_seed(self) -> int:
         """Stable 63-bit seed: sha256 of the sorted spec fields (python's hash() is salted per process).
 
-        `antithetic` is left out so that a ± pair shares its draw (and seeds of earlier results still hold)."""
-        fields = {k: v for k, v in self.to_dict().items() if k != "antithetic"}
+        `antithetic` is left out so that a ± pair shares its draw (and seeds of earlier results still hold);
+        `group_size` only when None, for the same reason (it was added after those results)."""
+        fields = {k: v for k, v in self.to_dict().items()
+                  if k != "antithetic" and not (k == "group_size" and v is None)}
         payload = json.dumps(fields, sort_keys=True).encode()
         return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") & (2**63 - 1)
 
@@ -110,13 +125,43 @@ class PerturbationReport:
     notes: list[str] = field(default_factory=list)
 
 
+def _validate_compression(p: Perturbation) -> None:
+    if p.kind == "layer_drop":
+        if p.component not in LAYER_DROP_COMPONENTS:
+            raise ValueError(f"layer_drop bypasses a sub-block: use component one of {', '.join(LAYER_DROP_COMPONENTS)}")
+        if p.strength != 1.0:
+            raise ValueError(f"layer_drop bypasses the whole sub-block: use strength 1.0, got {p.strength}")
+        if p.mode != "noise" or p.layer is None or p.expert is not None:
+            raise ValueError("layer_drop takes a layer, no expert and no mode: set layer, leave mode/expert at "
+                             "their defaults")
+    else:
+        if p.component not in CANONICAL_COMPONENTS or p.component.startswith("norm."):
+            raise ValueError(f"{p.kind} acts on weight matrices: use a component other than norm gains, got "
+                             f"{p.component!r}")
+        if p.kind == "quantize":
+            validate_quantize(p.strength, p.group_size, p.mode)
+        else:
+            validate_prune(p.mode, p.strength)
+    if p.group_size is not None and p.kind != "quantize":
+        raise ValueError(f"group_size is only used by kind 'quantize': leave it None for kind {p.kind!r}")
+
+
 def _validate_spec(p: Perturbation) -> None:
     if p.kind not in KINDS:
         raise ValueError(f"unknown perturbation kind {p.kind!r}: use one of {', '.join(KINDS)}")
-    if p.component not in CANONICAL_COMPONENTS:
-        raise ValueError(f"unknown component {p.component!r}: use one of {', '.join(CANONICAL_COMPONENTS)}")
+    if p.layer is not None and (isinstance(p.layer, bool) or not isinstance(p.layer, int) or p.layer < 0):
+        raise ValueError(f"layer must be a non-negative int (or None for 'embedding'), got {p.layer!r}")
     if not math.isfinite(p.strength) or p.strength <= 0:
         raise ValueError(f"strength must be a finite number > 0, got {p.strength} (kind {p.kind})")
+    if p.kind in COMPRESSION_KINDS:
+        _validate_compression(p)
+        if p.selection != "random" or p.antithetic or p.bit is not None:
+            raise ValueError(f"{p.kind} is deterministic: leave selection='random', antithetic=False, bit=None")
+        return
+    if p.group_size is not None:
+        raise ValueError(f"group_size is only used by kind 'quantize': leave it None for kind {p.kind!r}")
+    if p.component not in CANONICAL_COMPONENTS:
+        raise ValueError(f"unknown component {p.component!r}: use one of {', '.join(CANONICAL_COMPONENTS)}")
     if p.kind in ("neurons",) + WEIGHT_LEVEL_KINDS and p.strength > 1:
         raise ValueError(f"{p.kind} strength is a fraction in (0, 1], got {p.strength}: use e.g. 0.1 for 10%")
     if p.kind == "neurons" and p.component not in FFN_COMPONENTS:
@@ -147,6 +192,10 @@ def _validate_spec(p: Perturbation) -> None:
 # ---- slice resolution --------------------------------------------------------------------------------
 def resolve_slices(adapter: Adapter, p: Perturbation) -> list[ParamSlice]:
     """The slices `p` touches (raises ValueError / ComponentNotApplicable for a bad component/layer)."""
+    if p.kind == "layer_drop":
+        return layer_drop_slices(adapter, p.component, p.layer)
+    if p.kind in ("quantize", "prune"):  # weight-only: biases keep full precision / stay dense
+        return [s for s in adapter.slices(p.component, p.layer, p.expert) if not s.param_name.endswith(".bias")]
     if p.kind == "neurons":
         slices = []
         for component in FFN_COMPONENTS:
@@ -162,8 +211,12 @@ def resolve_slices(adapter: Adapter, p: Perturbation) -> list[ParamSlice]:
 
 
 def _check_scores(p: Perturbation, views: list[torch.Tensor], scores: list[torch.Tensor] | None) -> None:
-    if p.kind not in WEIGHT_LEVEL_KINDS or p.selection == "random":
+    wanda = p.kind == "prune" and p.mode == "wanda"
+    if (p.kind not in WEIGHT_LEVEL_KINDS or p.selection == "random") and not wanda:
         return
+    if wanda and scores is None:
+        raise ValueError("prune mode 'wanda' ranks |W|·‖X‖: pass scores=[one tensor per slice], e.g. "
+                         "ImportanceResult.scores_for('activation', component, layer)")
     if scores is None:
         raise ValueError(
             f"selection {p.selection!r} ranks weights by |scores|: pass scores=[one tensor per slice] "
@@ -267,6 +320,13 @@ def _new_values(p: Perturbation, slices: list[ParamSlice], views: list[torch.Ten
         n_neurons = views[0].shape[slices[0].neuron_axis]
         chosen = torch.randperm(n_neurons, generator=gen)[: _n_selected(p.strength, n_neurons)].sort().values
         return [_neurons(v, s.neuron_axis, chosen, p, gen) for s, v in zip(slices, views, strict=True)]
+    if p.kind == "quantize":
+        return [fake_quantize(v, int(p.strength), p.group_size, p.mode) for v in views]  # type: ignore[arg-type]
+    if p.kind == "prune":  # 2:4 and magnitude rank |W|; only wanda uses the scores
+        ranks = [scores[i] if p.mode == "wanda" else None for i in range(len(views))]  # type: ignore[index]
+        return [v.masked_fill(prune_mask(v, p.mode, p.strength, r), 0) for v, r in zip(views, ranks, strict=True)]
+    if p.kind == "layer_drop":
+        return [torch.zeros_like(v) for v in views]
     return [_weight_level(v, p, None if scores is None else scores[i], gen) for i, v in enumerate(views)]
 
 
