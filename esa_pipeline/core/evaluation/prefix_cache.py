@@ -149,6 +149,26 @@ class PrefixCache:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} decoder layers")
         return _replay(self.model, self.adapter, self._layers, self._calls[batch_index], layer)
 
+    def layer_hidden(self, layer: int, batch_index: int) -> torch.Tensor:
+        """The residual stream [B, T, H] entering decoder layer `layer` of batch `batch_index`, as captured;
+        `layer == n_layers` gives the stream leaving the last layer BEFORE the final norm (the model's own last
+        hidden state is after it), computed by running that one layer from its captured input."""
+        if self._calls is None:
+            raise RuntimeError(f"prefix cache disabled ({self.reason}): no captured hidden states")
+        if not 0 <= layer <= self.n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.n_layers} (n_layers = after the last layer)")
+        if layer < self.n_layers:
+            call = self._calls[batch_index][layer]
+            return call.args[0] if call.args else call.kwargs["hidden_states"]
+        last = self.n_layers - 1
+        call = self._calls[batch_index][last]
+        with torch.inference_mode():
+            if call.args:
+                out = self._layers[last](*call.args, **call.kwargs)
+            else:
+                out = self._layers[last](**call.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
 
 def _capture_calls(model: torch.nn.Module, layers: torch.nn.ModuleList,
                    batch: WindowBatch) -> tuple[list[_LayerCall], torch.Tensor]:  # fmt: skip
