@@ -12,6 +12,11 @@ from collections.abc import Callable  # noqa: E402
 import pytest  # noqa: E402
 
 TINY_FAMILIES = ("tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-pythia", "tiny-mixtral")
+# Every tiny registry model (the families added for issue 11 included); per-family tests parametrize over it.
+ALL_TINY = TINY_FAMILIES + (
+    "tiny-qwen2", "tiny-qwen3", "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-olmo", "tiny-olmo2", "tiny-phi",
+    "tiny-gpt2", "tiny-stablelm", "tiny-granite", "tiny-starcoder2", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe",
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +42,8 @@ def tiny() -> Callable:
     from esa_pipeline.core.models.registry import load_model
 
     def build(name: str, *, dtype: str = "float32", device: str = "cpu"):
-        if name not in TINY_FAMILIES:
-            raise ValueError(f"{name!r} is not a tiny family: use one of {TINY_FAMILIES}")
+        if name not in ALL_TINY:
+            raise ValueError(f"{name!r} is not a tiny family: use one of {ALL_TINY}")
         return load_model(name, dtype=dtype, device=device)
 
     return build

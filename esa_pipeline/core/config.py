@@ -233,7 +233,7 @@ class ModelPlan(_Strict):
         kinds = ["gaussian"]
         if component.startswith("ffn."):
             kinds.append("neurons")
-        elif component.startswith("norm."):
+        elif component.startswith("norm.") or component.endswith("_norm"):  # roles, aliases, q/k norms
             kinds.append("scale")
         elif component == "moe.router":
             kinds.append("router")
@@ -464,15 +464,15 @@ def _fix_hint(err: Any) -> str:
 
 
 def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str]:
-    from esa_pipeline.core.models.adapters.base import LAYER_COMPONENTS
+    from esa_pipeline.core.models.adapters.base import COMPONENT_NAMES
 
     problems: list[str] = []
 
     def check_components(path: str, components: list[str]) -> None:
         for i, component in enumerate(components):
-            if component not in LAYER_COMPONENTS:
-                guess = difflib.get_close_matches(component, LAYER_COMPONENTS, n=1)
-                hint = f"did you mean {guess[0]!r}?" if guess else f"use one of {', '.join(LAYER_COMPONENTS)}"
+            if component not in COMPONENT_NAMES:
+                guess = difflib.get_close_matches(component, COMPONENT_NAMES, n=1)
+                hint = f"did you mean {guess[0]!r}?" if guess else f"use one of {', '.join(COMPONENT_NAMES)}"
                 problems.append(f"{path}[{i}]: unknown component {component!r}; {hint}")
         if len(set(components)) != len(components):
             problems.append(f"{path}: components repeat; list each once")
@@ -515,14 +515,14 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             f"{where}: architecture {architecture} has no adapter; supported: "
             f"{', '.join(supported_architectures())}"
         ]
-    from esa_pipeline.core.models.adapters.base import LAYER_COMPONENTS
+    from esa_pipeline.core.models.adapters.base import COMPONENT_NAMES
 
     problems = []
     own_list = cfg.section(name).components
     if own_list is not None:
         # A model's own list is a deliberate request: a component it lacks is a mistake, not a skip.
         for component in own_list:
-            if component in LAYER_COMPONENTS and component not in available:
+            if component in COMPONENT_NAMES and component not in available:
                 problems.append(
                     f"{where}.components: {component!r} is not applicable to {architecture} ({name}), which "
                     f"has {', '.join(available)}. Fix: remove it from {where}.components"
@@ -586,11 +586,10 @@ def _config_json_facts(path: pathlib.Path) -> tuple[str | None, int | None]:
     return architectures[0], config.get("num_hidden_layers")
 
 
-def components_for_architecture(architecture: str) -> list[str] | None:
-    """Per-layer components the adapter of an HF class name supports; None when no adapter exists."""
-    from esa_pipeline.core.models.adapters import base
+def components_for_architecture(architecture: str, family: str | None = None) -> list[str] | None:
+    """Component names (roles, global roles, old aliases) the adapter of an HF class name — or of the
+    family a YAML `adapter:` names — accepts; None when no adapter exists."""
+    from esa_pipeline.core.models.adapters import adapter_class
 
-    adapter_cls = base._REGISTRY.get(architecture)  # noqa: SLF001  (no public class-level accessor yet)
-    if adapter_cls is None:
-        return None
-    return [c for c in base.LAYER_COMPONENTS if c in adapter_cls._components]  # noqa: SLF001
+    adapter_cls = adapter_class(architecture, family)
+    return None if adapter_cls is None else adapter_cls.component_names()

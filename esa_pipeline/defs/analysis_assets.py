@@ -169,7 +169,7 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
     lm, adapter = step.load()
     # Scored on the sweep dataset's own windows (a smaller budget), so predictions compare like with like.
     base = baseline_result(plan, plan.sweep_dataset, plan.importance.token_budget)
-    components = [c for c in plan.components if c in adapter.components()]
+    components = [c for c in plan.components if adapter.accepts(c)]
     layers = select_layers(plan.layers, adapter.num_layers)
     metrics = list(plan.importance.metrics)
     context.log.info(f"{model}: scoring {metrics} on {len(components)} components x {len(layers)} layers "

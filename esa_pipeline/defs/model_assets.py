@@ -54,7 +54,7 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
     # Typed explicitly: an all-NULL column (no hf_id, no sliding window) would otherwise be stored untyped.
     card = pd.DataFrame([row]).astype(
         {"hf_id": "string", "revision": "string", "sliding_window": "Int64", "n_experts": "Int64",
-         "experts_per_token": "Int64"}
+         "experts_per_token": "Int64", "n_shared_experts": "Int64"}
     )  # fmt: skip
     rows = step.write("models", card)
     if not_applicable:

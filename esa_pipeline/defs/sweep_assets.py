@@ -18,6 +18,7 @@ from dagster import (
 )
 
 from esa_pipeline.core.config import ModelPlan, parse_variant, select_layers
+from esa_pipeline.core.models.adapters.base import GLOBAL_COMPONENTS
 from esa_pipeline.defs.common import EAGER, ON_GPU, model_step, number, table_preview, with_model
 from esa_pipeline.defs.loaded import baseline_result, forget_models
 from esa_pipeline.defs.model_assets import baseline
@@ -26,7 +27,7 @@ from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sources import sweep_plan
 
 
-def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int]) -> list:
+def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int | None]) -> list:
     """Perturbation specs of one partition, in layer order (the prefix cache resumes from each layer)."""
     from esa_pipeline.core.perturbation.perturb import Perturbation
 
@@ -62,11 +63,11 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
     from esa_pipeline.core.evaluation.sweep import run_sweep
 
     lm, adapter = step.load()
-    if component not in adapter.components() or component not in plan.components:
+    if not adapter.accepts(component) or component not in plan.components:
         # Not requested by automation (sweep_plan is never observed for it); a manual run says so explicitly.
         reason = (
             f"{component} is not applicable to {adapter.architecture}"
-            if component not in adapter.components()
+            if not adapter.accepts(component)
             else f"{component} is not among {model}'s configured components"
         )
         context.log.warning(f"{partition}: {reason}; nothing measured, stored rows left as they were")
@@ -76,7 +77,9 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
                                             metadata={"rows": 0, "not_applicable": reason})],  # fmt: skip
         )
 
-    layers = select_layers(plan.layers, adapter.num_layers)
+    # Global components (embedding, norm.final, lm_head) live outside the decoder layers: one point set each.
+    layers = [None] if adapter.role_of(component) in GLOBAL_COMPONENTS else select_layers(plan.layers,
+                                                                                            adapter.num_layers)
     specs = sweep_specs(plan, component, seed, layers)
     base = baseline_result(plan, plan.sweep_dataset)
     context.log.info(

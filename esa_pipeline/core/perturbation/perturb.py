@@ -14,6 +14,8 @@ Kinds (strength meaning in brackets):
             noise (noise_sigma * rms) or are zeroed. Whole neurons: any ffn.* component perturbs every FFN
             matrix of the layer (gate, up, down) with the SAME neuron set.  [fraction of neurons]
   scale     norm gains (weights, not LayerNorm biases) * strength        [multiplicative factor]
+            Gemma-family norms compute x̂ · (1 + w): the factor multiplies the effective gain (1 + w), and
+            gaussian noise and relative_change are measured on it too (`ParamSlice.gain_offset`).
   zero, sign_flip, bit_flip  on a set of elements per slice chosen by `selection`: "random", or "top" /
             "bottom" by |scores| (scores must be given)                   [fraction of slice elements]
 Compression-facing kinds (deterministic: the seed draws nothing; biases and norm gains are left alone):
@@ -40,8 +42,9 @@ import torch
 
 from esa_pipeline.core.checks import check_index, check_int, check_real
 from esa_pipeline.core.models.adapters import (
-    CANONICAL_COMPONENTS,
+    COMPONENT_NAMES,
     FFN_COMPONENTS,
+    NORM_COMPONENTS,
     Adapter,
     ComponentNotApplicable,
     ParamSlice,
@@ -135,7 +138,7 @@ def _validate_compression(p: Perturbation) -> None:
             raise ValueError("layer_drop takes a layer, no expert and no mode: set layer, leave mode/expert at "
                              "their defaults")
     else:
-        if p.component not in CANONICAL_COMPONENTS or p.component.startswith("norm."):
+        if p.component not in COMPONENT_NAMES or p.component.startswith("norm.") or p.component in NORM_COMPONENTS:
             raise ValueError(f"{p.kind} acts on weight matrices: use a component other than norm gains, got "
                              f"{p.component!r}")
         if p.kind == "quantize":
@@ -150,7 +153,7 @@ def _validate_spec(p: Perturbation) -> None:
     if p.kind not in KINDS:
         raise ValueError(f"unknown perturbation kind {p.kind!r}: use one of {', '.join(KINDS)}")
     if p.layer is not None and (isinstance(p.layer, bool) or not isinstance(p.layer, int) or p.layer < 0):
-        raise ValueError(f"layer must be a non-negative int (or None for 'embedding'), got {p.layer!r}")
+        raise ValueError(f"layer must be a non-negative int (or None for a global component), got {p.layer!r}")
     if not math.isfinite(p.strength) or p.strength <= 0:
         raise ValueError(f"strength must be a finite number > 0, got {p.strength} (kind {p.kind})")
     if p.kind in COMPRESSION_KINDS:
@@ -160,14 +163,14 @@ def _validate_spec(p: Perturbation) -> None:
         return
     if p.group_size is not None:
         raise ValueError(f"group_size is only used by kind 'quantize': leave it None for kind {p.kind!r}")
-    if p.component not in CANONICAL_COMPONENTS:
-        raise ValueError(f"unknown component {p.component!r}: use one of {', '.join(CANONICAL_COMPONENTS)}")
+    if p.component not in COMPONENT_NAMES:
+        raise ValueError(f"unknown component {p.component!r}: use one of {', '.join(COMPONENT_NAMES)}")
     if p.kind in ("neurons",) + WEIGHT_LEVEL_KINDS and p.strength > 1:
         raise ValueError(f"{p.kind} strength is a fraction in (0, 1], got {p.strength}: use e.g. 0.1 for 10%")
     if p.kind == "neurons" and p.component not in FFN_COMPONENTS:
         raise ValueError(f"kind 'neurons' acts on FFN neurons: use component one of {', '.join(FFN_COMPONENTS)}")
-    if p.kind == "scale" and not p.component.startswith("norm."):
-        raise ValueError("kind 'scale' multiplies norm gains: use component 'norm.input' or 'norm.post_attention'")
+    if p.kind == "scale" and not (p.component.startswith("norm.") or p.component in NORM_COMPONENTS):
+        raise ValueError(f"kind 'scale' multiplies norm gains: use a norm component ({', '.join(NORM_COMPONENTS)})")
     if p.kind == "router" and p.component != "moe.router":
         raise ValueError("kind 'router' perturbs the MoE router: use component 'moe.router'")
     if p.mode not in MODES:
@@ -262,9 +265,10 @@ def _n_selected(fraction: float, total: int) -> int:
     return min(total, max(1, round(fraction * total)))
 
 
-def _gaussian(view: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+def _gaussian(view: torch.Tensor, sigma: float, gen: torch.Generator, gain_offset: float = 0.0) -> torch.Tensor:
     w32 = view.float()
-    return _randn(view.shape, gen, view.device).mul_(sigma * _rms(w32)).add_(w32)
+    scale = _rms(w32 + gain_offset) if gain_offset else _rms(w32)  # rms of the effective gain (1 + w)
+    return _randn(view.shape, gen, view.device).mul_(sigma * scale).add_(w32)
 
 
 def _neurons(view: torch.Tensor, axis: int, chosen: torch.Tensor, p: Perturbation,
@@ -313,9 +317,11 @@ def _weight_level(view: torch.Tensor, p: Perturbation, score: torch.Tensor | Non
 def _new_values(p: Perturbation, slices: list[ParamSlice], views: list[torch.Tensor],
                 scores: list[torch.Tensor] | None, gen: torch.Generator) -> list[torch.Tensor]:
     if p.kind in ("gaussian", "router"):
-        return [_gaussian(v, -p.strength if p.antithetic else p.strength, gen) for v in views]
-    if p.kind == "scale":
-        return [v.float() * p.strength for v in views]
+        sigma = -p.strength if p.antithetic else p.strength
+        return [_gaussian(v, sigma, gen, s.gain_offset) for s, v in zip(slices, views, strict=True)]
+    if p.kind == "scale":  # (w + offset) * factor - offset: the factor multiplies the effective gain
+        return [(v.float() + s.gain_offset) * p.strength - s.gain_offset
+                for s, v in zip(slices, views, strict=True)]
     if p.kind == "neurons":
         n_neurons = views[0].shape[slices[0].neuron_axis]
         chosen = torch.randperm(n_neurons, generator=gen)[: _n_selected(p.strength, n_neurons)].sort().values
@@ -364,14 +370,15 @@ def perturbed(model: torch.nn.Module, adapter: Adapter, p: Perturbation,
     new_values = _new_values(p, slices, views, scores, gen)  # computed before any write
     snapshots = [v.clone() for v in views]
     report = PerturbationReport(p, 0.0, 0.0, sum(v.numel() for v in views), 0, None, 0.0)
-    if p.component == "embedding" and adapter.tied_embeddings:
-        report.notes.append("tied embeddings: the output head shares this tensor, so it is perturbed too")
+    if adapter.tied_embeddings and p.component in ("embedding", "lm_head"):
+        report.notes.append("tied embeddings: the embedding and the output head are one tensor, so both are "
+                            "perturbed")
     body_raised = False
     try:
         for view, new in zip(views, new_values, strict=True):
             view.copy_(new)  # casts to the stored dtype; rounding is why changed_fraction can be < 1
         del new_values
-        _measure(report, views, snapshots)
+        _measure(report, views, snapshots, [s.gain_offset for s in slices])
         report.elapsed_s = time.perf_counter() - started
         yield report
     except BaseException:
@@ -387,13 +394,14 @@ def perturbed(model: torch.nn.Module, adapter: Adapter, p: Perturbation,
             raise RestoreError(f"weights of {p} are not bit-identical after restore: discard this model")
 
 
-def _measure(report: PerturbationReport, views: list[torch.Tensor], snapshots: list[torch.Tensor]) -> None:
+def _measure(report: PerturbationReport, views: list[torch.Tensor], snapshots: list[torch.Tensor],
+             gain_offsets: list[float]) -> None:
     delta_sq = base_sq = 0.0
     n_changed = 0
-    for view, snapshot in zip(views, snapshots, strict=True):
+    for view, snapshot, offset in zip(views, snapshots, gain_offsets, strict=True):
         before = snapshot.float()
         delta_sq += _norm(view.float() - before) ** 2
-        base_sq += _norm(before) ** 2
+        base_sq += _norm(before + offset) ** 2  # relative to the effective gain (1 + w) where offset is 1
         n_changed += _n_changed(view, snapshot)
     if base_sq > 0:
         report.relative_change = math.sqrt(delta_sq / base_sq)

@@ -1,28 +1,53 @@
-"""Architecture adapters, registered by HF class name. Importing this package registers every family."""
+"""Architecture adapters, registered by HF class name and family. Importing this package registers every family."""
 
-from . import gpt_neox, llama, mixtral, phi3  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    dense_llama_like,
+    gemma,
+    gpt2,
+    gpt_neox,
+    llama,
+    mixtral,
+    olmo,
+    phi,
+    phi3,
+    qwen,
+)
 from .base import (
+    ALIASES,
     CANONICAL_COMPONENTS,
+    COMPONENT_NAMES,
     FFN_COMPONENTS,
     GLOBAL_COMPONENTS,
     LAYER_COMPONENTS,
+    NORM_COMPONENTS,
     Adapter,
     ComponentNotApplicable,
     ParamSlice,
     UnsupportedArchitecture,
+    adapter_class,
     adapter_for,
+    matching_families,
+    role_of,
     supported_architectures,
+    supported_families,
 )
 
 __all__ = [
+    "ALIASES",
     "CANONICAL_COMPONENTS",
+    "COMPONENT_NAMES",
     "FFN_COMPONENTS",
     "GLOBAL_COMPONENTS",
     "LAYER_COMPONENTS",
+    "NORM_COMPONENTS",
     "Adapter",
     "ComponentNotApplicable",
     "ParamSlice",
     "UnsupportedArchitecture",
+    "adapter_class",
     "adapter_for",
+    "matching_families",
+    "role_of",
     "supported_architectures",
+    "supported_families",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter, ParamSlice, register
+from .llama import LlamaAdapter
 
 
 def _qkv(part: int):
@@ -21,6 +22,7 @@ def _qkv(part: int):
 
 @register("GPTNeoXForCausalLM")
 class GPTNeoXAdapter(Adapter):
+    family = "gpt_neox"
     layers_path = "gpt_neox.layers"
     final_norm_path = "gpt_neox.final_layer_norm"
     embedding_path = "gpt_neox.embed_in"
@@ -33,6 +35,8 @@ class GPTNeoXAdapter(Adapter):
         # dense_h_to_4h is [I, H] with bias [I]; dense_4h_to_h is [H, I] (its bias [H] has no neuron axis).
         "ffn.up": lambda a, layer, expert: a.whole(layer, "mlp.dense_h_to_4h", weight_axis=0, bias_axis=0),
         "ffn.down": lambda a, layer, expert: a.whole(layer, "mlp.dense_4h_to_h", weight_axis=1),
-        "norm.input": lambda a, layer, expert: a.whole(layer, "input_layernorm"),
-        "norm.post_attention": lambda a, layer, expert: a.whole(layer, "post_attention_layernorm"),
+        "norm.attn_in": lambda a, layer, expert: a.whole(layer, "input_layernorm"),
+        # Also with the parallel residual, post_attention_layernorm normalises the MLP's input.
+        "norm.ffn_in": lambda a, layer, expert: a.whole(layer, "post_attention_layernorm"),
     }
+    lacks = {**LlamaAdapter.lacks, "ffn.gate": "GELU MLP without a gate"}

@@ -1,35 +1,25 @@
-"""Llama-family layout (Llama, Mistral, SmolLM2): separate q/k/v/o and gate/up/down projections."""
+"""Llama-family layout (Llama, Mistral, SmolLM2): separate q/k/v/o and gate/up/down, pre-norm RMSNorms."""
 
 from __future__ import annotations
 
+from . import _layouts as L
 from .base import Adapter, register
 
 
-def _attn(module: str):
-    return lambda a, layer, expert: a.whole(layer, f"self_attn.{module}")
-
-
-def _norm(module: str):
-    return lambda a, layer, expert: a.whole(layer, module)
-
-
-@register("LlamaForCausalLM", "MistralForCausalLM")
+@register("LlamaForCausalLM", "MistralForCausalLM", families=("mistral",))
 class LlamaAdapter(Adapter):
-    layers_path = "model.layers"
-    final_norm_path = "model.norm"
-    embedding_path = "model.embed_tokens"
-    lm_head_path = "lm_head"
+    family = "llama"
     _components = {
-        "attention.query": _attn("q_proj"),
-        "attention.key": _attn("k_proj"),
-        "attention.value": _attn("v_proj"),
-        "attention.output": _attn("o_proj"),
-        # gate/up weights are [I, H]: neurons are rows; down is [H, I]: neurons are columns.
-        "ffn.gate": lambda a, layer, expert: a.whole(layer, "mlp.gate_proj", weight_axis=0, bias_axis=0),
-        "ffn.up": lambda a, layer, expert: a.whole(layer, "mlp.up_proj", weight_axis=0, bias_axis=0),
-        "ffn.down": lambda a, layer, expert: a.whole(layer, "mlp.down_proj", weight_axis=1),
-        "norm.input": _norm("input_layernorm"),
-        "norm.post_attention": _norm("post_attention_layernorm"),
+        **L.separate_attention(),
+        **L.gated_mlp(),
+        "norm.attn_in": L.module("input_layernorm"),
+        "norm.ffn_in": L.module("post_attention_layernorm"),  # Llama's "post attention" norm feeds the MLP
     }
-
-
+    lacks = {
+        "attention.q_norm": "no query/key norms",
+        "attention.k_norm": "no query/key norms",
+        "norm.attn_out": "pre-norm only: attention output is added to the residual unnormalised",
+        "norm.ffn_out": "pre-norm only: MLP output is added to the residual unnormalised",
+        "moe.router": "dense model",
+        "moe.shared_expert": "dense model",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter, ParamSlice, register
+from .llama import LlamaAdapter
 
 
 def _qkv_rows(a: Adapter, part: int) -> slice:
@@ -34,10 +35,7 @@ def _gate_up(half: int):
 
 @register("Phi3ForCausalLM")
 class Phi3Adapter(Adapter):
-    layers_path = "model.layers"
-    final_norm_path = "model.norm"
-    embedding_path = "model.embed_tokens"
-    lm_head_path = "lm_head"
+    family = "phi3"
     _components = {
         "attention.query": _qkv(0),
         "attention.key": _qkv(1),
@@ -46,6 +44,7 @@ class Phi3Adapter(Adapter):
         "ffn.gate": _gate_up(0),
         "ffn.up": _gate_up(1),
         "ffn.down": lambda a, layer, expert: a.whole(layer, "mlp.down_proj", weight_axis=1),  # [H, I]
-        "norm.input": lambda a, layer, expert: a.whole(layer, "input_layernorm"),
-        "norm.post_attention": lambda a, layer, expert: a.whole(layer, "post_attention_layernorm"),
+        "norm.attn_in": lambda a, layer, expert: a.whole(layer, "input_layernorm"),
+        "norm.ffn_in": lambda a, layer, expert: a.whole(layer, "post_attention_layernorm"),
     }
+    lacks = LlamaAdapter.lacks
