@@ -51,8 +51,9 @@ def current_rows(step: ModelStep, relation: str) -> pd.DataFrame:
     group_name="analysis",
     automation_condition=EAGER_AFTER_SWEEP,
     check_specs=[AssetCheckSpec("significance_quality", asset="significance",
-                                description="Enough windows per cell to test, and tests were possible")],
-    description="Paired window test per (component, layer, strength) with Holm/BH across the sweep; seed spread.",
+                                description="Every cell was tested (warns on any untested cell, with the reasons)")],
+    description="Across-draw (seed × document) and conditional (clustered by document) tests per cell, Holm/BH "
+    "across the sweep; untested cells NULL with a reason; seed spread and consistency.",
 )  # fmt: skip
 def significance(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     from esa_pipeline.core.analysis import seed_consistency
@@ -66,27 +67,31 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
     n_rows = step.write("significance", tested)
     step.write("seed_consistency", consistency)
 
-    untested = int(tested["p_value"].isna().sum())
+    # untested = no headline decision (NULL significant_bh): overflowed, too few documents, one seed, ...
+    untested = int(tested["significant_bh"].isna().sum())
     return MaterializeResult(
         metadata={
             "config_hash": step.config_hash,
             "rows": n_rows,
             "significant_holm": int(tested["significant_holm"].fillna(False).sum()),
             "significant_bh": int(tested["significant_bh"].fillna(False).sum()),
+            "significant_bh_conditional": int(tested["conditional_significant_bh"].fillna(False).sum()),
             "untested_cells": untested,
-            "min_windows": int(tested["n_windows"].min()) if len(tested) else 0,
+            "cluster_unit": ", ".join(sorted(tested["cluster_unit"].unique())) if len(tested) else "none",
+            "min_clusters": int(tested["n_clusters"].min()) if len(tested) else 0,
             "median_seed_rho": number(consistency["spearman_rho"].median()) if len(consistency) else None,
             "top_cells": table_preview(tested.sort_values("mean_delta_nll", ascending=False),
                                        ["kind", "component", "layer", "strength", "mean_delta_nll", "ci_low",
-                                        "ci_high", "p_holm", "note"], limit=10),
+                                        "ci_high", "p_holm", "test_used", "note"], limit=10),
         },  # fmt: skip
         check_results=[
             AssetCheckResult(
                 check_name="significance_quality",
-                passed=len(tested) > 0 and untested < len(tested),
+                passed=len(tested) > 0 and untested == 0,  # any untested cell is worth a warning
                 severity=AssetCheckSeverity.WARN,
                 metadata={"cells": len(tested), "untested_cells": untested,
-                          "notes": "; ".join(sorted(set(tested["note"].dropna()))) or "none"},
+                          "untested_reasons": "; ".join(sorted(set(tested.loc[tested["significant_bh"].isna(),
+                                                                            "note"]))) or "none"},
             )
         ],
     )
@@ -97,7 +102,8 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
     deps=[significance, model_card],
     group_name="analysis",
     automation_condition=EAGER_AFTER_SWEEP,
-    description="Layers ranked by seed-averaged ΔNLL per component and overall; the top 10% flagged critical.",
+    description="Layers ranked by seed-averaged ΔNLL per component and overall; critical = significant after "
+    "correction (or overflowed) and in the top 10%; random-weight models get none.",
 )
 def critical_layers(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     from esa_pipeline.core.analysis import critical_layers as rank_layers
@@ -115,8 +121,10 @@ def critical_layers(context: AssetExecutionContext, experiment: ExperimentResour
             "critical_overall": ", ".join(
                 f"{r.kind}@{r.strength}: L{r.layer}" for r in overall.itertuples()
             ) or "none",
+            "random_weights": bool(cards["random_weights"].fillna(False).astype(bool).any()),
             "ranking": table_preview(ranked.loc[ranked["component"] == "all"],
-                                     ["kind", "strength", "layer", "depth", "mean_delta_nll", "rank", "is_critical"]),
+                                     ["kind", "strength", "layer", "depth", "mean_delta_nll", "significant", "rank",
+                                      "is_critical", "note"]),
         }  # fmt: skip
     )
 

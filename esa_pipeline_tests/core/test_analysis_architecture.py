@@ -117,24 +117,31 @@ def test_dense_vs_moe_difference_and_tests_match_scipy_on_model_level_means() ->
     assert row["models_a"] == "moe0;moe1;moe2" and row["warnings"] == ""
 
 
-def test_single_model_groups_and_random_weights_are_warned_not_tested() -> None:
+def test_single_model_groups_are_warned_not_tested_and_random_weight_models_never_enter() -> None:
     models = models_relation(
         [
-            ("tiny-a", 2, False, True, True),
-            ("tiny-b", 2, False, False, True),
-            ("tiny-c", 2, False, False, True),
+            ("a", 2, False, True, False),
+            ("b", 2, False, False, False),
+            ("c", 2, False, False, False),
+            ("tiny", 2, False, True, True),
         ]
     )
     frames = [
-        sensitivity_for(m, 2, {"ffn.down": v}) for m, v in (("tiny-a", 0.3), ("tiny-b", 0.1), ("tiny-c", 0.2))
+        sensitivity_for(m, 2, {"ffn.down": v}) for m, v in (("a", 0.3), ("b", 0.1), ("c", 0.2), ("tiny", 9.0))
     ]
     comparison = architecture_comparison(pd.concat(frames), models)
+    assert set(comparison["model"]) == {"a", "b", "c"}  # the random-weight model is plumbing only
     result = instruct_vs_base(comparison, models)
     row = result.loc[result["component"] == "ffn.down"].iloc[0]
     assert (row["group_a"], row["n_a"], row["n_b"]) == ("instruct", 1, 2)
     assert row["difference"] == pytest.approx(0.3 - 0.15)
     assert np.isnan(row["welch_p"]) and np.isnan(row["mannwhitney_p"])
     assert "fewer than 2 models in a group" in row["warnings"]
-    assert "plumbing only" in row["warnings"]
+    assert "random-weight models left out (plumbing only): tiny" in row["warnings"]
     no_moe = dense_vs_moe(comparison).iloc[0]
     assert no_moe["n_a"] == 0 and np.isnan(no_moe["mean_a"]) and "moe: 0" in no_moe["warnings"]
+    # a random model passed straight to a contrast is dropped there too
+    leaked = pd.concat([comparison, comparison.assign(model="tiny", mean_delta_nll=9.0)])
+    assert instruct_vs_base(leaked, models).iloc[0]["mean_a"] == pytest.approx(0.3)
+    only_tiny = architecture_comparison(frames[3], models)
+    assert only_tiny.empty and list(only_tiny.columns) == ARCHITECTURE_COLUMNS

@@ -17,6 +17,7 @@ from esa_pipeline.core.analysis import (
     seed_consistency,
     significance,
 )
+from esa_pipeline.core.analysis.consistency import NOTE_NONE_SIGNIFICANT
 
 
 def sensitivity_rows(
@@ -83,40 +84,83 @@ def test_nan_delta_is_not_averaged_away() -> None:
     assert profile[0] == pytest.approx(0.2) and np.isnan(profile[1])
 
 
-def test_critical_layers_pick_the_planted_layer_with_depth_and_rank() -> None:
+def significance_rows(
+    means: dict[str, list[float]], significant: dict[str, list[bool | None]], *, model: str = "m"
+) -> pd.DataFrame:
+    """`significance`-shaped rows: means[component][layer] and its significant_bh flag (None = untested)."""
+    return pd.DataFrame(
+        [
+            {
+                "model": model,
+                "kind": "gaussian",
+                "component": component,
+                "layer": layer,
+                "expert": None,
+                "strength": 0.1,
+                "mean_delta_nll": value,
+                "significant_bh": significant[component][layer],
+            }
+            for component, values in means.items()
+            for layer, value in enumerate(values)
+        ]
+    )
+
+
+def test_critical_layers_pick_the_planted_significant_layer_with_depth_and_rank() -> None:
     rng = np.random.default_rng(0)
     n_layers = 30
-    profiles = {}
-    for seed in range(3):
-        for component, planted in (("attention.output", 7), ("ffn.down", 21)):
-            values = rng.uniform(0.0, 0.1, n_layers)
-            values[planted] = 2.0
-            profiles[(component, seed)] = list(values)
-    result = critical_layers(sensitivity_rows(profiles), {"m": n_layers})
+    means, flags = {}, {}
+    for component, planted in (("attention.output", 7), ("ffn.down", 21)):
+        values = rng.uniform(0.0, 0.1, n_layers)
+        values[planted] = 2.0
+        means[component] = list(values)
+        flags[component] = [layer == planted for layer in range(n_layers)]
+    result = critical_layers(significance_rows(means, flags), {"m": n_layers})
     assert list(result.columns) == CRITICAL_LAYERS_COLUMNS
     for component, planted in (("attention.output", 7), ("ffn.down", 21)):
         rows = result.loc[result["component"] == component]
         assert len(rows) == n_layers
         top = rows.loc[rows["rank"] == 1].iloc[0]
         assert top["layer"] == planted and top["depth"] == pytest.approx(planted / n_layers)
-        assert rows["is_critical"].sum() == 3  # 10% of 30 layers
-        assert rows.loc[rows["is_critical"], "layer"].iloc[0] == planted
+        # 10% of 30 layers would allow 3, but only one is significant: no minimum is forced
+        assert rows.loc[rows["is_critical"], "layer"].tolist() == [planted]
     overall = result.loc[result["component"] == "all"]
+    assert set(overall.loc[overall["is_critical"], "layer"]) == {7, 21}
     assert set(overall.loc[overall["rank"] <= 2, "layer"]) == {7, 21}
-    # overall = mean over components at that layer: layer 7 is (2.0 + ffn.down's small value) / 2
     layer7 = overall.loc[overall["layer"] == 7, "mean_delta_nll"].item()
-    assert 1.0 <= layer7 <= 1.05
+    assert 1.0 <= layer7 <= 1.05  # overall = mean over components at that layer
 
 
-def test_critical_layers_at_least_one_ties_to_shallower_layer_and_nan_never_critical() -> None:
-    rows = sensitivity_rows({("ffn.down", 0): [0.5, 0.9, 0.9, np.nan]})
-    result = critical_layers(rows, pd.DataFrame({"model": ["m"], "n_layers": [4]}))
+def test_no_significant_layer_means_no_critical_layer_and_a_note() -> None:
+    rows = significance_rows({"ffn.down": [0.5, 0.9, 0.2, 0.1]}, {"ffn.down": [False, False, None, False]})
+    result = critical_layers(rows, {"m": 4})
     ffn = result.loc[result["component"] == "ffn.down"].set_index("layer")
-    assert (
-        ffn["is_critical"].sum() == 1 and ffn.loc[1, "is_critical"]
-    )  # 10% of 4 layers is 0.4: at least one is critical
-    assert ffn["rank"].to_dict() == {1: 1, 2: 2, 0: 3, 3: 4}
-    assert not ffn.loc[3, "is_critical"]
+    assert not ffn["is_critical"].any() and (ffn["note"] == NOTE_NONE_SIGNIFICANT).all()
+    assert ffn["rank"].to_dict() == {1: 1, 0: 2, 2: 3, 3: 4}
+    assert pd.isna(ffn.loc[2, "significant"]) and ffn.loc[1, "significant"] == False  # noqa: E712
+
+
+def test_nonfinite_cells_rank_as_most_sensitive_and_are_critical() -> None:
+    rows = significance_rows(
+        {"ffn.down": [0.5, np.inf, 0.9, np.nan, 0.3] + [0.01] * 15},
+        {"ffn.down": [True, None, True, None, True] + [False] * 15},
+    )
+    result = critical_layers(rows, {"m": 20}, top_fraction=0.2)  # 4 slots of 20
+    ffn = result.loc[result["component"] == "ffn.down"].set_index("layer")
+    assert ffn["rank"].head(5).to_dict() == {1: 1, 3: 2, 2: 3, 0: 4, 4: 5}  # overflowed first, by layer
+    assert ffn.loc[ffn["is_critical"]].index.tolist() == [1, 3, 2, 0]
+    assert (ffn["note"] == "").all()
+
+
+def test_random_weight_models_get_no_critical_layers() -> None:
+    rows = pd.concat(
+        [
+            significance_rows({"ffn.down": [0.5, 0.9]}, {"ffn.down": [True, True]}, model="real"),
+            significance_rows({"ffn.down": [0.5, 0.9]}, {"ffn.down": [True, True]}, model="tiny"),
+        ]
+    )
+    models = pd.DataFrame({"model": ["real", "tiny"], "n_layers": [2, 2], "random_weights": [False, True]})
+    assert set(critical_layers(rows, models)["model"]) == {"real"}
 
 
 def test_critical_layers_accept_the_significance_relation() -> None:
@@ -131,12 +175,13 @@ def test_critical_layers_accept_the_significance_relation() -> None:
                 "layer": layer,
                 "expert": None,
                 "strength": 0.1,
-                "seed": 0,
+                "seed": seed,
                 "window_id": w,
                 "n_tokens": 100,
                 "delta_nll_sum": 100 * ((1.0 if layer == 4 else 0.0) + rng.normal(0, 0.05)),
             }
             for layer in range(n_layers)
+            for seed in (0, 1, 2)
             for w in range(n_windows)
         ]
     )
@@ -146,7 +191,7 @@ def test_critical_layers_accept_the_significance_relation() -> None:
 
 
 def test_critical_layers_errors_name_the_fix() -> None:
-    rows = sensitivity_rows({("ffn.down", 0): [0.1, 0.2]})
+    rows = significance_rows({"ffn.down": [0.1, 0.2]}, {"ffn.down": [True, False]})
     with pytest.raises(ValueError, match="no `models` row for \\['m'\\]"):
         critical_layers(rows, {"other": 2})
     with pytest.raises(ValueError, match="outside 0..0"):
@@ -155,6 +200,15 @@ def test_critical_layers_errors_name_the_fix() -> None:
         critical_layers(rows, {"m": 2}, top_fraction=0)
     with pytest.raises(ValueError, match="mode"):
         critical_layers(pd.concat([rows.assign(mode="noise"), rows.assign(mode="zero")]), {"m": 2})
+    with pytest.raises(ValueError, match="significant after correction"):
+        critical_layers(sensitivity_rows({("ffn.down", 0): [0.1, 0.2]}), {"m": 2})
+
+
+def test_seed_consistency_leaves_out_deterministic_rows() -> None:
+    rows = sensitivity_rows({("ffn.down", 0): [1, 2, 3, 4], ("ffn.down", 1): [1, 3, 2, 4]})
+    scale = sensitivity_rows({("norm.input", 0): [1, 2, 3, 4]}).assign(kind="scale", seed=None)
+    result = seed_consistency(pd.concat([rows, scale], ignore_index=True))
+    assert set(result["kind"]) == {"gaussian"} and len(result) == 1
 
 
 def test_jaccard_matches_hand_computed_overlaps() -> None:

@@ -95,29 +95,44 @@ def test_too_few_models_still_give_a_row_with_nan_fit_and_a_warning() -> None:
     assert len(result) == 2
     row = result.iloc[0]
     assert row["n_models"] == 2 and np.isnan(row["exponent"]) and np.isnan(row["p_value"])
-    assert "no fit: a log-log line needs at least 3 models" in row["warnings"]
+    assert row["warnings"].startswith("not enough models: 2 pretrained model(s) of family llama")
 
 
 def test_non_positive_and_nonfinite_deltas_are_dropped_and_counted() -> None:
     deltas = np.array([0.5, -0.01, 0.0, 0.2, np.inf, 0.1])
-    row = scaling_fit(sensitivity_relation({"ffn.down": deltas}), models_relation(PARAMS), min_models=4).iloc[
-        0
-    ]
+    row = scaling_fit(sensitivity_relation({"ffn.down": deltas}), models_relation(PARAMS)).iloc[0]
     assert row["n_models"] == 3 and row["models"] == "m0;m3;m5"
     assert "2 model(s) with mean ΔNLL <= 0 dropped (no logarithm): m1, m2" in row["warnings"]
     assert "1 model(s) with non-finite ΔNLL" in row["warnings"] and "m4" in row["warnings"]
-    assert "only 3 models (fewer than 4)" in row["warnings"]
     assert np.isfinite(row["exponent"])
+    short = scaling_fit(sensitivity_relation({"ffn.down": deltas}), models_relation(PARAMS), min_models=4).iloc[0]
+    assert np.isnan(short["exponent"]) and short["warnings"].startswith("not enough models: 3 pretrained")
 
 
-def test_mixed_families_vocabularies_and_random_weights_are_warned() -> None:
+def test_families_are_fitted_apart_and_vocabularies_warned() -> None:
     deltas = {"ffn.down": np.array([0.5, 0.4, 0.3])}
     mixed = models_relation(PARAMS[:3], family=["llama", "phi3", "gpt_neox"], vocab=[32000, 32064, 50304])
-    warnings = scaling_fit(sensitivity_relation(deltas), mixed).iloc[0]["warnings"]
-    assert "differ in family (gpt_neox, llama, phi3)" in warnings
-    assert "differ in tokenizer vocabulary (32000, 32064, 50304)" in warnings
-    tiny = models_relation(PARAMS[:3], random_weights=True)
-    assert "plumbing only" in scaling_fit(sensitivity_relation(deltas), tiny).iloc[0]["warnings"]
+    result = scaling_fit(sensitivity_relation(deltas), mixed)
+    assert sorted(result["family"].unique()) == ["gpt_neox", "llama", "phi3"]
+    assert result["exponent"].isna().all() and (result["n_models"] == 1).all()
+    assert result["warnings"].str.startswith("not enough models: 1 pretrained model(s) of family").all()
+    vocab = models_relation(PARAMS[:3], vocab=[32000, 32064, 50304])
+    assert "differ in tokenizer vocabulary (32000, 32064, 50304)" in scaling_fit(
+        sensitivity_relation(deltas), vocab
+    ).iloc[0]["warnings"]
+
+
+def test_random_weight_models_never_enter_a_fit() -> None:
+    # m0..m2 pretrained on an exact power law, m3..m4 random-weight models far off it
+    deltas = np.concatenate([np.exp(1.0 - 0.5 * np.log(PARAMS[:3])), [50.0, 0.001]])
+    models = models_relation(PARAMS[:5], random_weights=[False, False, False, True, True])
+    row = scaling_fit(sensitivity_relation({"ffn.down": deltas}), models).iloc[0]
+    assert row["models"] == "m0;m1;m2" and row["n_models"] == 3
+    assert row["exponent"] == pytest.approx(-0.5, abs=1e-9)  # the random models moved nothing
+    assert "random-weight models left out (plumbing only, never in a fit): m3, m4" in row["warnings"]
+    tiny = scaling_fit(sensitivity_relation({"ffn.down": deltas[:3]}), models_relation(PARAMS[:3], random_weights=True))
+    assert len(tiny) == 2 and tiny["family"].isna().all() and tiny["exponent"].isna().all()
+    assert tiny.iloc[0]["warnings"].startswith("not enough models: 0 pretrained model(s)")
 
 
 def test_bad_arguments_name_the_fix() -> None:

@@ -11,8 +11,12 @@ from statsmodels.stats.multitest import multipletests
 from esa_pipeline.core.analysis import SIGNIFICANCE_COLUMNS, significance
 from esa_pipeline.core.analysis.significance import (
     NOTE_ALL_ZERO,
-    NOTE_FEW_WINDOWS,
+    NOTE_FEW_CLUSTERS,
     NOTE_NO_WINDOWS,
+    NOTE_ONE_SEED,
+    TEST_ACROSS_DRAWS,
+    TEST_DETERMINISTIC,
+    adjust_p_values,
     holm_adjusted,
 )
 
@@ -53,18 +57,19 @@ def one_row(result: pd.DataFrame, **where) -> pd.Series:
     return result.loc[mask].iloc[0]
 
 
-def test_equal_windows_reproduce_scipy_one_sample_t_test_on_seed_averaged_differences() -> None:
+def test_conditional_test_with_equal_windows_is_scipys_one_sample_t_test_on_seed_averaged_differences() -> None:
     rng = np.random.default_rng(1)
     deltas = 0.05 + rng.normal(0, 0.1, size=(3, 12))  # [seeds, windows]
     result = significance(window_rows(deltas), alpha=0.05)
     assert list(result.columns) == SIGNIFICANCE_COLUMNS
     row = one_row(result)
+    assert row["cluster_unit"] == "window" and row["n_clusters"] == 12  # no doc_id: each window a cluster
     per_window = deltas.mean(axis=0)
     expected = stats.ttest_1samp(per_window, 0.0)
     ci = expected.confidence_interval(0.95)
-    assert row["t_stat"] == pytest.approx(expected.statistic, rel=1e-10)
-    assert row["p_value"] == pytest.approx(expected.pvalue, rel=1e-10)
-    assert (row["ci_low"], row["ci_high"]) == (
+    assert row["conditional_t_stat"] == pytest.approx(expected.statistic, rel=1e-10)
+    assert row["conditional_p_value"] == pytest.approx(expected.pvalue, rel=1e-10)
+    assert (row["conditional_ci_low"], row["conditional_ci_high"]) == (
         pytest.approx(ci.low, rel=1e-10),
         pytest.approx(ci.high, rel=1e-10),
     )
@@ -85,6 +90,7 @@ def test_mean_is_token_weighted_like_the_sensitivity_relation() -> None:
     per_seed = (deltas * tokens).sum(axis=1) / tokens.sum()  # what `sensitivity.delta_nll` holds per seed
     assert row["mean_delta_nll"] == pytest.approx(per_seed.mean())
     assert row["ci_low"] < row["mean_delta_nll"] < row["ci_high"]
+    assert row["conditional_ci_low"] < row["mean_delta_nll"] < row["conditional_ci_high"]
 
 
 def sweep_with_planted_effects(
@@ -121,9 +127,12 @@ def test_bh_controls_fdr_holm_controls_fwer_and_planted_effects_are_found() -> N
     frame, planted = sweep_with_planted_effects(n_sweeps, n_cells, n_planted, rng)
     result = significance(frame, alpha=0.05).sort_values(["model", "layer"], key=_natural)
     is_planted = planted.ravel()
-    p_bh = result["p_bh"].to_numpy().reshape(n_sweeps, n_cells)
-    p_holm = result["p_holm"].to_numpy().reshape(n_sweeps, n_cells)
-    p_raw = result["p_value"].to_numpy()
+    # one seed: no across-draw test (NULL), the conditional window test is the one to check
+    assert result["p_value"].isna().all() and result["significant_bh"].isna().all()
+    assert (result["note"] == NOTE_ONE_SEED).all()
+    p_bh = result["conditional_p_bh"].to_numpy().reshape(n_sweeps, n_cells)
+    p_holm = result["conditional_p_holm"].to_numpy().reshape(n_sweeps, n_cells)
+    p_raw = result["conditional_p_value"].to_numpy()
 
     # the window test is calibrated: nulls reject at the nominal 5% (16,000 null cells, MC sd 0.0017)
     assert 0.04 <= (p_raw[~is_planted] < 0.05).mean() <= 0.06
@@ -134,7 +143,8 @@ def test_bh_controls_fdr_holm_controls_fwer_and_planted_effects_are_found() -> N
     any_false_holm = ((p_holm <= 0.05) & ~planted).any(axis=1)
     assert any_false_holm.mean() <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / n_sweeps)
     assert (p_bh[planted] <= 0.10).mean() >= 0.9  # planted effects are found
-    assert (result["significant_bh"].to_numpy() == (result["p_bh"].to_numpy() <= 0.05)).all()
+    significant = result["conditional_significant_bh"].to_numpy(dtype=bool)
+    assert (significant == (result["conditional_p_bh"].to_numpy() <= 0.05)).all()
 
 
 def _natural(column: pd.Series) -> pd.Series:
@@ -152,10 +162,10 @@ def test_correction_runs_across_each_models_whole_sweep_and_not_across_models() 
     result = significance(pd.concat(frames, ignore_index=True))
     for _, rows in result.groupby("model"):
         assert len(rows) == 6
-        _, expected_holm, _, _ = multipletests(rows["p_value"], method="holm")
-        _, expected_bh, _, _ = multipletests(rows["p_value"], method="fdr_bh")
-        np.testing.assert_allclose(rows["p_holm"], expected_holm)
-        np.testing.assert_allclose(rows["p_bh"], expected_bh)
+        _, expected_holm, _, _ = multipletests(rows["conditional_p_value"], method="holm")
+        _, expected_bh, _, _ = multipletests(rows["conditional_p_value"], method="fdr_bh")
+        np.testing.assert_allclose(rows["conditional_p_holm"], expected_holm)
+        np.testing.assert_allclose(rows["conditional_p_bh"], expected_bh)
 
 
 def test_holm_adjustment_equals_statsmodels_including_ties_and_large_p() -> None:
@@ -178,23 +188,29 @@ def test_nonfinite_window_gives_nan_p_with_a_note_and_stays_out_of_the_correctio
     assert np.isnan(nan_row["mean_delta_nll"])
     for row in (inf_row, nan_row):
         assert np.isnan(row["p_value"]) and np.isnan(row["p_holm"]) and np.isnan(row["p_bh"])
-        assert not row["significant_holm"] and not row["significant_bh"]
-        assert "non-finite ΔNLL in 1 of 6 windows" in row["note"]
+        assert np.isnan(row["conditional_p_value"]) and pd.isna(row["test_used"])
+        # untested is not "not significant": the flags are NULL, the note says why
+        assert pd.isna(row["significant_holm"]) and pd.isna(row["significant_bh"])
+        assert pd.isna(row["conditional_significant_bh"])
+        assert "non-finite ΔNLL in 1 of 6 windows" in row["note"] and "most sensitive" in row["note"]
     assert inf_row["seed_max"] == np.inf and np.isnan(nan_row["seed_sd"])  # a NaN seed is not averaged away
     tested = result.loc[result["layer"] >= 2]
     _, expected_holm, _, _ = multipletests(tested["p_value"], method="holm")  # family of the 3 finite cells
     np.testing.assert_allclose(tested["p_holm"], expected_holm)
-    assert (tested["note"] == "").all()
+    assert (tested["note"] == "").all() and (tested["test_used"] == TEST_ACROSS_DRAWS).all()
+    assert tested["significant_bh"].notna().all()
 
 
 def test_fewer_than_two_windows_and_all_zero_cells_are_reported_not_crashed() -> None:
     frames = [window_rows(np.array([[0.3], [0.4]]), layer=0), window_rows(np.zeros((3, 5)), layer=1)]
     result = significance(pd.concat(frames, ignore_index=True))
     single = one_row(result, layer=0)
-    assert np.isnan(single["p_value"]) and single["note"] == NOTE_FEW_WINDOWS
+    assert np.isnan(single["p_value"]) and single["note"] == NOTE_FEW_CLUSTERS.format(unit="window")
+    assert pd.isna(single["significant_bh"])
     assert single["mean_delta_nll"] == pytest.approx(0.35)
     zero = one_row(result, layer=1)
     assert zero["p_value"] == 1.0 and zero["t_stat"] == 0.0 and zero["note"] == NOTE_ALL_ZERO
+    assert zero["conditional_p_value"] == 1.0 and not zero["significant_bh"]
 
 
 def test_sensitivity_gives_seed_spread_and_rows_for_cells_without_windows() -> None:
@@ -245,3 +261,97 @@ def test_bad_input_raises_errors_that_name_the_fix() -> None:
         significance(pd.concat([rows, rows], ignore_index=True))
     with pytest.raises(ValueError, match="alpha"):
         significance(rows, alpha=5)
+
+
+def test_untested_p_value_gives_a_null_flag_not_false() -> None:
+    adjusted = adjust_p_values(np.array([0.01, 0.04, np.nan, 0.2]), alpha=0.05)
+    # BH over the 3 tested p-values: 0.01·3/1, 0.04·3/2, 0.2·3/3
+    np.testing.assert_allclose(adjusted["p_bh"], [0.03, 0.06, np.nan, 0.2])
+    np.testing.assert_allclose(adjusted["p_holm"], [0.03, 0.08, np.nan, 0.2])
+    assert adjusted["significant_bh"].tolist() == [True, False, pd.NA, False]
+    assert adjusted["significant_holm"].tolist() == [True, False, pd.NA, False]
+
+
+def documents_frame(deltas: np.ndarray, doc_of_window: np.ndarray, tokens: np.ndarray, **cell) -> pd.DataFrame:
+    frame = window_rows(deltas, tokens, **cell)
+    frame["doc_id"] = np.tile(doc_of_window, deltas.shape[0])
+    return frame
+
+
+def test_clustered_se_equals_statsmodels_cluster_robust_weighted_mean() -> None:
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(11)
+    n_docs, per_doc = 8, 3
+    doc_of_window = np.repeat(np.arange(n_docs), per_doc)
+    doc_effect = rng.normal(0, 0.2, n_docs)[doc_of_window]  # windows of one document move together
+    deltas = 0.1 + doc_effect + rng.normal(0, 0.05, size=(1, n_docs * per_doc))
+    tokens = rng.integers(100, 400, n_docs * per_doc).astype(float)
+    row = one_row(significance(documents_frame(deltas, doc_of_window, tokens)))
+    assert row["cluster_unit"] == "document" and row["n_clusters"] == n_docs and row["n_windows"] == 24
+    # reference: WLS of per-token ΔNLL on a constant, weights = tokens, CR1 errors clustered by document
+    fit = sm.WLS(deltas[0], np.ones((24, 1)), weights=tokens).fit(
+        cov_type="cluster", cov_kwds={"groups": doc_of_window}
+    )
+    assert row["mean_delta_nll"] == pytest.approx(fit.params[0], rel=1e-12)
+    se = (row["conditional_ci_high"] - row["conditional_ci_low"]) / (2 * stats.t.ppf(0.975, n_docs - 1))
+    assert se == pytest.approx(fit.bse[0], rel=1e-10)
+    assert row["conditional_t_stat"] == pytest.approx(fit.params[0] / fit.bse[0], rel=1e-10)
+    assert row["conditional_p_value"] == pytest.approx(2 * stats.t.sf(abs(fit.tvalues[0]), n_docs - 1), rel=1e-9)
+    # treating the 24 windows as independent would understate the SE here
+    naive = one_row(significance(window_rows(deltas, tokens)))
+    assert naive["conditional_ci_high"] - naive["conditional_ci_low"] < row["conditional_ci_high"] - row["conditional_ci_low"]
+
+
+def test_across_draw_se_is_the_two_way_anova_estimate_by_hand() -> None:
+    rng = np.random.default_rng(12)
+    n_seeds, n_docs = 3, 7
+    y = 0.2 + rng.normal(0, 0.05, (n_seeds, 1)) + rng.normal(0, 0.1, (1, n_docs)) + rng.normal(0, 0.02, (n_seeds, n_docs))
+    row = one_row(significance(documents_frame(y, np.arange(n_docs), np.full(n_docs, 128.0))))
+    assert row["test_used"] == TEST_ACROSS_DRAWS
+    grand = y.mean()
+    ms_a = n_docs * ((y.mean(1) - grand) ** 2).sum() / (n_seeds - 1)
+    ms_b = n_seeds * ((y.mean(0) - grand) ** 2).sum() / (n_docs - 1)
+    resid = y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + grand
+    ms_e = (resid**2).sum() / ((n_seeds - 1) * (n_docs - 1))
+    assert ms_a > ms_e and ms_b > ms_e  # the untruncated case
+    variance = (ms_a + ms_b - ms_e) / (n_seeds * n_docs)
+    dof = (ms_a + ms_b - ms_e) ** 2 / (ms_a**2 / 2 + ms_b**2 / 6 + ms_e**2 / 12)  # Satterthwaite
+    assert row["mean_delta_nll"] == pytest.approx(grand)
+    assert row["dof"] == pytest.approx(dof)
+    assert row["t_stat"] == pytest.approx(grand / np.sqrt(variance))
+    half = stats.t.ppf(0.975, dof) * np.sqrt(variance)
+    assert (row["ci_low"], row["ci_high"]) == (pytest.approx(grand - half), pytest.approx(grand + half))
+    assert row["sigma_draw"] == pytest.approx(np.sqrt((ms_a - ms_e) / n_docs))
+
+
+def test_across_draw_interval_covers_the_draw_population_mean_and_the_conditional_one_does_not() -> None:
+    rng = np.random.default_rng(13)
+    n_cells, n_seeds, n_docs, mu = 400, 3, 20, 0.1
+    frames = []
+    for layer in range(n_cells):
+        y = mu + rng.normal(0, 0.05, (n_seeds, 1)) + rng.normal(0, 0.05, (1, n_docs))
+        y = y + rng.normal(0, 0.02, (n_seeds, n_docs))
+        frames.append(documents_frame(y, np.arange(n_docs), np.full(n_docs, 64.0), layer=layer))
+    result = significance(pd.concat(frames, ignore_index=True))
+    covered = (result["ci_low"] <= mu) & (mu <= result["ci_high"])
+    conditional = (result["conditional_ci_low"] <= mu) & (mu <= result["conditional_ci_high"])
+    # 400 cells: MC sd of a 95% coverage is 0.011
+    assert 0.92 <= covered.mean() <= 0.985
+    assert conditional.mean() < 0.8  # conditional on 3 draws, it cannot cover the draw population
+    assert (result["test_used"] == TEST_ACROSS_DRAWS).all()
+
+
+def test_deterministic_cells_use_the_clustered_test_and_one_seed_cells_stay_untested() -> None:
+    rng = np.random.default_rng(14)
+    deterministic = window_rows(rng.normal(0.3, 0.1, size=(1, 6)), kind="scale", strength=1.1)
+    deterministic["seed"] = pd.array([pd.NA] * len(deterministic), dtype="Int64")
+    one_seed = window_rows(rng.normal(0.3, 0.1, size=(1, 6)), layer=1)
+    result = significance(pd.concat([deterministic, one_seed], ignore_index=True))
+    fixed = one_row(result, kind="scale")
+    assert fixed["test_used"] == TEST_DETERMINISTIC and fixed["n_seeds"] == 1
+    assert fixed["p_value"] == fixed["conditional_p_value"] and bool(fixed["significant_bh"])
+    assert "deterministic" in fixed["note"] and "not significant" not in fixed["note"]
+    single = one_row(result, layer=1, kind="gaussian")
+    assert np.isnan(single["p_value"]) and pd.isna(single["significant_bh"]) and single["note"] == NOTE_ONE_SEED
+    assert single["conditional_p_value"] < 0.05

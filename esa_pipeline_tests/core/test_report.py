@@ -39,8 +39,9 @@ def test_report_has_every_section_with_embedded_charts(report):
     for section in SECTIONS:
         assert f'<section id="{section}"' in page, section
     images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)' width='\d+'", page)
-    # one per kind-specific chart (one sweep kind, two validation kinds here) and per single chart
-    assert len(images) == 11
+    # one per kind-specific chart (one sweep kind, two validation kinds here) and per single chart; no scaling
+    # chart: one pretrained model is not enough for a fit, and the section says so instead
+    assert len(images) == 10
     for data in images:
         png = base64.b64decode(data)
         assert png.startswith(b"\x89PNG") and len(png) > 8_000
@@ -70,7 +71,7 @@ def test_report_marks_random_weight_models_and_baseline_flags(report):
 def test_report_writes_png_and_spec_files(report):
     index, _ = report
     pngs = sorted(p.name for p in index.parent.glob("*.png"))
-    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 11
+    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 10
     assert {"validation__zero.png", "validation__sign_flip.png"} <= set(pngs)  # one figure per kind
     spec = json.loads((index.parent / "heatmap__gaussian.vl.json").read_text())
     assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
@@ -80,9 +81,9 @@ def test_report_writes_png_and_spec_files(report):
 def test_scaling_section_draws_points_and_the_table_says_why_there_is_no_fit(report):
     _, page = report
     scaling = page.split('<section id="scaling"', 1)[1].split("</section>", 1)[0]
-    assert "<img" in scaling  # two models: points only, the reason in the chart's subtitle
+    assert "<img" not in scaling and "No scaling fit: not enough models" in scaling  # no line, the reason
     table = page.split('<section id="scaling-table"', 1)[1].split("</section>", 1)[0]
-    assert "no fit: a log-log line needs at least 3 models" in table
+    assert "not enough models: 1 pretrained model(s) of family llama" in table
 
 
 def test_every_relation_the_report_draws_is_one_the_report_asset_loads(report):
@@ -112,7 +113,7 @@ def test_empty_relations_are_called_out_and_pretrained_data_carry_no_warning(tmp
     # moe_routing holds only the tiny MoE model, so it is empty once filtered to the pretrained one
     for relation in ("moe_routing", "prediction_check", "zero_shot", "weight_importance", "importance_validation"):
         assert f"The `{relation}` relation is empty" in page, relation
-    assert page.count("<img") == 6
+    assert page.count("<img") == 5  # no scaling chart: one pretrained model is not enough for a fit
     assert "every model in this report has pretrained weights" in page
     assert charts.PLUMBING_NOTE not in page and "badge'>random weights" not in page
 

@@ -1,6 +1,9 @@
 """Comparing sensitivity across architectures: profiles on normalised depth, component rankings, and
 group contrasts (dense vs MoE, instruct vs base).
 
+Random-weight models (models.random_weights) are plumbing checks and never enter a comparison: their rows
+are left out here, so an experiment of tiny models only gives empty relations, not a finding.
+
 Models have different depths, so layers are placed at depth = layer / n_layers and binned into equal-width
 depth bins; a component's rank within a model is by its mean ΔNLL over the layers measured (1 = most
 sensitive, ties share the lower rank).
@@ -79,12 +82,16 @@ def architecture_comparison(
 
     The embedding (layer NULL) keeps a row with NULL depth/depth_bin and takes part in component ranking.
     `component` is the role (adapters.role_of): old alias names are mapped per model family.
+    Models with random_weights true are left out (plumbing only).
     """
     profiles = layer_profiles(sensitivity, function="architecture_comparison")
     meta = models_frame(
-        models, ["family", "is_moe", "instruct", "n_layers"], function="architecture_comparison"
+        models,
+        ["family", "is_moe", "instruct", "n_layers", "random_weights"],
+        function="architecture_comparison",
     )
     require_known_models(profiles["model"].unique(), meta.index, function="architecture_comparison")
+    profiles = profiles.loc[~profiles["model"].map(meta["random_weights"].fillna(False).astype(bool))]
     out = profiles.join(meta[["family", "is_moe", "instruct", "n_layers"]], on="model")
     # Compare by role: an old alias (norm.post_attention) means norm.ffn_in in Llama but norm.attn_out in Gemma2.
     from esa_pipeline.core.models.adapters.base import role_of
@@ -144,7 +151,9 @@ def _compare_groups(
     if models is not None:
         meta = models_frame(models, ["random_weights"], function=name)
         require_known_models(comparison["model"].unique(), meta.index, function=name)
-        random_models = {str(m) for m in meta.index[meta["random_weights"].astype(bool)]}
+        random_models = {str(m) for m in meta.index[meta["random_weights"].fillna(False).astype(bool)]}
+    # random-weight models never enter a contrast (architecture_comparison already leaves them out)
+    comparison = comparison.loc[~comparison["model"].astype(str).isin(random_models)]
 
     per_model = nan_propagating_mean(
         comparison, ["model", flag, "kind", "component", "strength"], "mean_delta_nll"
@@ -201,11 +210,8 @@ def _contrast(cell: pd.DataFrame, flag: str, labels: tuple[str, str], random_mod
     else:
         welch = stats.ttest_ind(a, b, equal_var=False)
         result.update(welch_t=float(welch.statistic), welch_p=float(welch.pvalue), **_mann_whitney(a, b))
-    involved_random = sorted(random_models & set(cell["model"]))
-    if involved_random and len(involved_random) == len(cell):
-        warnings.append("all models have random weights: plumbing only, not a finding")
-    elif involved_random:
-        warnings.append(f"{len(involved_random)} of {len(cell)} models have random weights: plumbing only")
+    if random_models:
+        warnings.append(f"random-weight models left out (plumbing only): {', '.join(sorted(random_models))}")
     result["warnings"] = "; ".join(warnings)
     return result
 

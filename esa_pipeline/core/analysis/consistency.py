@@ -46,9 +46,12 @@ CRITICAL_LAYERS_COLUMNS = [
     "layer",
     "depth",
     "mean_delta_nll",
+    "significant",
     "rank",
     "is_critical",
+    "note",
 ]
+NOTE_NONE_SIGNIFICANT = "none significant: no layer's effect survives the correction, so no layer is critical"
 OVERALL_COMPONENT = "all"
 
 
@@ -82,10 +85,18 @@ def layer_profiles(
 def seed_consistency(sensitivity: pd.DataFrame) -> pd.DataFrame:
     """Spearman ρ between the layer profiles of every pair of seeds, per (model, kind, component, strength).
 
+    Only stochastic kinds: rows with seed NULL or `deterministic` true (measured once) are left out.
+
     Only layers measured (non-NaN) in both seeds count; n_layers says how many. ρ is NaN with fewer than 3
     common layers (2 points always give ±1) or when a profile is constant (ranks undefined).
     """
-    profiles = layer_profiles(sensitivity, per_seed=True, function="seed_consistency")
+    require_columns(sensitivity, ["seed"], function="seed_consistency", relation="sensitivity")
+    # deterministic kinds are measured once (seed NULL, or a true `deterministic` column): a rank correlation
+    # of a profile with itself is 1 by construction, a check that cannot fail, so only stochastic rows count
+    stochastic = sensitivity["seed"].notna()
+    if "deterministic" in sensitivity.columns:
+        stochastic &= ~sensitivity["deterministic"].fillna(False).astype(bool)
+    profiles = layer_profiles(sensitivity.loc[stochastic], per_seed=True, function="seed_consistency")
     profiles = profiles.loc[profiles["layer"].notna()]
     rows = []
     for key, group in profiles.groupby(PROFILE_KEYS, sort=True):
@@ -104,64 +115,105 @@ def _spearman(a: pd.Series, b: pd.Series) -> float:
 
 
 def critical_layers(
-    profile_source: pd.DataFrame,
-    n_layers: pd.DataFrame | Mapping[str, int],
+    significance: pd.DataFrame,
+    models: pd.DataFrame | Mapping[str, int],
     *,
     top_fraction: float = 0.10,
+    flag: str = "significant_bh",
 ) -> pd.DataFrame:
-    """Every measured layer ranked by mean ΔNLL, with the top `top_fraction` flagged is_critical.
+    """Every measured layer ranked by mean ΔNLL; critical = among the top `top_fraction` AND significant.
 
-    profile_source: the `sensitivity` relation (averaged over seeds here) or the `significance` relation
-    (its mean_delta_nll). n_layers: the `models` relation or {model: n_layers}; depth = layer / n_layers.
+    significance: the `significance` relation (mean_delta_nll and the `flag` column, by default the
+    headline Benjamini–Hochberg decision). models: the `models` relation or {model: n_layers}; depth =
+    layer / n_layers; models with random_weights true are left out (plumbing only, never a finding).
     Per (model, kind, component, strength) and overall (component "all": per layer, the mean over the
-    components measured there). Rank 1 = most sensitive; ties go to the shallower layer; NaN ranks last and
-    is never critical. k = max(1, floor(top_fraction × measured layers)): at most that fraction, at least one.
+    components measured there; significant when any of them is, the correction having run over the sweep).
+
+    A layer may be critical only if its cell is significant after correction with a positive mean ΔNLL, or
+    its ΔNLL is non-finite (the loss overflowed: the most sensitive outcome, ranked first). At most
+    max(1, floor(top_fraction × measured layers)) are critical, and no minimum is forced: when no layer
+    qualifies none is critical and `note` says "none significant". `significant` is NULL for an untested
+    finite cell. Rank 1 = most sensitive; ties go to the shallower layer.
     """
     if not 0 < top_fraction <= 1:
         raise ValueError(f"critical_layers(): top_fraction must be in (0, 1], got {top_fraction}")
-    lookup = n_layers_by_model(n_layers, function="critical_layers")
-    profiles = _profiles_from(profile_source)
+    lookup = n_layers_by_model(models, function="critical_layers")
+    profiles = _profiles_from(significance, flag)
+    if isinstance(models, pd.DataFrame) and "random_weights" in models.columns:
+        meta = models.rename(columns={"name": "model"}) if "model" not in models.columns else models
+        random_models = set(meta.loc[meta["random_weights"].fillna(False).astype(bool), "model"].astype(str))
+        profiles = profiles.loc[~profiles["model"].astype(str).isin(random_models)]
     profiles = profiles.loc[profiles["layer"].notna()]
     overall = nan_propagating_mean(profiles, ["model", "kind", "strength", "layer"], "mean_delta_nll")
+    eligible_any = profiles.groupby(["model", "kind", "strength", "layer"], sort=True)["_eligible"].any()
+    tested_any = profiles.groupby(["model", "kind", "strength", "layer"], sort=True)["significant"].agg(
+        lambda x: x.notna().any()
+    )
+    overall["_eligible"] = eligible_any.to_numpy()
+    overall["significant"] = pd.array(
+        np.where(tested_any.to_numpy(), eligible_any.to_numpy(), None), dtype="boolean"
+    )
     overall["component"] = OVERALL_COMPONENT
     ranked = pd.concat([profiles, overall], ignore_index=True)
+    ranked["_finite"] = np.isfinite(ranked["mean_delta_nll"].astype(float))
+    ranked["_eligible"] = ranked["_eligible"].astype(bool) | ~ranked["_finite"]
     ranked = ranked.sort_values(
-        [*PROFILE_KEYS, "mean_delta_nll", "layer"],
-        ascending=[True] * 4 + [False, True],
+        [*PROFILE_KEYS, "_finite", "mean_delta_nll", "layer"],
+        ascending=[True] * 4 + [True, False, True],  # non-finite (False) first: overflow is most sensitive
         na_position="last",
         kind="mergesort",
     )
-    ranked["rank"] = ranked.groupby(PROFILE_KEYS, sort=False).cumcount() + 1
-    n_measured = ranked.groupby(PROFILE_KEYS, sort=False)["layer"].transform("size")
+    groups = ranked.groupby(PROFILE_KEYS, sort=False)
+    ranked["rank"] = groups.cumcount() + 1
+    n_measured = groups["layer"].transform("size")
     k = np.maximum(1, np.floor(top_fraction * n_measured + 1e-9)).astype(int)
-    ranked["is_critical"] = (ranked["rank"] <= k) & ranked["mean_delta_nll"].notna()
+    # rank among the qualifying layers, so a non-significant layer never takes a critical slot
+    qualifying_rank = ranked["_eligible"].astype(int).groupby([ranked[c] for c in PROFILE_KEYS]).cumsum()
+    ranked["is_critical"] = ranked["_eligible"] & (qualifying_rank <= k)
+    none = ~ranked.groupby(PROFILE_KEYS, sort=False)["_eligible"].transform("any")
+    ranked["note"] = np.where(none, NOTE_NONE_SIGNIFICANT, "")
     ranked["layer"] = as_nullable_int(ranked["layer"])
     ranked["depth"] = depth_of(ranked["layer"], ranked["model"], lookup, function="critical_layers")
     ranked = ranked.sort_values([*PROFILE_KEYS, "rank"], kind="mergesort")
     return ranked[CRITICAL_LAYERS_COLUMNS].reset_index(drop=True)
 
 
-def _profiles_from(source: pd.DataFrame) -> pd.DataFrame:
-    if isinstance(source, pd.DataFrame) and "mean_delta_nll" in source.columns:
-        require_columns(
-            source,
-            [*PROFILE_KEYS, "layer", "mean_delta_nll"],
-            function="critical_layers",
-            relation="significance",
+def _profiles_from(source: pd.DataFrame, flag: str) -> pd.DataFrame:
+    """Per (model, kind, component, strength, layer): mean_delta_nll, significant (boolean), _eligible."""
+    if not isinstance(source, pd.DataFrame) or "mean_delta_nll" not in source.columns:
+        raise ValueError(
+            "critical_layers(): pass the `significance` relation (columns mean_delta_nll and "
+            f"{flag}): critical layers are chosen among cells significant after correction"
         )
-        rows = source.copy()
-        rows["layer"] = as_nullable_int(rows["layer"])
-        if "expert" in rows.columns:
-            rows["expert"] = as_nullable_int(rows["expert"])
-        keys = [*PROFILE_KEYS, "layer"] + (["expert"] if "expert" in rows.columns else [])
-        check_unique(rows, keys, function="critical_layers", relation="significance")
-        return collapse_experts(rows, [*PROFILE_KEYS, "layer"], "mean_delta_nll")
-    if isinstance(source, pd.DataFrame) and "delta_nll" in source.columns:
-        return layer_profiles(source, function="critical_layers")
-    raise ValueError(
-        "critical_layers(): profile_source must be the `sensitivity` relation (column delta_nll) or the "
-        "`significance` relation (column mean_delta_nll)"
+    require_columns(
+        source,
+        [*PROFILE_KEYS, "layer", "mean_delta_nll", flag],
+        function="critical_layers",
+        relation="significance",
     )
+    rows = source.copy()
+    rows["layer"] = as_nullable_int(rows["layer"])
+    if "expert" in rows.columns:
+        rows["expert"] = as_nullable_int(rows["expert"])
+    keys = [*PROFILE_KEYS, "layer"] + (["expert"] if "expert" in rows.columns else [])
+    check_unique(rows, keys, function="critical_layers", relation="significance")
+    rows["mean_delta_nll"] = rows["mean_delta_nll"].astype(float)
+    flags = rows[flag].astype("boolean")
+    rows["_sig"] = flags.fillna(False).astype(bool) & (rows["mean_delta_nll"] > 0)
+    rows["_tested"] = flags.notna()
+    means = collapse_experts(rows, [*PROFILE_KEYS, "layer"], "mean_delta_nll")
+    # the same rows as collapse_experts: an all-experts row stands for the component where it exists
+    if "expert" in rows.columns:
+        all_experts = rows["expert"].isna()
+        has_all = all_experts.groupby([rows[k] for k in [*PROFILE_KEYS, "layer"]], dropna=False).transform(
+            "any"
+        )
+        rows = rows.loc[all_experts | ~has_all]
+    grouped = rows.groupby([*PROFILE_KEYS, "layer"], dropna=False, sort=True)
+    sig, tested = grouped["_sig"].any(), grouped["_tested"].any()
+    means["_eligible"] = sig.to_numpy()
+    means["significant"] = pd.array(np.where(tested.to_numpy(), sig.to_numpy(), None), dtype="boolean")
+    return means
 
 
 def jaccard(a: Iterable, b: Iterable) -> float:

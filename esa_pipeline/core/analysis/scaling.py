@@ -1,13 +1,17 @@
-"""Does sensitivity scale with model size? A log-log OLS fit across models.
+"""Does sensitivity scale with model size? A log-log OLS fit across the pretrained models of one family.
 
-For each (kind, component, strength) a model's sensitivity is its mean ΔNLL over seeds and measured layers.
+Only pretrained models of one family enter a fit: random-weight models are plumbing checks and never do
+(they are named in `warnings`), and mixing families would confound size with architecture. For each
+(family, kind, component, strength) a model's sensitivity is its mean ΔNLL over seeds and measured layers.
 The fit is ln(mean ΔNLL) = intercept + exponent · ln(params), by ordinary least squares, once with total and
 once with active parameters (they differ only for MoE models), so mean ΔNLL ≈ e^intercept · params^exponent.
 
 With a handful of models a high R² is cheap: r2_required_p05 is the R² that a slope test at p < 0.05 needs at
 this n (from t² = (n - 2) r² / (1 - r²): r² = t²/(t² + n - 2) with t the two-sided 5% critical value on n - 2
-degrees of freedom). Every cell gets a row: with fewer than 3 usable models there is no fit (NaN columns),
-and `warnings` says why, so an empty or meaningless result is never silent.
+degrees of freedom). Every (family, cell) with a pretrained model gets a row: with fewer than min_models (>= 3)
+usable pretrained models there is no fit (NaN columns) and `warnings` starts with "not enough models", so an
+empty or meaningless result is never silent. A cell with no pretrained model at all gets one row with family
+NULL saying so.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from esa_pipeline.core.analysis._common import models_frame, nan_propagating_mea
 from esa_pipeline.core.analysis.consistency import layer_profiles
 
 SCALING_COLUMNS = [
+    "family",
     "kind",
     "component",
     "strength",
@@ -59,12 +64,13 @@ def scaling_fit(
     min_models: int = 3,
     alpha: float = 0.05,
 ) -> pd.DataFrame:
-    """One row per (kind, component, strength, param_basis) with the log-log fit and plain-language warnings.
+    """One row per (family, kind, component, strength, param_basis): the log-log fit and plain-language warnings.
 
     `models` is the `models` relation (params_total, params_active, family, vocab_size, random_weights).
-    Models with mean ΔNLL <= 0 or non-finite cannot enter a log fit and are dropped (warned, with names).
-    Below min_models usable models the fit is still reported when possible (n >= 3) but warned about.
-    `alpha` sets the exponent CI level (1 - alpha); r2_required_p05 is always at p < 0.05.
+    Random-weight models never enter a fit. Models with mean ΔNLL <= 0 or non-finite cannot enter a log fit
+    and are dropped (warned, with names). Below min_models usable pretrained models of the family there is no
+    fit: NaN columns and the warning "not enough models". `alpha` sets the exponent CI level (1 - alpha);
+    r2_required_p05 is always at p < 0.05.
     """
     if min_models < MIN_POINTS_FOR_FIT:
         raise ValueError(
@@ -84,29 +90,50 @@ def scaling_fit(
     per_model = nan_propagating_mean(profiles, ["kind", "component", "strength", "model"], "mean_delta_nll")
 
     per_model = per_model.join(meta, on="model")
+    random_models = per_model["random_weights"].fillna(False).astype(bool).to_numpy()
+    excluded = sorted(set(per_model.loc[random_models, "model"].astype(str)))
+    excluded_note = (
+        [f"random-weight models left out (plumbing only, never in a fit): {', '.join(excluded)}"]
+        if excluded
+        else []
+    )
+    pretrained = per_model.loc[~random_models]
     # plain arrays: the per-cell work is tiny and pandas indexing would dominate long sweeps
-    columns = {c: per_model[c].to_numpy() for c in ["model", "family", "vocab_size", "random_weights"]}
-    y_all = per_model["mean_delta_nll"].to_numpy(dtype=float)
+    columns = {c: pretrained[c].to_numpy() for c in ["model", "vocab_size"]}
+    y_all = pretrained["mean_delta_nll"].to_numpy(dtype=float)
+    cells = (
+        per_model[["kind", "component", "strength"]]
+        .drop_duplicates()
+        .sort_values(["kind", "component", "strength"])
+    )
+    fitted_cells = pretrained.groupby(["family", "kind", "component", "strength"], sort=True).indices
 
     rows = []
-    for (kind, component, strength), at in per_model.groupby(
-        ["kind", "component", "strength"], sort=True
-    ).indices.items():
+    for (family, kind, component, strength), at in fitted_cells.items():
         models_in_cell, y = columns["model"][at].astype(str), y_all[at]
         usable = np.isfinite(y) & (y > 0)
         described = at[usable] if usable.any() else at
-        warnings = _dropped_warnings(models_in_cell, y) + _comparability_warnings(
-            columns["family"][described],
-            columns["vocab_size"][described],
-            columns["random_weights"][described],
+        warnings = _dropped_warnings(models_in_cell, y) + _vocabulary_warnings(
+            columns["vocab_size"][described]
         )
+        warnings += excluded_note
         for basis, column in PARAM_BASES.items():
-            params = per_model[column].to_numpy(dtype=float)[at]
-            fit = _fit(models_in_cell[usable], params[usable], y[usable], min_models, alpha, warnings)
-            rows.append(
-                {"kind": kind, "component": component, "strength": strength, "param_basis": basis, **fit}
+            params = pretrained[column].to_numpy(dtype=float)[at]
+            fit = _fit(models_in_cell[usable], params[usable], y[usable], min_models, alpha, warnings, family)
+            rows.append({"family": family, "kind": kind, "component": component, "strength": strength,
+                         "param_basis": basis, **fit})  # fmt: skip
+    covered = {(k, c, s) for (_, k, c, s) in fitted_cells}
+    for kind, component, strength in cells.itertuples(index=False):
+        if (kind, component, strength) in covered:
+            continue
+        for basis in PARAM_BASES:
+            fit = _fit(
+                np.array([], dtype=str), np.array([]), np.array([]), min_models, alpha, excluded_note, None
             )
-    return pd.DataFrame(rows, columns=SCALING_COLUMNS)
+            rows.append({"family": None, "kind": kind, "component": component, "strength": strength,
+                         "param_basis": basis, **fit})  # fmt: skip
+    out = pd.DataFrame(rows, columns=SCALING_COLUMNS)
+    return out.sort_values(["kind", "component", "strength", "family", "param_basis"], ignore_index=True)
 
 
 def _dropped_warnings(models: np.ndarray, y: np.ndarray) -> list[str]:
@@ -133,8 +160,9 @@ def _fit(
     min_models: int,
     alpha: float,
     cell_warnings: list[str],
+    family: str | None,
 ) -> dict:
-    """OLS of ln(y) on ln(params) over the usable models (y finite and > 0)."""
+    """OLS of ln(y) on ln(params) over the usable pretrained models of one family (y finite and > 0)."""
     order = np.argsort(params, kind="stable")
     models, params, y = models[order], params[order], y[order]
     n = len(y)
@@ -150,17 +178,16 @@ def _fit(
         "p_value": np.nan,
     }
     warnings = list(cell_warnings)
-    if n < MIN_POINTS_FOR_FIT:
+    if n < min_models:
+        of_family = f"of family {family} " if family is not None else ""
         warnings.insert(
-            0, f"no fit: a log-log line needs at least {MIN_POINTS_FOR_FIT} models with ΔNLL > 0, have {n}"
+            0,
+            f"not enough models: {n} pretrained model(s) {of_family}with ΔNLL > 0; a scaling fit needs at least "
+            f"{min_models} pretrained models of one family",
         )
     elif np.ptp(params) == 0:
         warnings.insert(0, "all models have the same parameter count: no slope can be fitted")
     else:
-        if n < min_models:
-            warnings.insert(
-                0, f"only {n} models (fewer than {min_models}): treat the exponent as a sketch, not a law"
-            )
         design = np.column_stack([np.ones(n), np.log(params)])  # [n, 2]: intercept, ln(params)
         fit = OLS(np.log(y), design).fit()
         ci = fit.conf_int(alpha)  # [2, 2]: rows = coefficients, columns = low/high
@@ -176,28 +203,11 @@ def _fit(
     return result
 
 
-def _comparability_warnings(
-    families: np.ndarray, vocab_sizes: np.ndarray, random_weights: np.ndarray
-) -> list[str]:
-    warnings = []
-    distinct_families = sorted({str(f) for f in families})
-    if len(distinct_families) > 1:
-        warnings.append(
-            f"models differ in family ({', '.join(distinct_families)}): the exponent mixes architecture with size"
-        )
+def _vocabulary_warnings(vocab_sizes: np.ndarray) -> list[str]:
     distinct_vocab = sorted({int(v) for v in vocab_sizes})
     if len(distinct_vocab) > 1:
-        warnings.append(
+        return [
             f"models differ in tokenizer vocabulary ({', '.join(map(str, distinct_vocab))}): per-token ΔNLL is not "
             "on one scale across them"
-        )
-    n_random = int(random_weights.astype(bool).sum())
-    if n_random and n_random == len(random_weights):
-        warnings.append(
-            "all models have random weights (tiny test models): plumbing only, not a scaling result"
-        )
-    elif n_random:
-        warnings.append(
-            f"{n_random} of {len(random_weights)} models have random weights: plumbing only, leave them out"
-        )
-    return warnings
+        ]
+    return []

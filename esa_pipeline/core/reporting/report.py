@@ -34,7 +34,7 @@ MODEL_COLUMNS = {
     "params_active": "parameters (active)", "attention_kind": "attention", "random_weights": "random weights",
 }  # fmt: skip
 PNG_SCALE = 2
-SCALING_COLUMNS = ["kind", "component", "strength", "param_basis", "n_models", "exponent", "exponent_ci_low",
+SCALING_COLUMNS = ["family", "kind", "component", "strength", "param_basis", "n_models", "exponent", "exponent_ci_low",
                    "exponent_ci_high", "r2", "r2_required_p05", "p_value", "warnings"]  # fmt: skip
 
 # Every relation build_report reads; the report asset loads exactly these.
@@ -52,8 +52,11 @@ READING_GUIDES = {
     "heatmap": (
         "Each cell is the mean increase in negative log-likelihood per token (ΔNLL, nats/token) when one "
         "component of one layer is perturbed, averaged over seeds and evaluation windows; red = worse than the "
-        "unperturbed model, blue = better. A dot marks cells whose paired test over evaluation windows survives "
-        "Benjamini–Hochberg correction across the model's whole sweep. Compare rows (layers) within a column to "
+        "unperturbed model, blue = better. A dot marks cells whose test survives Benjamini–Hochberg correction "
+        "across the model's whole sweep: the across-draw test, whose uncertainty includes both the choice of "
+        "noise draw (seed) and of text (documents, clustered), or for deterministic kinds the document-clustered "
+        "test. Cells that could not be tested (e.g. an overflowed loss, one seed) carry no dot and a reason in "
+        "the significance table; they are not 'not significant'. Compare rows (layers) within a column to "
         "find sensitive depths, and columns to rank components; compare panels left to right to see how the "
         "pattern scales with perturbation strength."
     ),
@@ -65,9 +68,10 @@ READING_GUIDES = {
         "model."
     ),
     "critical_layers": (
-        "The overall layer profile (mean ΔNLL over components) placed at relative depth; red bars are the "
-        "top 10% most sensitive layers. A critical layer that recurs across strengths and seeds is a real "
-        "property of the model; one that moves between seeds is noise (see the consistency view)."
+        "The overall layer profile (mean ΔNLL over components) placed at relative depth; red bars are critical "
+        "layers: significant after Benjamini–Hochberg correction (or with an overflowed loss, the most sensitive "
+        "outcome) and within the top 10% by ΔNLL. No minimum is forced: when no layer is significant none is "
+        "red. Random-weight models have no critical layers."
     ),
     "seed_consistency": (
         "Spearman rank correlation between the layer profiles measured with different random seeds. ρ near 1 "
@@ -89,9 +93,11 @@ READING_GUIDES = {
     ),
     "scaling": (
         "Model size against layer-averaged ΔNLL on log-log axes, the fitted power law and the confidence band "
-        "of its exponent. R² alone is cheap with a handful of models: the subtitle gives the R² needed for a "
-        "significant slope at this number of models, and the warnings say what the fit mixes (families, "
-        "tokenizers, random-weight models). Treat a fit over fewer than five comparable models as a sketch."
+        "of its exponent, fitted over the pretrained models of one family only (random-weight models never "
+        "enter). A fit needs at least three such models; with fewer the section says \"not enough models\" "
+        "instead of drawing a line. R² alone is cheap with a handful of models: the subtitle gives the R² "
+        "needed for a significant slope at this number of models. Treat a fit over fewer than five models as a "
+        "sketch."
     ),
     "importance": (
         "Distribution of the stored importance scores (log10) per metric. The metrics have unrelated units, so "
@@ -377,12 +383,19 @@ def _scaling_figures(tables: dict[str, pd.DataFrame]) -> list[_Figure]:
             return [_Figure("scaling", "scaling fit", skipped=_empty_text(relation))]
     figures = []
     for kind, cells in fits.loc[fits["param_basis"] == "total"].groupby("kind", sort=True):
-        cells = cells.loc[cells["strength"] == cells["strength"].max()]
-        best = cells.assign(_r2=cells["r2"].fillna(-np.inf)).sort_values(["n_models", "_r2"], ascending=False).iloc[0]
+        fitted = cells.loc[cells["exponent"].notna()]
+        if fitted.empty:  # a line needs >= 3 pretrained models of one family: say so instead of drawing points
+            reasons = sorted({str(w).split(";")[0] for w in cells["warnings"] if str(w)})
+            figures.append(_Figure(f"scaling__{kind}", f"scaling fit ({kind})",
+                                   skipped="No scaling fit: " + " | ".join(reasons or ["not enough models"])))
+            continue
+        fitted = fitted.loc[fitted["strength"] == fitted["strength"].max()]
+        best = fitted.sort_values(["n_models", "r2"], ascending=False).iloc[0]
         figures.append(_attempt(
-            f"scaling__{kind}", f"scaling fit ({kind}, {best['component']})",
+            f"scaling__{kind}", f"scaling fit ({kind}, {best['component']}, family {best['family']})",
             lambda kind=kind, best=best: charts.scaling_chart(
-                fits, sensitivity, models, kind=kind, component=best["component"], strength=float(best["strength"])),
+                fits, sensitivity, models, kind=kind, component=best["component"], strength=float(best["strength"]),
+                family=best["family"]),
         ))  # fmt: skip
     return figures or [_Figure("scaling", "scaling fit", skipped="No scaling_fit rows with total parameters.")]
 

@@ -66,7 +66,7 @@ def critical_layers_chart(
     df = df.loc[df["component"] == component]
     df, strength = select_strength(df, strength, chart=chart, relation="critical_layers")
     df, n_dropped = drop_nonfinite(df, "mean_delta_nll", chart=chart, relation="critical_layers")
-    df["status"] = np.where(df["is_critical"].astype(bool), "critical (top 10%)", "other")
+    df["status"] = np.where(df["is_critical"].astype(bool), "critical (significant, top 10%)", "other")
     df["layer"] = df["layer"].astype(int)
     bars = (
         alt.Chart()
@@ -74,7 +74,7 @@ def critical_layers_chart(
         .encode(
             x=alt.X("depth:Q", title=DEPTH_TITLE, scale=alt.Scale(domain=[0, 1])),
             y=alt.Y("mean_delta_nll:Q", title=DELTA_NLL_TITLE),
-            color=alt.Color("status:N", title="layer", scale=alt.Scale(domain=["critical (top 10%)", "other"],
+            color=alt.Color("status:N", title="layer", scale=alt.Scale(domain=["critical (significant, top 10%)", "other"],
                                                                      range=["#d62728", "#9ecae1"])),
             tooltip=["model", "layer", alt.Tooltip("depth:Q", format=".2f"),
                      alt.Tooltip("mean_delta_nll:Q", format=".4g"), "rank", "is_critical"],
@@ -94,7 +94,8 @@ def critical_layers_chart(
         .resolve_scale(y="independent")
     )
     notes = [
-        "red bars: the top 10% of layers by seed-averaged ΔNLL (labelled with the layer index)",
+        "red bars: layers significant after BH correction (or overflowed) within the top 10% by seed-averaged ΔNLL "
+        "(labelled with the layer index); none red = none significant",
         f"{n_dropped} layer(s) with non-finite ΔNLL not shown" if n_dropped else None,
     ]
     return finish(
@@ -239,11 +240,13 @@ def scaling_chart(
     component: str,
     strength: float | None = None,
     param_basis: str = "total",
+    family: str | None = None,
 ) -> alt.VConcatChart:
     """Parameters (x, log) vs mean ΔNLL (y, log) per model, the stored OLS line and its exponent band.
 
-    The points are recomputed the way scaling_fit() computes them (seed- then layer-averaged ΔNLL), so they
-    are the data the line was fitted to. The band shows the exponent's CI only (the intercept's uncertainty is
+    One family's fit (`family`; by default the family with a fit and the most models). The points are the
+    pretrained models of that family, recomputed the way scaling_fit() computes them (seed- then
+    layer-averaged ΔNLL), so they are the data the line was fitted to; random-weight models are never drawn. The band shows the exponent's CI only (the intercept's uncertainty is
     not stored), pivoted at the data centroid in log space, where every OLS line passes.
     """
     chart = "scaling_chart"
@@ -255,6 +258,12 @@ def scaling_chart(
     if fits.empty:
         raise ValueError(f"{chart}(): no scaling_fit row for component {component!r}, basis {param_basis!r}")
     fits, strength = select_strength(fits, strength, chart=chart, relation="scaling_fit")
+    if "family" in fits.columns:
+        if family is not None:
+            fits = fits.loc[fits["family"] == family]
+            if fits.empty:
+                raise ValueError(f"{chart}(): no scaling_fit row for family {family!r} in this cell")
+        fits = fits.assign(_fitted=fits["exponent"].notna()).sort_values(["_fitted", "n_models"], ascending=False)
     fit = fits.iloc[0]
 
     meta = models.rename(columns={"name": "model"}) if "model" not in models.columns else models
@@ -264,6 +273,10 @@ def scaling_chart(
     cell = profiles.loc[(profiles["kind"] == kind) & (profiles["component"] == component)
                         & ((profiles["strength"].astype(float) - strength).abs() <= 1e-12)]  # fmt: skip
     points = cell.groupby("model", as_index=False)["mean_delta_nll"].mean()
+    if "family" in fits.columns and pd.notna(fit["family"]) and "family" in meta.columns:
+        pretrained = ~meta["random_weights"].fillna(False).astype(bool) if "random_weights" in meta.columns else True
+        in_family = set(meta.loc[(meta["family"] == fit["family"]) & pretrained, "model"].astype(str))
+        points = points.loc[points["model"].astype(str).isin(in_family)]
     points = points.merge(meta[["model", PARAM_COLUMNS[param_basis]]], on="model", how="left")
     points = points.rename(columns={PARAM_COLUMNS[param_basis]: "params"})
     if points["params"].isna().any():
@@ -294,12 +307,13 @@ def scaling_chart(
         )
         band_note = "orange line: fitted ΔNLL = e^intercept · params^exponent; band: exponent CI only, pivoted at the data centroid"
     else:
-        headline = f"no fit drawn: {int(fit['n_models'])} usable model(s)"
+        headline = f"no fit drawn (not enough models): {int(fit['n_models'])} usable pretrained model(s)"
         band_note = None
     warnings = [f"warning: {w.strip()}" for w in str(fit["warnings"] or "").split(";") if w.strip()]
     return finish(
         alt.layer(*layers).properties(width=420, height=300),
-        title=[f"Scaling of sensitivity with size — {component}, {strength_text(kind, [strength])}", headline],
+        title=[f"Scaling of sensitivity with size — {component}, {strength_text(kind, [strength])}"
+               + (f", family {fit['family']}" if "family" in fit.index and pd.notna(fit["family"]) else ""), headline],
         notes=[band_note], warnings=warnings,
         random_models=random_weight_models(usable, meta), all_models=usable["model"],
     )  # fmt: skip

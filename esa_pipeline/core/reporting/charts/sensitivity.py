@@ -46,7 +46,8 @@ def sensitivity_heatmap(
 ) -> alt.VConcatChart:
     """Mean ΔNLL per layer (y) × component (x); one row of panels per model, one panel per strength.
 
-    Cells whose paired test survives Benjamini–Hochberg (`marker` column, default significant_bh) get a dot.
+    Cells whose headline test survives Benjamini–Hochberg (`marker` column, default significant_bh) get a dot;
+    untested cells (NULL flag) get none.
     The colour scale is symmetric-log and diverging around 0: ΔNLL spans orders of magnitude across
     strengths, and a negative ΔNLL (perturbation helped) must not look like "no effect".
     """
@@ -75,7 +76,8 @@ def sensitivity_heatmap(
         color="independent", shape="independent", x="independent", y="independent"
     )
     notes = [
-        f"dot = {SIGNIFICANT_LABEL}: paired test over evaluation windows, seed-averaged" if marker == "significant_bh"
+        f"dot = {SIGNIFICANT_LABEL}: across-draw test (seed × document; deterministic kinds: clustered by document); "
+        "no dot = not significant or untested (see the significance table's note)" if marker == "significant_bh"
         else f"dot = cells where {marker} is true",
         "colour scale per model (symmetric log, centred on 0)",
         f"{n_dropped} cell(s) with non-finite ΔNLL not shown" if n_dropped else None,
