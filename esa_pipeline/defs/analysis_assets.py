@@ -32,11 +32,15 @@ from esa_pipeline.defs.sweep_assets import sensitivity
 
 
 def current_rows(step: ModelStep, relation: str) -> pd.DataFrame:
-    """The model's rows computed under its current settings; a clear error when there are none yet."""
+    """The model's rows computed under its current settings; a clear error when there are none yet.
+
+    Only the model's own partition files are opened: another model's (maybe damaged) files never affect it.
+    """
     store, model, config_hash = step.store, step.model, step.config_hash
-    if not store.has(relation):
-        raise FileNotFoundError(f"no {relation} rows stored yet: materialize {relation} for {model} first")
-    rows = store.read(relation, model=model, config_hash=config_hash)
+    own = store.model_partitions(relation, model)
+    if not own:
+        raise FileNotFoundError(f"no {relation} rows stored yet for {model}: materialize {relation} for {model} first")
+    rows = store.read(relation, partitions=own, model=model, config_hash=config_hash)
     if rows.empty:
         raise FileNotFoundError(
             f"no {relation} rows for {model} under its current config (hash {config_hash}): materialize the "

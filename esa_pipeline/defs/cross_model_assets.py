@@ -24,12 +24,17 @@ CROSS_MODEL_RELATIONS = {"architecture_comparison", "group_comparison", "scaling
 
 
 def experiment_rows(store: Store, relation: str, cfg: ExperimentConfig) -> pd.DataFrame:
-    """Rows of every model in the experiment, each under its current settings (older configs left out)."""
+    """Rows of every model in the experiment, each under its current settings (older configs left out).
+
+    Each model's own partition files only: files of models outside the experiment are never opened."""
     if not store.has(relation):
         raise FileNotFoundError(f"no {relation} rows stored yet: materialize {relation} first")
     frames = []
     for model in cfg.models:
-        rows = store.read(relation, model=model, config_hash=model_section_hash(cfg, model))
+        own = store.model_partitions(relation, model)
+        if not own:
+            continue
+        rows = store.read(relation, partitions=own, model=model, config_hash=model_section_hash(cfg, model))
         if not rows.empty:
             frames.append(rows)
     if not frames:

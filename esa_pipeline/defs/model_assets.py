@@ -121,7 +121,7 @@ def baseline(context: AssetExecutionContext, experiment: ExperimentResource, sto
             "tokens_per_s": number(headline["tokens_per_s"]),
             "peak_mem_bytes": int(headline["peak_mem_bytes"]),
             "random_weights": bool(lm.spec.random_weights),
-            "baselines": table_preview(baselines, ["dataset", "window", "n_tokens", "token_ppl", "word_ppl",
+            "baselines": table_preview(baselines, ["dataset", "window_tokens", "n_tokens", "token_ppl", "word_ppl",
                                                    "byte_ppl", "token_accuracy", "tokens_per_s", "flags"]),
             "zero_shot": table_preview(zero_shot_rows, ["task", "metric", "value", "stderr", "n_items"]),
         },  # fmt: skip
@@ -169,11 +169,11 @@ def sanity_check(baselines: pd.DataFrame, *, random_weights: bool) -> AssetCheck
 
 
 def regression_check(baselines: pd.DataFrame, previous: pd.DataFrame | None) -> AssetCheckResult:
-    """Warn when the same (dataset, window, token count) gives a different PPL than last time."""
+    """Warn when the same (dataset, window_tokens, token count) gives a different PPL than last time."""
     if previous is None or previous.empty:
         return AssetCheckResult(check_name="baseline_regression", passed=True,
                                 metadata={"compared": "no previous materialization"})  # fmt: skip
-    keys = ["dataset", "window", "n_tokens"]
+    keys = ["dataset", "window_tokens", "n_tokens"]
     joined = baselines.merge(previous, on=keys, suffixes=("", "_previous"))
     joined["relative_change"] = (joined["token_ppl"] / joined["token_ppl_previous"] - 1).abs()
     changed = joined.loc[~(joined["relative_change"] <= REGRESSION_RTOL)]

@@ -56,7 +56,7 @@ def sweep_relations(names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
                         per_window = effect + 0.02 * rng.standard_normal(N_WINDOWS)
                         delta = float(per_window.mean())
                         rows.append({
-                            "model": name, "dataset": "bundled", "window": WINDOW_TOKENS, "variant": f"{component}__{seed}",
+                            "model": name, "dataset": "bundled", "window_tokens": WINDOW_TOKENS, "variant": f"{component}__{seed}",
                             "kind": "gaussian", "component": component, "layer": layer, "expert": pd.NA,
                             "strength": strength, "seed": seed, "mode": "noise", "selection": "random",
                             "delta_nll": delta, "ppl_ratio": np.exp(delta), "ppl_ratio_se": 0.01, "kl": delta * 0.9,
@@ -116,7 +116,7 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
     prediction["predicted_delta_nll"] = prediction["measured_delta_nll"] * rng.uniform(0.6, 1.3, len(prediction))
     prediction["ratio"] = prediction["measured_delta_nll"] / prediction["predicted_delta_nll"]
     baselines = pd.DataFrame([
-        {"model": m, "dataset": "bundled", "window": WINDOW_TOKENS, "n_windows": N_WINDOWS,
+        {"model": m, "dataset": "bundled", "window_tokens": WINDOW_TOKENS, "n_windows": N_WINDOWS,
          "n_tokens": N_WINDOWS * WINDOW_TOKENS, "n_words": 600, "n_bytes": 3500, "nll_sum": 1900.0,
          "token_ppl": 11.8 if not MODELS[m][6] else 262.0, "word_ppl": 24.1, "byte_ppl": 1.9,
          "token_accuracy": 0.41, "tokens_per_s": 535.0, "peak_mem_bytes": 1_200_000_000,

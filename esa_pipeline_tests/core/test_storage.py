@@ -136,3 +136,86 @@ def test_with_provenance_stamps_every_row():
 def test_stable_hash_ignores_key_order():
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+# ---- issue 15 item 6: no SQL reserved words as column names; files from before a rename stay readable ---------
+def test_reserved_word_columns_are_refused_with_the_fix(store):
+    with pytest.raises(StoreError, match=r"\['window'\] are SQL reserved words.*window -> window_tokens"):
+        store.write("baselines", "m", pd.DataFrame({"model": ["m"], "window": [64]}))
+    assert not store.has("baselines")
+
+
+def test_old_window_column_is_read_as_window_tokens_through_view_and_read(store):
+    # A file written before the rename (column `window`), beside one written now (`window_tokens`).
+    old = pd.DataFrame({"model": ["old"], "dataset": ["bundled"], "window": [64], "token_ppl": [12.0]})
+    store.relation_dir("baselines").mkdir(parents=True)
+    old.to_parquet(store.partition_path("baselines", "old"))
+    store.write("baselines", "new", pd.DataFrame({"model": ["new"], "dataset": ["bundled"], "window_tokens": [128],
+                                                  "token_ppl": [11.0]}))  # fmt: skip
+    with store.connect() as con:
+        rows = con.sql("select model, window_tokens from baselines order by model").fetchall()
+        columns = [d[0] for d in con.sql("from baselines").description]
+    assert rows == [("new", 128), ("old", 64)]
+    assert "window" not in columns
+    read = store.read("baselines", model="old")
+    assert read["window_tokens"].tolist() == [64] and "window" not in read.columns
+    assert store.read("baselines", "old")["window_tokens"].tolist() == [64]
+    # only old files / only new files: the view still binds
+    assert store.read("baselines", "new")["window_tokens"].tolist() == [128]
+
+
+def test_views_made_before_a_rename_are_recreated(store):
+    store.write("baselines", "m", pd.DataFrame({"model": ["m"], "window_tokens": [64]}))
+    with duckdb.connect(str(store.db_path)) as con:  # the view as older code created it
+        con.execute(f"CREATE OR REPLACE VIEW baselines AS SELECT * FROM read_parquet('{store._glob('baselines')}', "
+                    "union_by_name=true)")  # fmt: skip
+    assert "baselines" not in (store.existing_views() or set())
+    with store.connect() as con:
+        assert con.sql("select window_tokens from baselines").fetchall() == [(64,)]
+
+
+# ---- issue 15 item 4: a partition reads only its own files; killed writers' temp files are cleaned up ---------
+def test_reading_one_models_partitions_ignores_a_damaged_file_of_another_model(store):
+    frame = pd.DataFrame({"model": ["tiny-llama"], "delta_nll": [0.5]})
+    store.write("sensitivity", "tiny-llama|ffn.down__1", frame)
+    store.write("sensitivity", "tiny-llama|ffn.up__1", frame.assign(delta_nll=0.25))
+    store.write("sensitivity", "tiny-llama-2|ffn.up__1", frame.assign(model="tiny-llama-2"))
+    store.partition_path("sensitivity", "smollm2-135m|ffn.down__1").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(duckdb.Error):
+        store.read("sensitivity", model="tiny-llama")  # the whole glob opens the damaged file
+    assert store.model_partitions("sensitivity", "tiny-llama") == ["tiny-llama|ffn.down__1", "tiny-llama|ffn.up__1"]
+    rows = store.read("sensitivity", partitions=store.model_partitions("sensitivity", "tiny-llama"))
+    assert sorted(rows["delta_nll"]) == [0.25, 0.5]
+    with pytest.raises(FileNotFoundError, match="materialize them first"):
+        store.read("sensitivity", partitions=["absent|x__1"])
+
+
+def test_temp_files_of_killed_writers_are_removed_and_never_read(store, monkeypatch):
+    store.write("baselines", "m", pd.DataFrame({"model": ["m"], "token_ppl": [10.0]}))
+    directory = store.relation_dir("baselines")
+    host = storage.socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pd.DataFrame({"model": ["x"], "token_ppl": [1.0]}).to_parquet(
+        stale_here := directory / f"m.parquet.tmp-{host}-{dead.pid}-0123abcd"
+    )
+    alive_here = directory / f"m.parquet.tmp-{host}-{os.getpid()}-0123abce"
+    other_host_young = directory / "m.parquet.tmp-gpu-node-7-4242-0123abcf"
+    other_host_old = directory / "m.parquet.tmp-gpu-node-7-4243-0123abd0"
+    for path in (alive_here, other_host_young, other_host_old):
+        path.write_bytes(stale_here.read_bytes())
+    os.utime(other_host_old, (1, 1))
+    assert storage.temp_owner(other_host_old) == ("gpu-node-7", 4243)
+    # never globbed: the views and reads see only the committed partition
+    with store.connect() as con:
+        assert con.sql("select model from baselines").fetchall() == [("m",)]
+    assert store.partitions("baselines") == ["m"]
+    # this process is alive, a writer on another host is only judged by age
+    removed = store.remove_stale_temp_files("baselines")
+    assert sorted(p.name for p in removed) == sorted([stale_here.name, other_host_old.name])
+    assert alive_here.exists() and other_host_young.exists()
+    # the next write cleans up by itself; a live local writer's file is kept whatever its age
+    monkeypatch.setenv("ESA_TEMP_MAX_AGE_S", "0")
+    os.utime(alive_here, (1, 1))
+    store.write("baselines", "m2", pd.DataFrame({"model": ["m2"], "token_ppl": [10.0]}))
+    assert sorted(p.name for p in directory.iterdir()) == ["m.parquet", alive_here.name, "m2.parquet"]

@@ -33,7 +33,7 @@ def test_sweep_rows_are_layer_ordered_and_match_single_evaluations(tiny):
     assert sensitivity.component.tolist()[1:3] == ["moe.router", "attention.query"]  # stable within a layer
     assert sensitivity.used_prefix_cache.tolist() == [False, True, True, True, True]
     assert sensitivity.restored.all() and (sensitivity.model == "tiny-mixtral").all()
-    assert sensitivity.random_weights.all() and (sensitivity.window == 64).all()
+    assert sensitivity.random_weights.all() and (sensitivity.window_tokens == 64).all()
     assert len(windows) == len(specs) * base.n_windows
     assert any("prefix cache built" in line for line in lines)
     assert sum(line.startswith("layer ") for line in lines) == 3  # one progress line per layer

@@ -13,7 +13,7 @@ import pandas as pd
 
 # Columns that distinguish stored rows but are not part of the analysis keys: when two rows share every key,
 # these say why (two datasets, two neuron modes, ...), so the error can name the filter to apply.
-_DISAMBIGUATING_COLUMNS = ("dataset", "window", "mode", "selection", "group_size", "variant")
+_DISAMBIGUATING_COLUMNS = ("dataset", "window_tokens", "mode", "selection", "group_size", "variant")
 
 
 def require_columns(df: object, needed: Iterable[str], *, function: str, relation: str) -> None:

@@ -74,7 +74,7 @@ class PerplexityResult:
     def to_row(self) -> dict[str, Any]:
         """One `baselines` row (provenance columns are added by storage)."""
         return {
-            "model": self.model, "dataset": self.dataset, "window": self.window, "n_windows": self.n_windows,
+            "model": self.model, "dataset": self.dataset, "window_tokens": self.window, "n_windows": self.n_windows,
             "n_tokens": self.n_tokens, "n_words": self.n_words, "n_bytes": self.n_bytes,
             "nll_sum": self.nll_sum, "token_ppl": self.token_ppl, "word_ppl": self.word_ppl,
             "byte_ppl": self.byte_ppl, "token_accuracy": self.token_accuracy,
@@ -85,7 +85,7 @@ class PerplexityResult:
     def window_rows(self) -> pd.DataFrame:
         """`baseline_windows` rows."""
         rows = self.windows.copy()
-        rows.insert(0, "window", self.window)
+        rows.insert(0, "window_tokens", self.window)
         rows.insert(0, "dataset", self.dataset)
         rows.insert(0, "model", self.model)
         return rows

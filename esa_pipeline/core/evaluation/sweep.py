@@ -15,7 +15,7 @@ from esa_pipeline.core.perturbation.perturb import Perturbation
 
 # `sensitivity` columns produced here, in order (the caller adds `variant` and provenance).
 SENSITIVITY_COLUMNS = [
-    "model", "dataset", "window", "kind", "component", "layer", "expert", "strength", "seed", "mode",
+    "model", "dataset", "window_tokens", "kind", "component", "layer", "expert", "strength", "seed", "mode",
     "selection", "group_size", "delta_nll", "ppl_ratio", "ppl_ratio_se", "kl", "top1_agreement", "token_ppl", "nll_sum",
     "n_tokens", "nonfinite", "relative_change", "changed_fraction", "n_changed", "restored",
     "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights",
@@ -53,7 +53,7 @@ def run_sweep(
             state = f"{cache.captured_bytes / 2**20:.1f} MiB" if cache.enabled else f"disabled: {cache.reason}"
             log(f"prefix cache built in {cache.build_s:.2f}s ({state})")
     context = {
-        "model": getattr(spec, "name", base.model), "dataset": base.dataset, "window": base.window,
+        "model": getattr(spec, "name", base.model), "dataset": base.dataset, "window_tokens": base.window,
         "random_weights": getattr(spec, "random_weights", base.random_weights),
     }  # fmt: skip
     rows, window_frames = [], []

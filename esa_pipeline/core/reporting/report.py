@@ -23,7 +23,7 @@ from esa_pipeline.core.reporting import charts
 from esa_pipeline.core.reporting.charts._common import PLUMBING_NOTE
 
 BASELINE_COLUMNS = {
-    "model": "model", "dataset": "dataset", "window": "window (tokens)", "n_tokens": "tokens",
+    "model": "model", "dataset": "dataset", "window_tokens": "window (tokens)", "n_tokens": "tokens",
     "token_ppl": "token PPL", "word_ppl": "word PPL", "byte_ppl": "byte PPL",
     "token_accuracy": "token top-1 accuracy", "tokens_per_s": "tokens/s", "peak_mem_bytes": "peak memory",
     "dtype": "dtype", "flags": "sanity flags",
