@@ -26,13 +26,13 @@ import pandas as pd
 import torch
 from scipy import stats
 
-BLOCK_INFLUENCE_COLUMNS = ["model", "dataset", "window", "layer", "span", "block_influence", "angular_distance",
+BLOCK_INFLUENCE_COLUMNS = ["model", "dataset", "window_tokens", "layer", "span", "block_influence", "angular_distance",
                            "n_tokens", "random_weights"]  # fmt: skip
 AGREEMENT_COLUMNS = ["model", "measure", "span", "drop_component", "spearman_rho", "p_value", "n_layers", "note"]
 
 
 def layer_similarity(cache: Any, spans: Sequence[int] = (1,)) -> pd.DataFrame:
-    """`block_influence` rows [model, dataset, window, layer, span, ...] for every layer ℓ with ℓ + span ≤ N.
+    """`block_influence` rows [model, dataset, window_tokens, layer, span, ...] for every layer ℓ with ℓ + span ≤ N.
 
     cache: an enabled PrefixCache (raises RuntimeError if it is disabled). spans: positive ints < N+1.
     """
@@ -54,7 +54,7 @@ def layer_similarity(cache: Any, spans: Sequence[int] = (1,)) -> pd.DataFrame:
             angle[(layer, s)] += float(torch.arccos(cos).sum()) / math.pi
     base = cache.base
     rows = [{
-        "model": base.model, "dataset": base.dataset, "window": base.window, "layer": layer, "span": s,
+        "model": base.model, "dataset": base.dataset, "window_tokens": base.window, "layer": layer, "span": s,
         "block_influence": one_minus_cos[(layer, s)] / n_tokens, "angular_distance": angle[(layer, s)] / n_tokens,
         "n_tokens": n_tokens, "random_weights": base.random_weights,
     } for layer, s in keys]  # fmt: skip

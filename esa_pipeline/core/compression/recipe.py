@@ -33,7 +33,7 @@ from esa_pipeline.core.evaluation.perplexity import concat_scores, full_forward,
 from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices
 
 RECIPE_COLUMNS = [
-    "model", "dataset", "window", "kind", "allocation", "budget", "achieved", "n_units", "predicted_delta_nll",
+    "model", "dataset", "window_tokens", "kind", "allocation", "budget", "achieved", "n_units", "predicted_delta_nll",
     "measured_delta_nll", "measured_kl", "top1_agreement", "additivity_ratio", "ratio_ci_low", "ratio_ci_high",
     "n_windows", "n_docs", "restored", "method", "assignment_json", "random_weights",
 ]  # fmt: skip
