@@ -57,10 +57,10 @@ def current_rows(step: ModelStep, relation: str) -> pd.DataFrame:
     check_specs=[AssetCheckSpec("significance_quality", asset="significance",
                                 description="Every cell was tested (warns on any untested cell, with the reasons)")],
     description="Across-draw (seed × document) and conditional (clustered by document) tests per cell, Holm/BH "
-    "across the sweep; untested cells NULL with a reason; seed spread and consistency.",
+    "across the sweep; untested cells NULL with a reason; seed spread and consistency; dose-response slopes.",
 )  # fmt: skip
 def significance(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    from esa_pipeline.core.analysis import seed_consistency
+    from esa_pipeline.core.analysis import dose_response, seed_consistency
     from esa_pipeline.core.analysis import significance as significance_test
 
     step = model_step(context.partition_key, experiment, store)
@@ -70,6 +70,8 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
     consistency = seed_consistency(sens)
     n_rows = step.write("significance", tested)
     step.write("seed_consistency", consistency)
+    slopes = dose_response(sens)  # empty when no cell has >= 3 strengths
+    step.write("dose_response", slopes)
 
     # untested = no headline decision (NULL significant_bh): overflowed, too few documents, one seed, ...
     untested = int(tested["significant_bh"].isna().sum())
@@ -84,6 +86,9 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
             "cluster_unit": ", ".join(sorted(tested["cluster_unit"].unique())) if len(tested) else "none",
             "min_clusters": int(tested["n_clusters"].min()) if len(tested) else 0,
             "median_seed_rho": number(consistency["spearman_rho"].median()) if len(consistency) else None,
+            "dose_response_rows": len(slopes),
+            "median_dose_slope": number(slopes["slope"].median()) if slopes["slope"].notna().any() else None,
+            "non_monotone_cells": int((~slopes["monotone"].astype(bool)).sum()),
             "top_cells": table_preview(tested.sort_values("mean_delta_nll", ascending=False),
                                        ["kind", "component", "layer", "strength", "mean_delta_nll", "ci_low",
                                         "ci_high", "p_holm", "test_used", "note"], limit=10),

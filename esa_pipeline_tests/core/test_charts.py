@@ -133,13 +133,16 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
         "row": [507, 12], "col": [1229, 40], "weight_value": [5.9, -0.4], "activation_in": [3065.0, 2.1],
         "activation_out": [24882.0, 30.0], "spike_ratio": [152.0, 1.6],
     })  # fmt: skip
+    # a third, larger strength (ΔNLL × 9 = σ² scaling) so that every cell has a dose-response slope
+    strongest = sensitivity.loc[sensitivity["strength"] == STRENGTHS[-1]]
+    dosed = pd.concat([sensitivity, strongest.assign(strength=0.3, delta_nll=strongest["delta_nll"] * 9)])
     architecture = analysis.architecture_comparison(sensitivity, models)
     groups = pd.concat([analysis.dense_vs_moe(architecture, models), analysis.instruct_vs_base(architecture, models)],
                        ignore_index=True)  # fmt: skip
     return {
         "models": models, "baselines": baselines, "zero_shot": zero_shot, "sensitivity": sensitivity,
         "sensitivity_windows": sensitivity_windows, "significance": significance,
-        "seed_consistency": analysis.seed_consistency(sensitivity),
+        "seed_consistency": analysis.seed_consistency(sensitivity), "dose_response": analysis.dose_response(dosed),
         "critical_layers": analysis.critical_layers(significance, models),
         "architecture_comparison": architecture, "group_comparison": groups, "super_weights": supers,
         "scaling_fit": analysis.scaling_fit(sensitivity, models), "moe_routing": routing,
@@ -165,6 +168,7 @@ def build(name: str, rel: dict[str, pd.DataFrame]):
     builders = {
         "heatmap": lambda: charts.sensitivity_heatmap(rel["significance"], models=rel["models"]),
         "degradation": lambda: charts.degradation_curves(rel["significance"], models=rel["models"]),
+        "dose_response": lambda: charts.dose_response_chart(rel["dose_response"], models=rel["models"]),
         "layer_profile": lambda: charts.layer_profile_chart(rel["sensitivity"]),
         "critical_layers": lambda: charts.critical_layers_chart(rel["critical_layers"], models=rel["models"]),
         "seed_consistency": lambda: charts.seed_consistency_chart(rel["seed_consistency"], models=rel["models"]),
@@ -184,6 +188,8 @@ EXPECTED = {
                 ["Mean ΔNLL", "gaussian σ"]),
     "degradation": ({"area", "line"}, {"strength", "value", "low", "high", "component", "model"},
                     ["Degradation", "smollm2-135m"]),
+    "dose_response": ({"rule", "point"}, {"layer_label", "slope", "slope_ci_low", "component", "model"},
+                      ["Dose–response", "log–log"]),
     "layer_profile": ({"line", "point"}, {"layer_label", "delta_nll", "strength"}, ["ΔNLL per layer", "σ"]),
     "critical_layers": ({"bar", "text"}, {"depth", "mean_delta_nll", "status"}, ["Critical layers", "σ = 0.1"]),
     "seed_consistency": ({"point", "rule"}, {"spearman_rho", "component", "strength"}, ["Cross-seed", "σ"]),
@@ -197,7 +203,7 @@ EXPECTED = {
 }  # fmt: skip
 AXIS_TITLES = {
     "heatmap": [charts.DELTA_NLL_TITLE], "degradation": [charts.DELTA_NLL_TITLE, "σ (units of rms(W))"],
-    "layer_profile": [charts.DELTA_NLL_TITLE], "critical_layers": [charts.DELTA_NLL_TITLE, charts.DEPTH_TITLE],
+    "layer_profile": [charts.DELTA_NLL_TITLE], "dose_response": ["log–log slope"], "critical_layers": [charts.DELTA_NLL_TITLE, charts.DEPTH_TITLE],
     "seed_consistency": ["Spearman ρ"], "architecture": [charts.DELTA_NLL_TITLE, charts.DEPTH_TITLE],
     "moe_routing": ["fraction"], "importance": ["log10(importance score)"], "validation": [charts.DELTA_NLL_TITLE],
     "prediction": ["predicted " + charts.DELTA_NLL_TITLE, "measured " + charts.DELTA_NLL_TITLE],

@@ -39,7 +39,8 @@ SCALING_COLUMNS = ["family", "kind", "component", "strength", "param_basis", "n_
 
 # Every relation build_report reads; the report asset loads exactly these.
 REPORT_RELATIONS = [
-    "models", "baselines", "zero_shot", "sensitivity", "significance", "seed_consistency", "critical_layers",
+    "models", "baselines", "zero_shot", "sensitivity", "significance", "seed_consistency", "dose_response",
+    "critical_layers",
     "weight_importance", "importance_validation", "super_weights", "prediction_check", "moe_routing",
     "architecture_comparison", "group_comparison", "scaling_fit",
 ]  # fmt: skip
@@ -66,6 +67,13 @@ READING_GUIDES = {
         "bound on the uncertainty of the plotted mean. Curves that stay near 0 at small strengths and bend up "
         "late mark robust components; a curve that leaves 0 early marks a fragile one. The y scale differs per "
         "model."
+    ),
+    "dose_response": (
+        "How ΔNLL grows with strength, per layer and component: the slope of ln ΔNLL against ln strength over "
+        "the strengths measured (at least three), with its 95% CI. For Gaussian noise a second-order expansion "
+        "predicts a slope of 2 at small σ (dashed line); a steeper slope means the damage accelerates beyond the "
+        "quadratic regime, a shallower one that it saturates. Triangles mark non-monotone responses (ΔNLL "
+        "rising then falling), which no single slope describes."
     ),
     "critical_layers": (
         "The overall layer profile (mean ΔNLL over components) placed at relative depth; red bars are critical "
@@ -350,6 +358,9 @@ def _figures(tables: dict[str, pd.DataFrame]) -> list[tuple[str, list[_Figure]]]
         ("Degradation curves", per_kind(
             "degradation", "significance", lambda f, k: charts.degradation_curves(f, kind=k, models=models),
             "strength → ΔNLL per component")),
+        ("Dose–response slopes", per_kind(
+            "dose_response", "dose_response", lambda f, k: charts.dose_response_chart(f, kind=k, models=models),
+            "log–log slope of ΔNLL against strength")),
         ("Critical layers", per_kind(
             "critical_layers", "critical_layers", lambda f, k: charts.critical_layers_chart(f, kind=k, models=models),
             "critical layers of the overall profile")),

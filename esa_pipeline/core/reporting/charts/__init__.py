@@ -29,6 +29,7 @@ from esa_pipeline.core.reporting.charts.render import (
 )
 from esa_pipeline.core.reporting.charts.sensitivity import (
     degradation_curves,
+    dose_response_chart,
     layer_profile_chart,
     sensitivity_heatmap,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "architecture_chart",
     "critical_layers_chart",
     "degradation_curves",
+    "dose_response_chart",
     "importance_distribution_chart",
     "importance_validation_chart",
     "layer_profile_chart",

@@ -274,3 +274,46 @@ def _all_experts_rows(df: pd.DataFrame) -> pd.DataFrame:
     if "expert" not in df.columns or df["expert"].isna().all() or not df["expert"].isna().any():
         return df.copy()
     return df.loc[df["expert"].isna()].copy()
+
+
+DOSE_RESPONSE_NEEDED = ["model", "kind", "component", "layer", "slope", "slope_ci_low", "slope_ci_high", "monotone"]
+
+
+def dose_response_chart(
+    dose_response: pd.DataFrame, *, kind: str | None = None, models: pd.DataFrame | None = None
+) -> alt.VConcatChart:
+    """Log–log dose–response slope per layer (x) and component (colour) with its CI; one panel per model.
+
+    The dashed line at 2 is the small-σ expectation for Gaussian noise (ΔNLL ∝ σ²); hollow points are
+    non-monotone responses. Rows without a slope (fewer than 3 usable strengths) are counted in the caption.
+    """
+    chart = "dose_response_chart"
+    df = require_rows(dose_response, DOSE_RESPONSE_NEEDED, chart=chart, relation="dose_response")
+    df, kind = select_kind(df, kind, chart=chart, relation="dose_response")
+    df, n_dropped = drop_nonfinite(df, "slope", chart=chart, relation="dose_response")
+    df["layer_label"] = layer_labels(df["layer"])
+    df["response"] = np.where(df["monotone"].astype(bool), "monotone", "non-monotone")
+    df = df[["model", "component", "layer_label", "slope", "slope_ci_low", "slope_ci_high", "response"]]
+    x = alt.X("layer_label:N", title="layer", sort=layer_sort_order(df["layer_label"]))
+    color = alt.Color("component:N", title="component", legend=alt.Legend(orient="right"))
+    offset = alt.XOffset("component:N")
+    bars = alt.Chart().mark_rule().encode(x=x, xOffset=offset, y=alt.Y("slope_ci_low:Q", title="log–log slope "
+                                          "d ln ΔNLL / d ln strength"), y2="slope_ci_high:Q", color=color)  # fmt: skip
+    points = alt.Chart().mark_point(size=50).encode(
+        x=x, xOffset=offset, y="slope:Q", color=color,
+        shape=alt.Shape("response:N", title="response", scale=alt.Scale(domain=["monotone", "non-monotone"],
+                                                                         range=["circle", "triangle"])),
+        fill=alt.condition("datum.response == 'monotone'", color, alt.value("white")),
+        tooltip=["model", "component", "layer_label", alt.Tooltip("slope:Q", format=".3g"),
+                 alt.Tooltip("slope_ci_low:Q", format=".3g"), alt.Tooltip("slope_ci_high:Q", format=".3g"), "response"],
+    )  # fmt: skip
+    two = alt.Chart().mark_rule(color="#888888", strokeDash=[4, 3]).encode(y=alt.datum(2))
+    panels = alt.layer(two, bars, points, data=df).properties(width=320, height=200)
+    faceted = panels.facet(**model_panels()).resolve_scale(y="independent", x="independent")
+    notes = ["bars: 95% CI of the OLS slope of ln ΔNLL on ln strength (≥ 3 strengths); dashed: slope 2, "
+             "the small-σ expectation for Gaussian noise; triangles: non-monotone responses",
+             f"{n_dropped} cell(s) without a slope (fewer than 3 usable strengths) not shown" if n_dropped else None]
+    return finish(
+        faceted, title=f"Dose–response: {kind} strength → ΔNLL on log–log axes — {models_text(df['model'])}",
+        notes=notes, random_models=random_weight_models(df, models), all_models=df["model"].unique(),
+    )  # fmt: skip
