@@ -139,7 +139,8 @@ def critical_layers(context: AssetExecutionContext, experiment: ExperimentResour
 
 
 def validate_and_find_super_weights(context, step: ModelStep, lm, adapter, base, result, cache) -> dict:
-    """Causal validation (top-k vs random-k vs bottom-k) at each component's middle swept layer, and super weights.
+    """Causal validation (top-k vs random-k vs bottom-k) at each component's middle swept layer, and super
+    weights (spike candidates, each zeroed against 10 matched controls: confirm_super_weights).
 
     One layer per component keeps the smoke profile in minutes: every (metric, kind, selection) is a full point.
     """
@@ -162,10 +163,15 @@ def validate_and_find_super_weights(context, step: ModelStep, lm, adapter, base,
     if lm.spec.is_moe:  # find_super_weights hooks 2-D down projections; fused 3-D experts have none
         metadata["super_weights"] = "not searched: fused MoE experts have no per-layer down-projection linear"
     elif adapter.num_layers >= 3 and "ffn.down" in adapter.components():
-        supers = find_super_weights(lm, base, adapter=adapter)
+        from esa_pipeline.core.importance.super_weights import confirm_super_weights
+
+        # a spike is a candidate; only zeroing it against matched controls makes it a super weight
+        supers = confirm_super_weights(lm, base, find_super_weights(lm, base, adapter=adapter), adapter=adapter,
+                                       cache=cache, seed=int(plan.seeds[0]))  # fmt: skip
         step.write("super_weights", supers)
-        metadata["super_weights"] = table_preview(supers, ["layer", "param_name", "row", "col", "weight_value",
-                                                           "spike_ratio"])  # fmt: skip
+        metadata["super_weights_confirmed"] = int(supers["confirmed"].sum())
+        metadata["super_weights"] = table_preview(supers, ["layer", "row", "col", "weight_value", "spike_ratio",
+                                                           "zero_delta_nll", "control_max", "control_p", "status"])  # fmt: skip
     else:
         metadata["super_weights"] = f"not searched: {adapter.num_layers} layers / no ffn.down"
     return metadata

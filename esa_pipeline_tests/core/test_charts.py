@@ -131,7 +131,10 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
     supers = pd.DataFrame({
         "model": "smollm2-135m", "layer": [1, 2], "param_name": [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)],
         "row": [507, 12], "col": [1229, 40], "weight_value": [5.9, -0.4], "activation_in": [3065.0, 2.1],
-        "activation_out": [24882.0, 30.0], "spike_ratio": [152.0, 1.6],
+        "activation_out": [24882.0, 30.0], "spike_ratio": [152.0, 1.6], "zero_delta_nll": [2.31, 0.0004],
+        "n_controls": 10, "control_mean": [0.001, 0.0003], "control_sd": [0.0005, 0.0002],
+        "control_max": [0.002, 0.0009], "control_delta_nlls": ["0.001", "0.0003"], "control_p": [1 / 11, 5 / 11],
+        "confirmed": [True, False], "status": ["confirmed", "candidate"],
     })  # fmt: skip
     # a third, larger strength (ΔNLL × 9 = σ² scaling) so that every cell has a dose-response slope
     strongest = sensitivity.loc[sensitivity["strength"] == STRENGTHS[-1]]

@@ -124,3 +124,11 @@ def test_bad_arguments_name_the_fix(tmp_path):
         build_report({}, tmp_path, experiment="smoke.yaml")
     with pytest.raises(TypeError, match="pandas DataFrame"):
         build_report({"sensitivity": [1, 2]}, tmp_path, experiment={})
+
+
+def test_super_weights_section_shows_confirmed_and_unconfirmed_candidates(report):
+    _, page = report
+    section = page.split('<section id="super-weights"', 1)[1].split("</section>", 1)[0]
+    assert "<th>status</th>" in section and "<th>zero_delta_nll</th>" in section and "<th>control_p</th>" in section
+    assert "<td>confirmed</td>" in section and "<td>candidate</td>" in section
+    assert section.index("<td>confirmed</td>") < section.index("<td>candidate</td>")  # confirmed listed first

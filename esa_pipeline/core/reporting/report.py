@@ -46,6 +46,7 @@ REPORT_RELATIONS = [
 ]  # fmt: skip
 SUPER_WEIGHT_COLUMNS = ["model", "layer", "param_name", "row", "col", "weight_value", "activation_in",
                         "activation_out", "spike_ratio"]  # fmt: skip
+SUPER_WEIGHT_CAUSAL_COLUMNS = ["status", "zero_delta_nll", "control_mean", "control_max", "control_p"]
 GROUP_COLUMNS = ["comparison", "kind", "component", "strength", "models_a", "models_b", "mean_a", "mean_b",
                  "difference", "welch_p", "mannwhitney_p", "warnings"]  # fmt: skip
 
@@ -298,14 +299,24 @@ def _group_comparison_section(groups: pd.DataFrame | None) -> str:
 
 def _super_weights_section(supers: pd.DataFrame | None) -> str:
     top = supers
+    columns = list(SUPER_WEIGHT_COLUMNS)
     if supers is not None and not supers.empty:
-        top = supers.sort_values("spike_ratio", ascending=False).groupby("model").head(5)
+        if "status" in supers.columns:  # rows with the causal test: confirmed first, then by effect
+            columns += [c for c in SUPER_WEIGHT_CAUSAL_COLUMNS if c in supers.columns]
+            top = supers.assign(_confirmed=supers["status"] == "confirmed").sort_values(
+                ["_confirmed", "zero_delta_nll"], ascending=False)
+        else:
+            top = supers.sort_values("spike_ratio", ascending=False)
+        top = top.groupby("model").head(5)
     return _table_section(
-        "super-weights", "Super-weight candidates", "super_weights", top, SUPER_WEIGHT_COLUMNS,
+        "super-weights", "Super weights: confirmed and candidates", "super_weights", top, columns,
         why_empty="no dense model with an ffn.down of ≥ 3 layers was scored",
         guide="Per layer, the down-projection weight feeding the largest output activation spike (spike ratio = "
-        "that activation over the layer's median). A super weight is a candidate whose zeroing alone raises the "
-        "loss sharply; a spike without that effect is an outlier, not a super weight.",
+        "that activation over the layer's median) is a candidate. Each candidate is zeroed alone (zero_delta_nll, "
+        "nats/token) and compared with 10 controls from the same matrix of matched magnitude rank, each zeroed "
+        "alone: status \"confirmed\" means zeroing the candidate hurt more than every control (permutation "
+        "p = control_p = 1/11); otherwise it stays a \"candidate\" — a spike without that effect is an outlier, "
+        "not a super weight.",
     )
 
 
