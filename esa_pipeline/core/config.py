@@ -477,13 +477,22 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
         if len(set(components)) != len(components):
             problems.append(f"{path}: components repeat; list each once")
 
+    def check_budget(path: str, budget: int | None) -> None:
+        # Whole windows are scored: a budget below one window would silently score a full window anyway.
+        if budget is not None and budget < cfg.window:
+            problems.append(f"{path}: {budget} tokens is less than one window (window: {cfg.window}); set it to "
+                            f"at least {cfg.window} or shorten the window")  # fmt: skip
+
     check_components("components", cfg.components)
+    check_budget("token_budget", cfg.token_budget)
+    check_budget("importance.token_budget", cfg.importance.token_budget)
     if not any(getattr(cfg.strengths, kind) for kind in KINDS):
         problems.append("strengths: no strengths given; set at least strengths.gaussian: [0.01, ...]")
     for name, section in cfg.models.items():
         section = section or ModelSection()
         if section.components is not None:
             check_components(f"models.{name}.components", section.components)
+        check_budget(f"models.{name}.token_budget", section.token_budget)
         if section.seeds is not None and len(set(section.seeds)) != len(section.seeds):
             problems.append(f"models.{name}.seeds: seeds repeat; list each seed once")
         if check_models:

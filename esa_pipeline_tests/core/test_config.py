@@ -223,6 +223,11 @@ def test_importance_metric_names_match_the_engine():
      ("  tiny-llama: {}", "  tiny-llama: {batch_size: true}", "models.tiny-llama.batch_size: Input should be a "
       "valid integer (got True)"),
      ("  tiny-llama: {}", "  tiny-llama: {seeds: []}", "models.tiny-llama.seeds: List should have at least 1 item"),
+     ("token_budget: 256", "token_budget: 32", "token_budget: 32 tokens is less than one window (window: 64)"),
+     ("  tiny-llama: {}", "  tiny-llama: {token_budget: 16}", "models.tiny-llama.token_budget: 16 tokens is less "
+      "than one window"),
+     ("models:", "importance: {token_budget: 63}\nmodels:", "importance.token_budget: 63 tokens is less than one "
+      "window"),
      ("  tiny-llama: {}", "  tiny-llama: {strengths: {gaussian: [.inf]}}", "models.tiny-llama.strengths.gaussian[0]: "
       "Input should be a finite number")],
 )  # fmt: skip

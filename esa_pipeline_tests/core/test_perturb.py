@@ -325,7 +325,10 @@ def test_smollm2_perturbation_restores_exactly(smollm2):
      (dict(noise_sigma=0.0), "noise_sigma must be > 0"),
      (dict(kind="bit_flip", bit=True), "bit must be an int"),
      (dict(kind="bit_flip", bit=-1), "bit must be >= 0"),
-     (dict(antithetic=1), "antithetic must be True or False")],
+     (dict(antithetic=1), "antithetic must be True or False"),
+     (dict(kind="quantize", strength=4, group_size=True), "group_size must be an int"),
+     (dict(kind="quantize", strength=4, group_size=-32), "group_size must be >= 0"),
+     (dict(kind="quantize", strength=True), "strength must be a number")],
 )
 def test_bools_non_finite_and_negative_indices_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):

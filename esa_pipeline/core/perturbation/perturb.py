@@ -92,6 +92,7 @@ class Perturbation:
         check_index("expert", self.expert)
         check_int("seed", self.seed)
         check_index("bit", self.bit)
+        check_int("group_size", self.group_size, minimum=0, allow_none=True)
         if not isinstance(self.antithetic, bool):
             raise ValueError(f"antithetic must be True or False, got {self.antithetic!r}")
         object.__setattr__(self, "strength", check_real("strength", self.strength, positive=True))
