@@ -308,9 +308,13 @@ class Store:
         Views bind their columns at query time, so one creation per relation is enough: later files, with
         new columns too, show up by themselves. Returns False when another process holds the database
         lock; that is logged, not raised — the rows are in Parquet and the next refresh adds the view.
+        A forced refresh (`esa db refresh`) also removes the temp files of killed writers.
         """
         names = self.relations() if relations is None else [r for r in relations if self.has(r)]
-        if not force:
+        if force:
+            for relation in names:
+                self.remove_stale_temp_files(relation)
+        else:
             present = self.existing_views()
             names = [r for r in names if present is None or r not in present]
         if not names:

@@ -214,6 +214,10 @@ def test_temp_files_of_killed_writers_are_removed_and_never_read(store, monkeypa
     removed = store.remove_stale_temp_files("baselines")
     assert sorted(p.name for p in removed) == sorted([stale_here.name, other_host_old.name])
     assert alive_here.exists() and other_host_young.exists()
+    # `esa db refresh` (a forced refresh) cleans up too
+    other_host_old.write_bytes(b"PAR1 half a file")
+    os.utime(other_host_old, (1, 1))
+    assert store.refresh_views(force=True) and not other_host_old.exists() and other_host_young.exists()
     # the next write cleans up by itself; a live local writer's file is kept whatever its age
     monkeypatch.setenv("ESA_TEMP_MAX_AGE_S", "0")
     os.utime(alive_here, (1, 1))
