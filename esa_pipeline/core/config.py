@@ -100,6 +100,26 @@ class LayerStride(_Strict):
 
 
 LayerSelection = Literal["all"] | Annotated[list[Index], Field(min_length=1)] | LayerStride
+# MoE experts swept on expert-level components (ffn.gate/up/down, moe.router): "all" perturbs every expert at
+# once (expert NULL), "each" one expert at a time, a list the named experts one at a time.
+ExpertSelection = Literal["all", "each"] | Annotated[list[Index], Field(min_length=1)]
+
+
+def select_experts(selection: ExpertSelection, n_experts: int | None) -> list[int | None]:
+    """Expert indices of a selection for a model with `n_experts` experts (None: dense -> [None]).
+
+    Raises ConfigError when a dense model is given per-expert selection or a listed expert does not exist."""
+    if selection == "all":
+        return [None]
+    if not n_experts:
+        raise ConfigError(f"experts: {selection!r} needs a mixture-of-experts model; this one is dense. "
+                          "Fix: remove `experts:` (or set it to all)")
+    if selection == "each":
+        return list(range(n_experts))
+    bad = [e for e in selection if e >= n_experts]
+    if bad:
+        raise ConfigError(f"experts {bad} do not exist in a model with {n_experts} experts; use 0..{n_experts - 1}")
+    return sorted(set(selection))
 
 
 def select_layers(selection: LayerSelection, n_layers: int) -> list[int]:
@@ -161,6 +181,8 @@ class ModelSection(_Strict):
     trust_remote_code: bool = False
     components: list[str] | None = None
     layers: LayerSelection | None = None
+    experts: ExpertSelection | None = Field(default=None, description="MoE: all (default) | each | [0, 3]")
+    adapter: str | None = Field(default=None, description="adapter family for a class the registry cannot name")
     seeds: Annotated[list[Seed], Field(min_length=1)] | None = None
     strengths: StrengthsOverride | None = None
     token_budget: Count | None = None
@@ -226,6 +248,8 @@ class ModelPlan(_Strict):
     components: list[str]
     layers: LayerSelection
     importance: Importance
+    experts: ExpertSelection = "all"
+    adapter: str | None = None
 
     def kinds_for(self, component: str) -> list[str]:
         """Kinds swept on a component: gaussian everywhere, the kind specific to its family, and the
@@ -283,6 +307,8 @@ def model_plan(cfg: ExperimentConfig, model: str) -> ModelPlan:
         components=section.components or cfg.components,
         layers=section.layers if section.layers is not None else cfg.layers,
         importance=cfg.importance,
+        experts=section.experts if section.experts is not None else "all",
+        adapter=section.adapter,
     )
 
 
@@ -292,8 +318,13 @@ def model_section_hash(cfg: ExperimentConfig, model: str) -> str:
     The device is left out: the same weights and settings on another device are the same experiment
     (numerical differences across devices are recorded through `code_version`/`models.device`, not here).
     """
-    plan = model_plan(cfg, model).model_dump(mode="json", exclude={"device"})
-    return stable_hash(plan)
+    plan = model_plan(cfg, model)
+    # Fields added later are left out at their defaults, so sections written before them keep their hash.
+    exclude = {"device"} | {k for k, default in _LATER_DEFAULTS.items() if getattr(plan, k) == default}
+    return stable_hash(plan.model_dump(mode="json", exclude=exclude))
+
+
+_LATER_DEFAULTS: dict[str, Any] = {"experts": "all", "adapter": None}
 
 
 def experiment_hash(cfg: ExperimentConfig) -> str:
@@ -514,16 +545,34 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             "or an existing local model directory"
         ]
     architecture, n_layers = facts
+    from esa_pipeline.core.models.adapters import adapter_class, supported_architectures, supported_families
+
+    if plan.adapter is not None and adapter_class(family=plan.adapter) is None:
+        return [f"{where}.adapter: unknown family {plan.adapter!r}; use one of {', '.join(supported_families())}"]
     if architecture is None:
         return []  # hub model not in the local cache: checked when it loads
-    available = components_for_architecture(architecture)
+    if plan.adapter is not None:
+        layout = _adapter_layout_problem(plan)
+        if layout:
+            return [f"{where}.adapter: {layout}. Fix: name a family whose layout matches, or add an adapter file "
+                    "in esa_pipeline/core/models/adapters/"]
+    available = components_for_architecture(architecture, plan.adapter)
     if available is None:
-        from esa_pipeline.core.models.adapters import supported_architectures
-
         return [
             f"{where}: architecture {architecture} has no adapter; supported: "
-            f"{', '.join(supported_architectures())}"
+            f"{', '.join(supported_architectures())}. If its layout matches a family "
+            f"({', '.join(supported_families())}), set {where}.adapter: <family>"
         ]
+    if plan.experts != "all" and "moe.router" not in available:
+        return [f"{where}.experts: {plan.experts!r} needs a mixture-of-experts model; {architecture} is dense. "
+                f"Fix: remove {where}.experts"]
+    if isinstance(plan.experts, list) and (skeleton := skeleton_model(plan.source, plan.revision)) is not None:
+        config = skeleton.config
+        try:
+            select_experts(plan.experts, getattr(config, "num_local_experts", None) or
+                           getattr(config, "num_experts", None))
+        except ConfigError as exc:
+            return [f"{where}.experts: {exc}"]
     from esa_pipeline.core.models.adapters.base import COMPONENT_NAMES
 
     problems = []
@@ -577,6 +626,46 @@ def describe_source(source: str, revision: str | None = None) -> tuple[str | Non
         return _config_json_facts(local / "config.json")
     if _HUB_ID.match(source):
         return _hub_cache_facts(source, revision)
+    return None
+
+
+def skeleton_model(source: str, revision: str | None = None) -> Any:
+    """The model's modules with parameters on the meta device (no weights read, no memory); None if unknown.
+
+    Used to check a YAML `adapter:` family's layout parameter by parameter before any work starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from esa_pipeline.core.models import registry as models
+
+    entry = models.MODEL_REGISTRY.get(source)
+    if entry is not None and entry.build_tiny is not None:
+        with torch.device("meta"):
+            return entry.build_tiny()
+    if entry is not None and entry.source == "gguf-wheel":
+        from esa_pipeline.core.models import smollm2
+
+        source = str(smollm2.cache_dir())
+    elif entry is not None:
+        source = entry.hf_id or source
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError):
+        return None  # not available offline: checked when it loads
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _adapter_layout_problem(plan: ModelPlan) -> str | None:
+    from esa_pipeline.core.models.adapters import UnsupportedArchitecture, adapter_for
+
+    skeleton = skeleton_model(plan.source, plan.revision)
+    if skeleton is None:
+        return None
+    try:
+        adapter_for(skeleton, plan.adapter)
+    except UnsupportedArchitecture as exc:
+        return str(exc)
     return None
 
 

@@ -48,7 +48,7 @@ class ModelStep:
         from esa_pipeline.defs.loaded import loaded_model
 
         lm = loaded_model(self.plan)
-        return lm, adapter_for(lm.model)
+        return lm, adapter_for(lm.model, self.plan.adapter)
 
     def write(self, relation: str, df: pd.DataFrame, partition: str | None = None) -> int:
         """Store `df` as the (default: this model's) partition of `relation`, keyed by the model name."""

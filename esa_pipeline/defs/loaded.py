@@ -18,25 +18,27 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=1)
-def _load(source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool) -> LoadedModel:
+def _load(source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool,
+          adapter: str | None = None) -> LoadedModel:
     from esa_pipeline.core.models.registry import load_model
 
-    return load_model(source, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code)
+    return load_model(source, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
+                      adapter=adapter)
 
 
 def loaded_model(plan: ModelPlan) -> LoadedModel:
-    return _load(plan.source, plan.revision, plan.dtype, plan.device, plan.trust_remote_code)
+    return _load(plan.source, plan.revision, plan.dtype, plan.device, plan.trust_remote_code, plan.adapter)
 
 
 @functools.lru_cache(maxsize=2)
 def _baseline(
     source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool,
-    dataset: str, window: int, token_budget: int, batch_size: int,
+    dataset: str, window: int, token_budget: int, batch_size: int, adapter: str | None = None,
 ) -> PerplexityResult:  # fmt: skip
     from esa_pipeline.core.evaluation.perplexity import perplexity
     from esa_pipeline.core.evaluation.text import load_texts
 
-    lm = _load(source, revision, dtype, device, trust_remote_code)
+    lm = _load(source, revision, dtype, device, trust_remote_code, adapter)
     texts = load_texts(dataset)
     return perplexity(lm, texts, window, max_tokens=token_budget, batch_size=batch_size, dataset=dataset)
 
@@ -48,7 +50,7 @@ def baseline_result(plan: ModelPlan, dataset: str, token_budget: int | None = No
     """
     return _baseline(
         plan.source, plan.revision, plan.dtype, plan.device, plan.trust_remote_code,
-        dataset, plan.window, token_budget or plan.token_budget, plan.batch_size,
+        dataset, plan.window, token_budget or plan.token_budget, plan.batch_size, plan.adapter,
     )  # fmt: skip
 
 

@@ -41,7 +41,7 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
     lm = loaded_model(plan)
     spec = lm.spec
     # Known for sure now that the model is loaded (a hub model's layout may not have been before).
-    available = components_for_architecture(spec.architecture) or []
+    available = components_for_architecture(spec.architecture, plan.adapter) or []
     not_applicable = [c for c in plan.components if c not in available]
     row = {
         **spec.to_row(),

@@ -54,7 +54,7 @@ def partition_plan(cfg: ExperimentConfig, store: Store | None = None) -> list[Mo
     for model in cfg.models:
         plan = model_plan(cfg, model)
         architecture = architecture_of(cfg, model, store)
-        available = components_for_architecture(architecture) if architecture else None
+        available = components_for_architecture(architecture, plan.adapter) if architecture else None
         missing = [c for c in plan.components if available is not None and c not in available]
         out.append(
             ModelPartitionPlan(

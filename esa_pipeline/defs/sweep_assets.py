@@ -17,8 +17,8 @@ from dagster import (
     asset,
 )
 
-from esa_pipeline.core.config import ModelPlan, parse_variant, select_layers
-from esa_pipeline.core.models.adapters.base import GLOBAL_COMPONENTS
+from esa_pipeline.core.config import ModelPlan, parse_variant, select_experts, select_layers
+from esa_pipeline.core.models.adapters.base import EXPERT_COMPONENTS, GLOBAL_COMPONENTS
 from esa_pipeline.defs.common import EAGER, ON_GPU, model_step, number, table_preview, with_model
 from esa_pipeline.defs.loaded import baseline_result, forget_models
 from esa_pipeline.defs.model_assets import baseline
@@ -27,17 +27,23 @@ from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sources import sweep_plan
 
 
-def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int | None]) -> list:
-    """Perturbation specs of one partition, in layer order (the prefix cache resumes from each layer)."""
+def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int | None],
+                experts: list[int | None] | None = None) -> list:
+    """Perturbation specs of one partition, in layer order (the prefix cache resumes from each layer).
+
+    `experts` (MoE, from the plan's `experts:`) repeats every point per expert on expert-level components
+    (ffn.gate/up/down, moe.router); None / [None] perturbs all experts at once."""
     from esa_pipeline.core.perturbation.perturb import Perturbation
 
+    per_expert = experts if experts is not None and component in EXPERT_COMPONENTS else [None]
     specs = []
     for layer in layers:
-        for kind in plan.kinds_for(component):
-            mode = plan.neuron_mode if kind == "neurons" else "noise"
-            for strength in getattr(plan.strengths, kind):
-                specs.append(Perturbation(kind=kind, component=component, layer=layer, strength=strength,
-                                          seed=seed, mode=mode))  # fmt: skip
+        for expert in per_expert:
+            for kind in plan.kinds_for(component):
+                mode = plan.neuron_mode if kind == "neurons" else "noise"
+                for strength in getattr(plan.strengths, kind):
+                    specs.append(Perturbation(kind=kind, component=component, layer=layer, strength=strength,
+                                              seed=seed, mode=mode, expert=expert))  # fmt: skip
     return specs
 
 
@@ -80,7 +86,7 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
     # Global components (embedding, norm.final, lm_head) live outside the decoder layers: one point set each.
     layers = [None] if adapter.role_of(component) in GLOBAL_COMPONENTS else select_layers(plan.layers,
                                                                                             adapter.num_layers)
-    specs = sweep_specs(plan, component, seed, layers)
+    specs = sweep_specs(plan, component, seed, layers, select_experts(plan.experts, adapter.n_experts))
     base = baseline_result(plan, plan.sweep_dataset)
     context.log.info(
         f"{partition}: {len(specs)} points = {len(layers)} layers x kinds {plan.kinds_for(component)} "

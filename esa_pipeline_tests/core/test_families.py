@@ -168,6 +168,11 @@ def test_prefix_cache_and_head_logits_reproduce_the_models_own_logits(tiny, name
 
 
 @pytest.mark.parametrize("name", ALL_TINY)
+def test_every_parameter_is_mapped_and_every_slice_has_the_configs_shape(tiny, name):
+    assert adapter_for(tiny(name).model).layout_problems() == []
+
+
+@pytest.mark.parametrize("name", ALL_TINY)
 def test_every_component_restores_bit_exactly(tiny, name):
     lm = tiny(name)
     model, adapter = lm.model, adapter_for(lm.model)

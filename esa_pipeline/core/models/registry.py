@@ -364,9 +364,12 @@ def _looks_instruct(name: str) -> bool:
 
 
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, adapter: str | None = None) -> LoadedModel:
     """Load a registered model, an existing directory, or an HF id ("org/name", from the local HF cache
-    when offline). Unknown bare names raise UnknownModelError listing the registered ones."""
+    when offline). Unknown bare names raise UnknownModelError listing the registered ones.
+
+    `adapter` (YAML `adapter: <family>`) serves a class the registry cannot name with a family whose layout
+    it matches; the layout is checked parameter by parameter (UnsupportedArchitecture lists what is missing)."""
     started = time.perf_counter()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -394,5 +397,10 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
             f"unknown model {name_or_path!r}: use a registered name ({', '.join(registered_models())}), "
             "an existing local directory, or a Hugging Face id like 'org/name'"
         )
+    if adapter is not None:
+        from esa_pipeline.core.models.adapters import bind_family
+
+        bind_family(loaded.model, adapter)
+        loaded.spec = dataclasses.replace(loaded.spec, family=adapter)
     loaded.load_s = time.perf_counter() - started
     return loaded

@@ -29,6 +29,7 @@ name, or by family name (`family=`) for an unregistered class after a structural
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,6 +144,7 @@ class Adapter:
     aliases: dict[str, str | None] = ALIASES
     _components: dict[str, SliceBuilder] = {}
     lacks: dict[str, str] = {}
+    unmapped: tuple[str, ...] = ()  # parameters no role covers, on purpose (GPT-2's position embedding)
 
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
@@ -337,18 +339,24 @@ class Adapter:
         problems: list[str] = []
         roles = [(r, layer) for r in self.layer_roles() for layer in range(self.num_layers)]
         roles += [(r, None) for r in self.global_roles()]
+        covered = set(self.unmapped)
         for role, layer in roles:
             try:
                 slices = self.slices(role, layer)
             except (KeyError, AttributeError, ValueError) as exc:
                 problems.append(f"{role} (layer {layer}): {exc}")
                 continue
-            if not slices and role != "norm.final":
+            if not slices:
                 problems.append(f"{role} (layer {layer}): no parameter found")
             for s in slices:
+                covered.add(s.param_name)
                 problem = self._slice_problem(role, s)
                 if problem:
                     problems.append(problem)
+        # A parameter no role maps means the model has modules this family does not know (e.g. norm gains
+        # where the family's norms are parameter-free): the forward would differ from the family's.
+        problems += [f"parameter {name} is mapped by no role of the {self.family} family"
+                     for name in self._param_shapes if name not in covered]
         return problems
 
     def _slice_problem(self, role: str, s: ParamSlice) -> str | None:
@@ -380,6 +388,8 @@ class Adapter:
 
 _REGISTRY: dict[str, type[Adapter]] = {}  # HF class name -> adapter
 _FAMILIES: dict[str, type[Adapter]] = {}  # family name (YAML `adapter:`) -> adapter
+# Models loaded with an explicit family (YAML `adapter:`), so that every later adapter_for(model) agrees.
+_BOUND: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def _check_declaration(cls: type[Adapter]) -> None:
@@ -450,12 +460,30 @@ def matching_families(model: torch.nn.Module) -> list[str]:
     return out
 
 
+def bind_family(model: torch.nn.Module, family: str) -> Adapter:
+    """Check `model` against `family`'s layout and serve it with that family from now on (YAML `adapter:`)."""
+    adapter = adapter_for(model, family)
+    _BOUND[model] = family
+    return adapter
+
+
+def family_of(model: torch.nn.Module) -> str | None:
+    """The family serving `model` (bound explicitly, else by class name); None when no adapter serves it."""
+    bound = _BOUND.get(model)
+    if bound is not None:
+        return bound
+    cls = _REGISTRY.get(type(model).__name__)
+    return None if cls is None else cls.family
+
+
 def adapter_for(model: torch.nn.Module, family: str | None = None) -> Adapter:
     """The adapter for `model`: by its HF class name, or by `family` (YAML `adapter:`) after a structural check.
 
-    Raises UnsupportedArchitecture for an unknown class, an unknown family, or a family whose layout the
-    model's parameters do not match (the message lists what is missing and the families that do match)."""
+    A model bound with `bind_family` keeps its family. Raises UnsupportedArchitecture for an unknown class,
+    an unknown family, or a family whose layout the model's parameters do not match (the message lists what
+    is missing and the families that do match)."""
     name = type(model).__name__
+    family = family or _BOUND.get(model)
     if family is not None:
         cls = _FAMILIES.get(family)
         if cls is None:

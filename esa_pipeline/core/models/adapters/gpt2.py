@@ -29,6 +29,7 @@ class GPT2Adapter(Adapter):
     final_norm_path = "transformer.ln_f"
     embedding_path = "transformer.wte"
     aliases = {"norm.input": "norm.attn_in", "norm.post_attention": None}
+    unmapped = ("transformer.wpe.weight",)  # learned position embedding: no role
     _components = {
         "attention.query": _c_attn(0),
         "attention.key": _c_attn(1),
