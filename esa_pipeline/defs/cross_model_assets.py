@@ -134,7 +134,7 @@ def report(context: AssetExecutionContext, experiment: ExperimentResource, store
     for relation in REPORT_RELATIONS:
         try:
             tables[relation] = (experiment_rows(st, relation, cfg) if relation not in CROSS_MODEL_RELATIONS
-                                else st.read(relation, config_hash=experiment_hash(cfg)))  # fmt: skip
+                                else st.read(relation, UNPARTITIONED, config_hash=experiment_hash(cfg)))  # fmt: skip
         except FileNotFoundError:
             missing.append(relation)  # the report says which sections have no data
     out_dir = st.root.parent / "reports" / cfg.name
