@@ -7,7 +7,12 @@ from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from esa_pipeline.core.evaluation.perplexity import perplexity, repeated_ngram_fraction, sanity_flags
+from esa_pipeline.core.evaluation.perplexity import (
+    bos_every_window,
+    perplexity,
+    repeated_ngram_fraction,
+    sanity_flags,
+)
 from esa_pipeline.core.evaluation.text import Document, load_texts
 from esa_pipeline.core.evaluation.windows import make_batches, rolling_windows
 
@@ -36,6 +41,21 @@ def test_windows_match_lm_eval_and_score_every_token_once(window, length):
     assert [t for _, targets in ours for t in targets] == tokens
     assert all(len(inputs) <= window for inputs, _ in ours)
 
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 16])
+@pytest.mark.parametrize("length", [0, 1, 4, 5, 6, 16, 17, 33, 81])
+def test_bos_every_window_starts_each_window_with_bos_and_scores_the_same_tokens(window, length):
+    tokens = list(range(100, 100 + length))
+    ours = rolling_windows(tokens, prefix_token=7, window=window, bos_every_window=True)
+    reference = lm_eval_windows(tokens, 7, window)
+    assert [targets for _, targets in ours] == [targets for _, targets in reference]
+    for (inputs, targets), (ref_inputs, _) in zip(ours, reference, strict=True):
+        assert inputs[0] == 7 and len(inputs) == len(ref_inputs)  # same length, BOS replaces the oldest token
+        assert inputs[1:] == ref_inputs[1:]
+        # the input right before each target is the previous token (or BOS before a document's first token)
+        n_context = len(inputs) - len(targets)
+        assert inputs[n_context:][1:] == targets[:-1]
 
 def smollm2_text(lm, n_tokens: int) -> str:
     """The first n_tokens tokens of a bundled document, as text, so lm-eval and we score the same tokens."""
@@ -129,3 +149,17 @@ def test_training_mode_is_refused(tiny):
     lm.model.train()
     with pytest.raises(ValueError, match="model.eval()"):
         perplexity(lm, ["text"], window=8)
+
+
+def test_gemma3_bundled_baseline_is_plausible_with_bos_in_every_window(gemma3):
+    # Gemma's tokenizer prepends BOS itself, so every window starts with it; with lm-eval's scheme (BOS in the
+    # first window only) these 384 tokens score token PPL ~125 instead of ~41 (measured, README).
+    result = perplexity(gemma3, load_texts("bundled"), window=128, max_tokens=384, batch_size=3)
+    assert result.n_windows == 3 and [w.input_ids[0] for w in result.token_windows] == [2, 2, 2]
+    assert 10 < result.token_ppl < 80, result.token_ppl
+    assert result.flags == [] and 0.2 < result.token_accuracy < 0.8
+    assert result.word_ppl > result.token_ppl > result.byte_ppl > 1
+
+
+def test_tokenizers_that_do_not_prepend_bos_keep_lm_eval_windows(smollm2, tiny):
+    assert not bos_every_window(smollm2.tokenizer) and not bos_every_window(tiny("tiny-llama").tokenizer)

@@ -214,6 +214,13 @@ def prefix_token_id(tokenizer: Any) -> int:
     raise ValueError("tokenizer has neither a BOS nor an EOS token; set tokenizer.bos_token to score window starts")
 
 
+def bos_every_window(tokenizer: Any) -> bool:
+    """True when the tokenizer itself starts every encoded text with BOS (Gemma, Llama, Mistral): the model
+    was trained to see BOS at position 0, so every window gets it (`windows.rolling_windows`)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer.encode("a")[:1] == [bos]
+
+
 def tokenize_windows(
     tokenizer: Any, docs: list[Document], window: int, max_tokens: int | None
 ) -> tuple[list[TokenWindow], int, int]:
@@ -221,17 +228,19 @@ def tokenize_windows(
     (at least one window). Returns (windows, n_words, n_bytes) of the scored text.
 
     Text is encoded without special tokens (lm-eval with add_bos_token=False): BOS enters only as the
-    first window's prefix token.
+    window prefix token — of the first window of a document, or of every window when the tokenizer itself
+    prepends BOS (`bos_every_window`).
     """
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
     prefix = prefix_token_id(tokenizer)
+    every = bos_every_window(tokenizer)
     windows: list[TokenWindow] = []
     n_words = n_bytes = n_scored = 0
     for doc in docs:
         tokens = tokenizer.encode(doc.text, add_special_tokens=False, verbose=False)  # long docs are windowed
         taken = 0
-        for input_ids, target_ids in rolling_windows(tokens, prefix, window):
+        for input_ids, target_ids in rolling_windows(tokens, prefix, window, bos_every_window=every):
             if max_tokens is not None and windows and n_scored + len(target_ids) > max_tokens:
                 break
             windows.append(TokenWindow(len(windows), doc.doc_id, tuple(input_ids), tuple(target_ids)))
