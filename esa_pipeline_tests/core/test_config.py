@@ -223,6 +223,10 @@ def test_importance_metric_names_match_the_engine():
      ("  tiny-llama: {}", "  tiny-llama: {batch_size: true}", "models.tiny-llama.batch_size: Input should be a "
       "valid integer (got True)"),
      ("  tiny-llama: {}", "  tiny-llama: {seeds: []}", "models.tiny-llama.seeds: List should have at least 1 item"),
+     ("  tiny-llama: {}", "  tiny-llama: {experts: [0, true]}", "models.tiny-llama.experts[1]: Input should be a "
+      "valid integer (got True)"),
+     ("  tiny-llama: {}", "  tiny-llama: {experts: [-1]}", "models.tiny-llama.experts[0]: Input should be greater "
+      "than or equal to 0"),
      ("token_budget: 256", "token_budget: 32", "token_budget: 32 tokens is less than one window (window: 64)"),
      ("  tiny-llama: {}", "  tiny-llama: {token_budget: 16}", "models.tiny-llama.token_budget: 16 tokens is less "
       "than one window"),
