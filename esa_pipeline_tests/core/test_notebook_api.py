@@ -35,3 +35,16 @@ def test_every_export_is_the_documented_object_after_importing_every_submodule()
     assert all(r["is_documented"] for r in report.values()), report
     # A direct child module of that name would shadow the export again as soon as anything imports it.
     assert not set(report) & set(data["children"])
+
+
+def test_the_reported_first_call_works_after_core_modules_were_imported():
+    # issue 15's input, verbatim, after the import that used to shadow the function with its module
+    code = (
+        "import math, esa_pipeline.core.evaluation.perplexity, esa_pipeline.core.storage\n"
+        "from esa_pipeline.core import load_model, perplexity\n"
+        "r = perplexity(load_model('tiny-llama'), ['hello'], window=8)\n"
+        "assert r.n_tokens > 0 and math.isfinite(r.token_ppl), r\n"
+        "print(r.n_tokens, r.token_ppl)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
