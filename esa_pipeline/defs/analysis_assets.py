@@ -219,9 +219,10 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
         checked = prediction_check(lm, base, result, small_sigmas, seeds=pair_seeds, curvature=curvature,
                                    adapter=adapter, cache=cache, antithetic=True)  # fmt: skip
         step.write("prediction_check", checked)
-        metadata["prediction_median_ratio"] = number(checked["ratio"].median())
+        metadata["prediction_median_ratio"] = number(checked["ratio"].median()) if checked["ratio"].notna().any() else None
+        metadata["prediction_below_noise_floor"] = int(checked["below_noise_floor"].sum())
         metadata["prediction"] = table_preview(checked, ["component", "layer", "strength", "predicted_delta_nll",
-                                                         "measured_delta_nll", "ratio"])  # fmt: skip
+                                                         "measured_delta_nll", "noise_floor", "ratio"])  # fmt: skip
     return MaterializeResult(
         metadata={
             "config_hash": step.config_hash,

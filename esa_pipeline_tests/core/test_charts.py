@@ -115,6 +115,9 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
     prediction = prediction.rename(columns={"delta_nll": "measured_delta_nll"})
     prediction["predicted_delta_nll"] = prediction["measured_delta_nll"] * rng.uniform(0.6, 1.3, len(prediction))
     prediction["ratio"] = prediction["measured_delta_nll"] / prediction["predicted_delta_nll"]
+    prediction["measured_se"] = 0.001
+    prediction["noise_floor"] = 0.002
+    prediction["below_noise_floor"] = prediction["measured_delta_nll"].abs() < 0.002
     baselines = pd.DataFrame([
         {"model": m, "dataset": "bundled", "window_tokens": WINDOW_TOKENS, "n_windows": N_WINDOWS,
          "n_tokens": N_WINDOWS * WINDOW_TOKENS, "n_words": 600, "n_bytes": 3500, "nll_sum": 1900.0,
@@ -438,3 +441,13 @@ def test_norm_gain_factors_get_a_linear_strength_axis(relations):
     scales = [n["scale"]["type"] for n in walk(scale_spec) if n.get("field") == "strength" and "scale" in n]
     assert scales and set(scales) == {"linear"}
     assert {n["scale"]["type"] for n in walk(spec) if n.get("field") == "strength" and "scale" in n} == {"log"}
+
+
+def test_prediction_chart_leaves_out_points_below_the_noise_floor(relations):
+    prediction = relations["prediction_check"].assign(below_noise_floor=False)
+    prediction.loc[prediction.index[:3], "below_noise_floor"] = True
+    spec = charts.prediction_chart(prediction, models=relations["models"]).to_dict()
+    plotted = pd.concat([pd.DataFrame(rows) for rows in spec["datasets"].values()], ignore_index=True)
+    points = plotted.dropna(subset=["component"]).drop_duplicates(["model", "component", "layer", "strength"])
+    assert len(points) == len(prediction) - 3
+    assert "3 point(s) below the evaluation noise floor not shown" in json.dumps(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,12 @@ import torch.nn.functional as F
 from esa_pipeline.core.evaluation.paired import evaluate_against
 from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.importance.metrics import importance_scores
-from esa_pipeline.core.importance.prediction import PREDICTION_COLUMNS, predicted_delta_nll, prediction_check
+from esa_pipeline.core.importance.prediction import (
+    PREDICTION_COLUMNS,
+    noise_floor,
+    predicted_delta_nll,
+    prediction_check,
+)
 from esa_pipeline.core.models.adapters import adapter_for
 from esa_pipeline.core.models.registry import load_model
 from esa_pipeline.core.perturbation.perturb import Perturbation
@@ -106,3 +112,25 @@ def test_prediction_check_rows(tiny):
         prediction_check(tiny, base, other, [0.05])
     with pytest.raises(ValueError, match="curvature"):
         predicted_delta_nll(tiny, result, "norm.input", 1, 0.05, curvature="fisher")
+
+
+def test_noise_floor_is_twice_the_seed_se_or_the_float32_resolution() -> None:
+    se, floor = noise_floor([0.010, 0.014], mean_nll=3.0)
+    assert se == pytest.approx(0.002) and floor == pytest.approx(0.004)  # SD 0.002828 / sqrt(2) = 0.002
+    se, floor = noise_floor([0.5], mean_nll=3.0)  # one seed: no spread, the fp32 resolution alone
+    assert np.isnan(se) and floor == pytest.approx(np.finfo(np.float32).eps * 3.0)
+    se, floor = noise_floor([1e-9, 1e-9], mean_nll=4.0)  # identical draws: resolution still bounds it
+    assert se == 0.0 and floor == pytest.approx(np.finfo(np.float32).eps * 4.0)
+
+
+def test_points_below_the_noise_floor_are_flagged_and_get_no_ratio(tiny):
+    base = perplexity(tiny, [TEXT], window=48, max_tokens=96)
+    adapter = adapter_for(tiny.model)
+    result = importance_scores(tiny, adapter, base, ("grad_sq",), components=["norm.input"], layers=[1])
+    rows = prediction_check(tiny, base, result, [1e-9, 0.05], seeds=(0, 1)).set_index("strength")
+    tiny_sigma, usable = rows.loc[1e-9], rows.loc[0.05]
+    # σ = 1e-9 moves no float32 weight: ΔNLL is 0, below any floor, and no ratio is formed from it
+    assert tiny_sigma["below_noise_floor"] and np.isnan(tiny_sigma["ratio"])
+    assert abs(tiny_sigma["measured_delta_nll"]) < tiny_sigma["noise_floor"]
+    assert not usable["below_noise_floor"] and np.isfinite(usable["ratio"])
+    assert usable["noise_floor"] >= 2 * usable["measured_se"] and np.isfinite(usable["measured_se"])

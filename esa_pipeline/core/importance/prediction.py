@@ -17,19 +17,29 @@ One measured point is a single draw of z: its linear term gᵀδ has mean 0 but 
 as σ). `prediction_check` therefore measures each seed as an antithetic pair, ½(ΔL(+δ) + ΔL(−δ)), in which the
 linear term cancels exactly (odd terms vanish draw by draw, not only in expectation), and averages the seeds. In bf16, small σ changes
 few stored weights (see `changed_fraction`), so the measured value falls below the prediction: use fp32.
+
+Noise floor. A measured ΔNLL near zero is not a measurement of the quadratic term, and a ratio to it is noise
+(tiny random models gave ratios from -4e3 to 6.5e5). Each row records the floor below which the measured value
+cannot be told from evaluation noise, measured from the data:
+    noise_floor = max(2 · measured_se, ε₃₂ · NLL̄),
+measured_se = SD of the per-seed (antithetic) values / √seeds (the spread of the draws that remains after
+pairing; NULL with one seed), and ε₃₂ · NLL̄ the resolution of a float32 per-token NLL (machine epsilon times
+the baseline's mean NLL): a smaller difference may be rounding. Rows with |measured| below the floor have
+below_noise_floor = true and ratio NULL (not computed), never a ratio.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
-import torch
 
 from esa_pipeline.core.importance.metrics import ImportanceResult, unwrap_model
 
 PREDICTION_COLUMNS = ["model", "component", "layer", "strength", "predicted_delta_nll", "measured_delta_nll",
-                      "ratio", "antithetic"]
+                      "measured_se", "noise_floor", "below_noise_floor", "ratio", "antithetic"]
 CURVATURES = ("grad_sq", "hutchinson")
 
 
@@ -49,12 +59,25 @@ def predicted_delta_nll(lm, result: ImportanceResult, component: str, layer: int
     return 0.5 * strength**2 * total
 
 
+def noise_floor(seed_values: Sequence[float], mean_nll: float) -> tuple[float, float]:
+    """(measured_se, noise_floor) of a seed-averaged ΔNLL (see the module docstring; nats/token).
+
+    seed_values: the per-seed measured ΔNLL (antithetic pair means); mean_nll: the baseline's mean per-token
+    NLL. measured_se is NaN with one seed, and the floor is then the float32 resolution alone.
+    """
+    values = np.asarray(seed_values, dtype=float)
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) >= 2 else float("nan")
+    resolution = float(np.finfo(np.float32).eps) * abs(float(mean_nll))
+    return se, max(resolution, 2 * se) if math.isfinite(se) else resolution
+
+
 def prediction_check(lm, base, result: ImportanceResult, strengths: Sequence[float], *,
                      seeds: Sequence[int] = (0, 1, 2), curvature: str = "grad_sq", adapter=None, cache=None,
                      groups: Sequence[tuple[str, int | None]] | None = None, antithetic: bool = True) -> pd.DataFrame:
     """`prediction_check` rows: predicted vs measured (seed-averaged) gaussian ΔNLL per component, layer, σ.
 
     antithetic=True measures each seed at +δ and −δ (two evaluations) and keeps their mean; False measures +δ.
+    Rows below the noise floor (noise_floor()) are flagged below_noise_floor with ratio NaN.
 
     `result` must have been scored on `base` (pass the PerplexityResult as `token_batches`) so that both use
     the same N tokens; groups default to every (component, layer) group of `result`.
@@ -79,11 +102,14 @@ def prediction_check(lm, base, result: ImportanceResult, strengths: Sequence[flo
                 for seed in seeds
             ]  # fmt: skip
             predicted = predicted_delta_nll(lm, result, component, layer, strength, curvature=curvature)
-            mean_measured = float(torch.tensor(measured, dtype=torch.float64).mean())
+            mean_measured = float(np.mean(measured))
+            se, floor = noise_floor(measured, base.nll_sum / base.n_tokens)
+            below = not abs(mean_measured) >= floor  # NaN measured counts as below: no ratio from it
             rows.append({"model": result.model, "component": component, "layer": layer,
                          "strength": float(strength), "predicted_delta_nll": predicted,
-                         "measured_delta_nll": mean_measured,
-                         "ratio": mean_measured / predicted if predicted != 0 else float("nan"),
+                         "measured_delta_nll": mean_measured, "measured_se": se, "noise_floor": floor,
+                         "below_noise_floor": below,
+                         "ratio": mean_measured / predicted if predicted != 0 and not below else float("nan"),
                          "antithetic": antithetic})
     df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     df["layer"] = df["layer"].astype("Int64")

@@ -121,7 +121,9 @@ READING_GUIDES = {
     "prediction": (
         "The second-order (Fisher) prediction ΔNLL ≈ ½σ²·Σ rms²·diag F against the measured ΔNLL at small σ. "
         "Points on the dashed y = x line mean the quadratic approximation holds; points above it mean the "
-        "real damage exceeds the local curvature estimate (non-quadratic regime or outlier weights)."
+        "real damage exceeds the local curvature estimate (non-quadratic regime or outlier weights). Points whose "
+        "measured ΔNLL is below the evaluation noise floor (twice its SE over seeds, or the float32 resolution of "
+        "a per-token NLL) are not measurements: they are left out and get no ratio."
     ),
 }
 

@@ -174,6 +174,13 @@ def prediction_chart(prediction_check: pd.DataFrame, *, models: pd.DataFrame | N
     df = require_rows(prediction_check, PREDICTION_NEEDED, chart=chart, relation="prediction_check")
     df, n_pred = drop_nonfinite(df, "predicted_delta_nll", chart=chart, relation="prediction_check")
     df, n_meas = drop_nonfinite(df, "measured_delta_nll", chart=chart, relation="prediction_check")
+    n_floor = 0
+    if "below_noise_floor" in df.columns:  # indistinguishable from evaluation noise: not a measurement
+        below = df["below_noise_floor"].fillna(True).astype(bool)
+        n_floor = int(below.sum())
+        df = df.loc[~below]
+        if df.empty:
+            raise ValueError(f"{chart}(): every prediction_check row is below its noise floor: nothing measured")
     random_models = random_weight_models(df, models)
     # pretrained models first: they are the finding, the random-weight panels only check the plumbing
     panels = [_prediction_panel(df.loc[df["model"] == m], str(m), plumbing_only=m in random_models)
@@ -186,6 +193,8 @@ def prediction_chart(prediction_check: pd.DataFrame, *, models: pd.DataFrame | N
         else "measured: seed mean of single draws (the first-order term adds noise at small σ)",
         "log axes where every value of a panel is positive, linear otherwise; axes per model",
         f"{dropped} point(s) with non-finite values not shown" if dropped else None,
+        f"{n_floor} point(s) below the evaluation noise floor not shown (no ratio is formed from them)"
+        if n_floor else None,
     ]  # fmt: skip
     grid = alt.concat(*panels, columns=3).resolve_scale(x="independent", y="independent")
     return finish(
