@@ -63,7 +63,7 @@ def test_esa_mc_mixes_choice_counts_and_balances_answer_positions() -> None:
 
 
 def test_bundled_tasks_are_discovered_from_their_yaml() -> None:
-    assert BUNDLED_TASKS == ("esa_mc",)
+    assert set(BUNDLED_TASKS) == {"esa_mc", "esa_knowledge", "esa_commonsense", "esa_reading"}
     config = bundled_task_config("esa_mc")
     assert config["output_type"] == "multiple_choice" and config["dataset_path"] == "json"
     assert {m["metric"] for m in config["metric_list"]} == {"acc", "acc_norm"}

@@ -1,0 +1,208 @@
+"""Zero-shot multiple-choice accuracy at perturbation points, item by item, paired with the baseline.
+
+`McSuite.build(lm, ["esa_mc"])` turns lm-eval tasks into their (context, continuation) requests (lm-eval's own
+`Task.build_all_requests`, so prompts, few-shot examples and choices are lm-eval's), scores the unperturbed
+model once and builds the prefix cache. `zero_shot_points(suite, specs)` then applies each perturbation
+(`perturbed`: exact restore, verified per point), re-scores every request with `mc_scoring` (nothing is reused
+across weights except the decoder-layer inputs below the perturbed layer, which that layer cannot change) and
+returns one row per (point, item) of the `zero_shot_sensitivity` relation. Correctness is lm-eval's
+`Task.process_results` (`acc`: argmax of the summed log-likelihoods; `acc_norm`: divided by the choice's
+length in characters) applied to this scorer's log-likelihoods.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from esa_pipeline.core.evaluation.mc_scoring import (
+    EncodedRequest,
+    LmEvalTokenization,
+    RequestBaseline,
+    RequestBatches,
+    RequestScores,
+    score_requests,
+)
+from esa_pipeline.core.evaluation.perplexity import model_device, unwrap
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
+
+# The scorer that produced the rows: this module's evaluator, checked equal to lm-eval's per-item
+# log-likelihoods by esa_pipeline_tests/core/test_mc_scoring.py.
+SCORER = "esa-mc (lm-eval 0.4.13 requests and tokenization, own forward + prefix cache)"
+SPEC_COLUMNS = ["kind", "component", "layer", "expert", "strength", "seed", "mode", "selection"]
+ITEM_COLUMNS = [
+    "model", "task", *SPEC_COLUMNS, "item_id", "doc_id", "n_choices", "gold",
+    "pred_before", "pred_after", "correct_before", "correct_after", "correct_norm_before", "correct_norm_after",
+    "margin_before", "margin_after", "join_merged", "restored", "relative_change", "changed_fraction",
+    "used_prefix_cache", "elapsed_s", "scorer", "random_weights",
+]  # fmt: skip
+
+
+class NotMultipleChoice(ValueError):
+    """A task whose output type is not multiple_choice (generation tasks have no per-choice likelihoods)."""
+
+
+@dataclass
+class McItem:
+    task: str
+    doc_id: int
+    item_id: str
+    doc: dict
+    choices: list[str]
+    gold: list[int]  # gold choice indices (usually one)
+    first: int  # index of its first request in the suite; its choices follow in order
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.choices)
+
+
+def _gold(task: Any, doc: dict, choices: list[str], where: str) -> list[int]:
+    target = task.doc_to_target(doc)
+    targets = target if isinstance(target, list) else [target]
+    gold = [choices.index(t) if isinstance(t, str) and t in choices else t for t in targets]
+    if not all(isinstance(g, (int, np.integer)) and 0 <= g < len(choices) for g in gold):
+        raise ValueError(f"{where}: gold answer {target!r} is not one of its {len(choices)} choices")
+    return [int(g) for g in gold]
+
+
+def task_items(tasks: dict[str, Any], limit: int | None) -> tuple[list[McItem], list[tuple[str, str, str]]]:
+    """(items, requests as (key, context, continuation)) of lm-eval Task objects, in task then doc order."""
+    items: list[McItem] = []
+    requests: list[tuple[str, str, str]] = []
+    for name, task in tasks.items():
+        if task.OUTPUT_TYPE != "multiple_choice":
+            raise NotMultipleChoice(f"zero-shot task {name!r} has output_type {task.OUTPUT_TYPE!r}; accuracy under "
+                                    "perturbation needs multiple_choice tasks")  # fmt: skip
+        task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False)
+        by_doc: dict[int, list[Any]] = {}
+        for instance in task.instances:
+            by_doc.setdefault(instance.doc_id, []).append(instance)
+        for doc_id in sorted(by_doc):
+            instances = sorted(by_doc[doc_id], key=lambda i: i.idx)
+            doc = instances[0].doc
+            item_id = str(doc.get("id", doc_id)) if isinstance(doc, dict) else str(doc_id)
+            choices = [str(c) for c in task.doc_to_choice(doc)]
+            if len(instances) != len(choices):
+                raise ValueError(f"{name}/{item_id}: {len(instances)} requests for {len(choices)} choices")
+            where = f"{name}/{item_id}"
+            items.append(McItem(name, doc_id, item_id, doc, choices, _gold(task, doc, choices, where), len(requests)))
+            for instance in instances:
+                context, continuation = instance.arguments
+                requests.append((f"{where}/choice{instance.idx}", context, continuation))
+    return items, requests
+
+
+@dataclass
+class ItemOutcomes:
+    pred: np.ndarray  # [I] int: argmax of log-likelihoods
+    correct: np.ndarray  # [I] bool: lm-eval's acc
+    correct_norm: np.ndarray  # [I] bool: lm-eval's acc_norm
+    margin: np.ndarray  # [I] float: best gold log-likelihood minus best other choice's (nats)
+
+
+class McSuite:
+    """Items and requests of some multiple-choice tasks, with the unperturbed model's scores and prefix cache."""
+
+    def __init__(self, lm: Any, tasks: dict[str, Any], items: list[McItem], requests: list[EncodedRequest],
+                 baseline: RequestBaseline, cache: Any, adapter: Any) -> None:  # fmt: skip
+        self.lm, self.tasks, self.items, self.requests = lm, tasks, items, requests
+        self.baseline, self.cache, self.adapter = baseline, cache, adapter
+        self.outcomes = self.item_outcomes(baseline.result)
+
+    @classmethod
+    def build(cls, lm: Any, task_names: list[str], *, limit: int | None = None, num_fewshot: int = 0,
+              batch_size: int = 8, adapter: Any = None, use_prefix_cache: bool = True) -> McSuite:  # fmt: skip
+        """Loads the tasks (clear errors for unknown/unavailable ones before model work), scores the baseline."""
+        from esa_pipeline.core.evaluation.zeroshot import FEWSHOT_SEED, load_tasks
+
+        model, tokenizer, _ = unwrap(lm)
+        tasks = load_tasks(list(task_names))
+        for task in tasks.values():  # the rule zero_shot()/simple_evaluate apply
+            if task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        items, raw = task_items(tasks, limit)
+        tokenization = LmEvalTokenization(tokenizer, model)
+        requests = [tokenization.encode_request(*r) for r in raw]
+        batches = RequestBatches.build(requests, tokenization.max_length, batch_size, tokenization.prefix_token_id)
+        result = score_requests(model, batches)
+        baseline = RequestBaseline(batches, result.tokens, result)
+        if adapter is None:
+            from esa_pipeline.core.models.adapters import adapter_for
+
+            adapter = adapter_for(model)
+        cache = None
+        if use_prefix_cache:
+            from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+
+            cache = PrefixCache.build(lm, baseline, adapter)  # re-checks the baseline's per-token NLL
+        return cls(lm, tasks, items, requests, baseline, cache, adapter)
+
+    @property
+    def n_join_merged(self) -> int:
+        return sum(r.join_merged for r in self.requests)
+
+    def item_outcomes(self, scores: RequestScores) -> ItemOutcomes:
+        n = len(self.items)
+        pred, margin = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float64)
+        correct, correct_norm = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        for i, item in enumerate(self.items):
+            ll = scores.loglikelihood[item.first : item.first + item.n_choices]  # [C]
+            greedy = scores.is_greedy[item.first : item.first + item.n_choices]  # [C]
+            metrics = self.tasks[item.task].process_results(item.doc, list(zip(ll.tolist(), greedy.tolist())))
+            pred[i] = int(np.argmax(ll))
+            correct[i] = bool(metrics["acc"])
+            correct_norm[i] = bool(metrics.get("acc_norm", np.nan) == 1.0)
+            others = np.delete(ll, item.gold)
+            margin[i] = float(ll[item.gold].max() - others.max()) if others.size else np.nan
+        return ItemOutcomes(pred, correct, correct_norm, margin)
+
+
+def zero_shot_points(suite: McSuite, specs: list[Perturbation], *,
+                     log: Callable[[str], None] | None = None) -> pd.DataFrame:  # fmt: skip
+    """One `zero_shot_sensitivity` row per (spec, item), specs in the given order, columns ITEM_COLUMNS."""
+    model, _, spec_info = unwrap(suite.lm)
+    cache = suite.cache if suite.cache is not None and suite.cache.enabled else None
+    base = suite.outcomes
+    merged = np.array([any(r.join_merged for r in suite.requests[i.first : i.first + i.n_choices])
+                       for i in suite.items])  # fmt: skip
+    frames = []
+    for p in specs:
+        start_layer = cache.start_layer(p) if cache is not None else None
+        forward = None if start_layer is None else (lambda index, _batch, L=start_layer: cache.forward_from(L, index))
+        started = time.perf_counter()
+        with perturbed(model, suite.adapter, p) as report:
+            scores = score_requests(model, suite.baseline.requests, forward)
+        if model_device(model).type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        after = suite.item_outcomes(scores)
+        frame = pd.DataFrame({
+            "model": getattr(spec_info, "name", None), "task": [i.task for i in suite.items],
+            **{c: getattr(p, c) for c in SPEC_COLUMNS},
+            "item_id": [i.item_id for i in suite.items], "doc_id": [i.doc_id for i in suite.items],
+            "n_choices": [i.n_choices for i in suite.items], "gold": [i.gold[0] for i in suite.items],
+            "pred_before": base.pred, "pred_after": after.pred,
+            "correct_before": base.correct, "correct_after": after.correct,
+            "correct_norm_before": base.correct_norm, "correct_norm_after": after.correct_norm,
+            "margin_before": base.margin, "margin_after": after.margin, "join_merged": merged,
+            "restored": report.restored, "relative_change": report.relative_change,
+            "changed_fraction": report.changed_fraction, "used_prefix_cache": start_layer is not None,
+            "elapsed_s": elapsed, "scorer": SCORER, "random_weights": getattr(spec_info, "random_weights", None),
+        })  # fmt: skip
+        frames.append(frame)
+        if log is not None:
+            log(f"{p.kind} {p.component} L{p.layer} s={p.strength} seed={p.seed}: accuracy "
+                f"{base.correct.mean():.3f} -> {after.correct.mean():.3f} in {elapsed:.1f}s")  # fmt: skip
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ITEM_COLUMNS)
+    for column in ("layer", "expert"):
+        out[column] = out[column].astype("Int64")
+    return out[ITEM_COLUMNS]
