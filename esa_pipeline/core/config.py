@@ -146,10 +146,30 @@ def select_layers(selection: LayerSelection, n_layers: int) -> list[int]:
     return sorted(set(selection))
 
 
+class ZeroShotGrid(_Strict):
+    """Zero-shot points on a grid: every component x layer x strength x seed of one perturbation kind."""
+
+    kind: Literal["gaussian", "neurons", "scale", "router", "zero", "sign_flip", "bit_flip"] = "gaussian"
+    components: list[str] = Field(min_length=1)
+    layers: LayerSelection = "all"
+    strengths: list[PositiveFloat] = Field(min_length=1)
+    seeds: list[Seed] | None = Field(default=None, description="default: the experiment's seeds")
+
+
+class ZeroShotAt(_Strict):
+    """Where task accuracy is measured under perturbation (per model; see core/evaluation/zeroshot_points.py)."""
+
+    grid: ZeroShotGrid | None = None
+    top_delta_nll: NonNegativeInt = Field(default=0, description="the N sweep points with the largest ΔNLL")
+    random_controls: NonNegativeInt = Field(default=0, description="N other sweep points drawn at random (seeded)")
+    control_seed: Seed = Field(default=0, description="seed of the random control draw")
+
+
 class ZeroShot(_Strict):
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task names; esa_mc is bundled")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names; esa_* tasks are bundled")
     limit: Count | None = Field(default=None, description="items per task (None = all)")
     num_fewshot: NonNegativeInt = 0
+    at: ZeroShotAt | None = Field(default=None, description="perturbation points scored on the tasks, item by item")
 
 
 IMPORTANCE_METRICS = ("grad_x_weight", "grad_sq", "hutchinson", "magnitude", "activation")
@@ -408,7 +428,7 @@ def _loc_to_path(loc: Sequence[int | str]) -> str:
     return out
 
 
-_MODEL_NAMES = {"LayerStride", "ModelSection", "StrengthsOverride", "Strengths", "ZeroShot"}
+_MODEL_NAMES = {"LayerStride", "ModelSection", "StrengthsOverride", "Strengths", "ZeroShot", "ZeroShotAt", "ZeroShotGrid"}
 
 
 def _is_branch_label(part: int | str) -> bool:
@@ -517,6 +537,14 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
     check_components("components", cfg.components)
     check_budget("token_budget", cfg.token_budget)
     check_budget("importance.token_budget", cfg.importance.token_budget)
+    at = cfg.zero_shot.at
+    if at is not None:
+        if at.grid is not None:
+            check_components("zero_shot.at.grid.components", at.grid.components)
+        if not cfg.zero_shot.tasks:
+            problems.append("zero_shot.at: no tasks to score; set zero_shot.tasks, e.g. [esa_knowledge]")
+        if at.grid is None and at.top_delta_nll == 0 and at.random_controls == 0:
+            problems.append("zero_shot.at: no points; set grid, top_delta_nll and/or random_controls (or remove `at`)")
     if not any(getattr(cfg.strengths, kind) for kind in KINDS):
         problems.append("strengths: no strengths given; set at least strengths.gaussian: [0.01, ...]")
     for name, section in cfg.models.items():

@@ -12,6 +12,7 @@ from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sources import experiment_config, sweep_plan
 from esa_pipeline.defs.sweep_assets import sensitivity
+from esa_pipeline.defs.zero_shot_assets import zero_shot_sensitivity
 
 ASSETS = [
     experiment_config,
@@ -21,6 +22,7 @@ ASSETS = [
     sensitivity,
     significance,
     critical_layers,
+    zero_shot_sensitivity,
     weight_importance,
     moe_routing,
     architecture_comparison,

@@ -46,7 +46,7 @@ from esa_pipeline.defs.planning import (
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 
 MODEL_STAGE_ASSETS = ["model_card", "baseline", "weight_importance", "moe_routing"]
-MODEL_ANALYSIS_ASSETS = ["significance", "critical_layers"]
+MODEL_ANALYSIS_ASSETS = ["significance", "critical_layers", "zero_shot_sensitivity"]
 CROSS_MODEL_ASSETS = ["architecture_comparison", "scaling_fit", "report"]
 
 model_stage_job = define_asset_job(

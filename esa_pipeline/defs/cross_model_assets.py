@@ -19,6 +19,7 @@ from esa_pipeline.defs.common import EAGER_ACROSS_MODELS, number, store_rows, ta
 from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sweep_assets import sensitivity
+from esa_pipeline.defs.zero_shot_assets import zero_shot_sensitivity
 
 CROSS_MODEL_RELATIONS = {"architecture_comparison", "group_comparison", "scaling_fit"}
 
@@ -120,7 +121,7 @@ def scaling_fit(context: AssetExecutionContext, experiment: ExperimentResource, 
 
 @asset(
     deps=[baseline, significance, critical_layers, weight_importance, moe_routing, architecture_comparison,
-          scaling_fit],
+          scaling_fit, zero_shot_sensitivity],
     group_name="report",
     automation_condition=EAGER_ACROSS_MODELS,
     description="Charts (PNG/HTML/JSON) and a self-contained HTML report under data/reports/.",

@@ -50,10 +50,11 @@ UPSTREAM: dict[str, list[str]] = {
     "sensitivity": ["baseline"],
     "significance": ["sensitivity"],
     "critical_layers": ["significance", "model_card"],
+    "zero_shot_sensitivity": ["sensitivity", "baseline"],
     "architecture_comparison": ["sensitivity", "model_card"],
     "scaling_fit": ["sensitivity", "model_card"],
     "report": ["baseline", "significance", "critical_layers", "weight_importance", "moe_routing",
-               "architecture_comparison", "scaling_fit"],
+               "architecture_comparison", "scaling_fit", "zero_shot_sensitivity"],
 }  # fmt: skip
 
 

@@ -79,6 +79,29 @@ def sweep_relations(names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return sensitivity, sensitivity_windows
 
 
+def zero_shot_relations(sensitivity: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFrame, ...]:
+    """zero_shot_significance / task_vs_perplexity(_points) through the real analysis code: 20 items per point at
+    six sweep points per model, each item lost with a probability that grows with the point's ΔNLL."""
+    from esa_pipeline.core.analysis.zero_shot_stats import task_vs_perplexity, zero_shot_summary
+
+    spec = ["kind", "component", "layer", "expert", "strength", "seed", "mode", "selection"]
+    frames = []
+    for model, rows in sensitivity.groupby("model"):
+        points = rows.sort_values("delta_nll", ascending=False).head(6)
+        for point in points.itertuples(index=False):
+            before = rng.random(20) < 0.7
+            lost = rng.random(20) < min(0.9, max(0.0, float(point.delta_nll)))
+            frames.append(pd.DataFrame({
+                "model": model, "task": "esa_knowledge", **{c: getattr(point, c) for c in spec},
+                "group_size": pd.NA, "item_id": [f"k{i}" for i in range(20)], "correct_before": before,
+                "correct_after": before & ~lost, "margin_before": 1.0, "margin_after": 0.5, "restored": True,
+                "random_weights": bool(point.random_weights),
+            }))  # fmt: skip
+    summary = zero_shot_summary(pd.concat(frames, ignore_index=True))
+    corr, points = task_vs_perplexity(summary, sensitivity)
+    return summary, corr, points
+
+
 def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral")) -> dict[str, pd.DataFrame]:
     """Every relation the charts and the report read, for `names`, derived through the real analysis code."""
     names = list(names)
@@ -145,7 +168,10 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
     architecture = analysis.architecture_comparison(sensitivity, models)
     groups = pd.concat([analysis.dense_vs_moe(architecture, models), analysis.instruct_vs_base(architecture, models)],
                        ignore_index=True)  # fmt: skip
+    zero_shot_summary, task_corr, task_points = zero_shot_relations(sensitivity, rng)
     return {
+        "zero_shot_significance": zero_shot_summary, "task_vs_perplexity": task_corr,
+        "task_vs_perplexity_points": task_points,
         "models": models, "baselines": baselines, "zero_shot": zero_shot, "sensitivity": sensitivity,
         "sensitivity_windows": sensitivity_windows, "significance": significance,
         "seed_consistency": analysis.seed_consistency(sensitivity), "dose_response": analysis.dose_response(dosed),

@@ -24,7 +24,7 @@ EXPERIMENT = {
 SECTIONS = ["setup", "random-weights", "baselines", "zero-shot", "heatmap", "degradation", "dose_response",
             "critical_layers",
             "seed_consistency", "architecture", "moe_routing", "scaling", "importance", "validation", "prediction",
-            "scaling-table", "group-comparison", "super-weights"]  # fmt: skip
+            "zero_shot", "scaling-table", "group-comparison", "super-weights"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_report_has_every_section_with_embedded_charts(report):
         assert f'<section id="{section}"' in page, section
     images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)' width='\d+'", page)
     # one per kind-specific chart (one sweep kind, two validation kinds here) and per single chart; no scaling
-    # chart: one pretrained model is not enough for a fit, and the section says so instead
-    assert len(images) == 11
+    # chart: one pretrained model is not enough for a fit, and the section says so instead; two zero-shot charts
+    assert len(images) == 13
     for data in images:
         png = base64.b64decode(data)
         assert png.startswith(b"\x89PNG") and len(png) > 8_000
@@ -72,7 +72,8 @@ def test_report_marks_random_weight_models_and_baseline_flags(report):
 def test_report_writes_png_and_spec_files(report):
     index, _ = report
     pngs = sorted(p.name for p in index.parent.glob("*.png"))
-    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 11
+    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 13
+    assert {"zero_shot__accuracy.png", "zero_shot__disagreement.png"} <= set(pngs)
     assert {"validation__zero.png", "validation__sign_flip.png"} <= set(pngs)  # one figure per kind
     spec = json.loads((index.parent / "heatmap__gaussian.vl.json").read_text())
     assert spec["$schema"].startswith("https://vega.github.io/schema/vega-lite/")
@@ -114,7 +115,7 @@ def test_empty_relations_are_called_out_and_pretrained_data_carry_no_warning(tmp
     # moe_routing holds only the tiny MoE model, so it is empty once filtered to the pretrained one
     for relation in ("moe_routing", "prediction_check", "zero_shot", "weight_importance", "importance_validation"):
         assert f"The `{relation}` relation is empty" in page, relation
-    assert page.count("<img") == 6  # no scaling chart: one pretrained model is not enough for a fit
+    assert page.count("<img") == 8  # no scaling chart: one pretrained model is not enough for a fit
     assert "every model in this report has pretrained weights" in page
     assert charts.PLUMBING_NOTE not in page and "badge'>random weights" not in page
 

@@ -16,7 +16,7 @@ from esa_pipeline.core.analysis.zero_shot_stats import (
 )
 
 SPEC = {"kind": "gaussian", "component": "ffn.down", "expert": None, "seed": 1, "mode": "noise",
-        "selection": "random"}  # fmt: skip
+        "selection": "random", "group_size": None}  # fmt: skip
 
 
 def items(model: str, task: str, layer: int, strength: float, both: int, lost: int, gained: int,
@@ -127,3 +127,24 @@ def test_constant_accuracy_is_not_a_correlation() -> None:
     frame = pd.concat([items("m", "t", layer, 0.1, 5, 0, 0, 5) for layer in range(5)], ignore_index=True)
     corr, _ = task_vs_perplexity(zero_shot_summary(frame), _sensitivity("m", list(range(5)), [0.1, 0.2, 0.3, 0.4, 0.5]))
     assert corr["spearman_rho"].isna().all() and corr["note"].str.contains("same at every point").all()
+
+
+def test_charts_draw_accuracy_and_disagreement(tmp_path) -> None:
+    from esa_pipeline.core.reporting.charts import to_png
+    from esa_pipeline.core.reporting.charts.zero_shot import (
+        task_vs_perplexity_chart,
+        zero_shot_accuracy_chart,
+    )
+    from esa_pipeline.core.reporting.report import build_report
+
+    frame = pd.concat([items("smollm2-135m", "esa_knowledge", layer, 0.1, both=20 - n, lost=n, gained=0, neither=5)
+                       for layer, n in enumerate([0, 2, 4, 6, 0])], ignore_index=True)  # fmt: skip
+    summary = zero_shot_summary(frame)
+    corr, points = task_vs_perplexity(summary, _sensitivity("smollm2-135m", [0, 1, 2, 3, 4], [0.01, 0.02, 0.03, 0.04, 0.5]))
+    assert to_png(zero_shot_accuracy_chart(summary))[:4] == b"\x89PNG"
+    spec = task_vs_perplexity_chart(points, corr).to_dict()
+    assert "Spearman ρ = " in str(spec) and "perplexity_only" in str(spec)
+    page = build_report({"zero_shot_significance": summary, "task_vs_perplexity": corr,
+                         "task_vs_perplexity_points": points}, tmp_path, experiment={"name": "t"}).read_text()  # fmt: skip
+    assert "Task accuracy under perturbation" in page and "zero_shot__disagreement.png" in page
+    assert (tmp_path / "zero_shot__accuracy.png").is_file()

@@ -209,3 +209,17 @@ def test_perturbed_weights_change_the_answers_and_restoring_brings_them_back(smo
 
     again = _metrics(zero_shot(smollm2, ["esa_mc"], limit=SMOLLM2_LIMIT, batch_size=32))
     assert {m: again[m]["value"] for m in again} == {m: smollm2_baseline[m]["value"] for m in smollm2_baseline}
+
+
+@pytest.mark.parametrize("task", ["esa_knowledge", "esa_commonsense", "esa_reading"])
+def test_new_bundled_tasks_are_well_formed_and_balanced(task) -> None:
+    items = [json.loads(line) for line in (bundled_tasks_dir() / task / f"{task}.jsonl").read_text().splitlines()]
+    assert len(items) >= 80
+    assert len({i["id"] for i in items}) == len(items)
+    keys = [(i.get("passage", ""), i["question"]) for i in items]
+    assert len(set(keys)) == len(keys), "a question repeats"
+    for item in items:
+        assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4, item["id"]
+        assert all(c.strip() for c in item["choices"]) and 0 <= item["label"] < 4, item["id"]
+    positions = Counter(i["label"] for i in items)
+    assert max(positions.values()) - min(positions.values()) <= 1, positions

@@ -13,12 +13,14 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 ASSET_KEYS = {
     "experiment_config", "sweep_plan", "model_card", "baseline", "sensitivity", "significance",
     "critical_layers", "weight_importance", "moe_routing", "architecture_comparison", "scaling_fit", "report",
+    "zero_shot_sensitivity",
 }  # fmt: skip
 CHECK_KEYS = {
     ("baseline", "baseline_sanity"), ("baseline", "baseline_regression"), ("sensitivity", "every_row_restored"),
     ("significance", "significance_quality"), ("scaling_fit", "scaling_fit_quality"),
+    ("zero_shot_sensitivity", "every_point_restored"),
 }  # fmt: skip
-GPU_ASSETS = {"model_card", "baseline", "sensitivity", "weight_importance", "moe_routing"}
+GPU_ASSETS = {"model_card", "baseline", "sensitivity", "weight_importance", "moe_routing", "zero_shot_sensitivity"}
 
 
 @pytest.fixture
@@ -58,7 +60,8 @@ def test_asset_graph_snapshot():
         for k in graph.asset_check_keys
         if graph.get_check_spec(k).blocking
     }
-    assert blocking == {("baseline", "baseline_sanity"), ("sensitivity", "every_row_restored")}
+    assert blocking == {("baseline", "baseline_sanity"), ("sensitivity", "every_row_restored"),
+                        ("zero_shot_sensitivity", "every_point_restored")}
 
 
 def test_model_heavy_steps_share_the_gpu_pool_and_request_a_gpu_on_k8s():

@@ -27,7 +27,7 @@ from statsmodels.stats.multitest import multipletests
 
 from esa_pipeline.core.analysis._common import require_columns
 
-SPEC_COLUMNS = ["kind", "component", "layer", "expert", "strength", "seed", "mode", "selection"]
+SPEC_COLUMNS = ["kind", "component", "layer", "expert", "strength", "seed", "mode", "selection", "group_size"]
 POINT_KEYS = ["model", "task", *SPEC_COLUMNS]
 SUMMARY_COLUMNS = [
     *POINT_KEYS, "n_items", "n_both", "n_lost", "n_gained", "n_neither", "accuracy_before", "accuracy_after",
@@ -87,7 +87,7 @@ def zero_shot_summary(items: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
             p = mcnemar_exact_p(counts["n_lost"], counts["n_gained"])
             note = NOTE_NO_DISCORDANT if counts["n_lost"] + counts["n_gained"] == 0 else ""
         rows.append({
-            **dict(zip(POINT_KEYS, key)), "n_items": n, **counts,
+            **dict(zip(POINT_KEYS, key, strict=True)), "n_items": n, **counts,
             "accuracy_before": float(before.mean()), "accuracy_after": float(after.mean()),
             "delta_accuracy": float(after.mean() - before.mean()), "ci_low": low, "ci_high": high, "mcnemar_p": p,
             "mean_margin_before": float(group["margin_before"].mean()),
@@ -99,7 +99,7 @@ def zero_shot_summary(items: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     out = pd.DataFrame(rows, columns=[c for c in SUMMARY_COLUMNS if c not in ("p_holm", "p_bh", "significant_holm",
                                                                             "significant_bh")])  # fmt: skip
     out = _adjust_per_model(out, alpha)
-    for column in ("layer", "expert"):
+    for column in ("layer", "expert", "group_size"):
         out[column] = pd.to_numeric(out[column]).astype("Int64")
     return out[SUMMARY_COLUMNS]
 
@@ -130,19 +130,22 @@ def _pooled(summary: pd.DataFrame) -> pd.DataFrame:
     sums["task"] = ALL_TASKS
     sums["delta_accuracy"] = (sums["n_gained"] - sums["n_lost"]) / sums["n_items"].where(sums["n_items"] > 0)
     sums["mcnemar_p"] = [mcnemar_exact_p(int(a), int(b)) if n else math.nan
-                         for a, b, n in zip(sums["n_lost"], sums["n_gained"], sums["n_items"])]  # fmt: skip
+                         for a, b, n in zip(sums["n_lost"], sums["n_gained"], sums["n_items"], strict=True)]  # fmt: skip
     return sums
 
 
 def _with_delta_nll(summary: pd.DataFrame, sensitivity: pd.DataFrame) -> pd.DataFrame:
-    require_columns(sensitivity, ["model", *SPEC_COLUMNS, "delta_nll"], function="task_vs_perplexity",
+    require_columns(sensitivity, ["model", *SPEC_COLUMNS[:-1], "delta_nll"], function="task_vs_perplexity",
                     relation="sensitivity")  # fmt: skip
-    sens = sensitivity[["model", *SPEC_COLUMNS, "delta_nll"]].copy()
+    sens = sensitivity.copy()
+    if "group_size" not in sens.columns:  # rows stored before quantize existed
+        sens["group_size"] = pd.NA
+    sens = sens[["model", *SPEC_COLUMNS, "delta_nll"]]
     frames = [summary[POINT_KEYS + ["delta_accuracy", "mcnemar_p"]], _pooled(summary)[POINT_KEYS + ["delta_accuracy",
                                                                                                   "mcnemar_p"]]]
     points = pd.concat(frames, ignore_index=True)
     for frame in (points, sens):
-        for column in ("layer", "expert"):
+        for column in ("layer", "expert", "group_size"):
             frame[column] = pd.to_numeric(frame[column]).astype("Int64")
         frame["strength"] = frame["strength"].astype(float)
         frame["seed"] = frame["seed"].astype("int64")

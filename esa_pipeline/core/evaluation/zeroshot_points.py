@@ -34,13 +34,14 @@ from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
 # The scorer that produced the rows: this module's evaluator, checked equal to lm-eval's per-item
 # log-likelihoods by esa_pipeline_tests/core/test_mc_scoring.py.
 SCORER = "esa-mc (lm-eval 0.4.13 requests and tokenization, own forward + prefix cache)"
-SPEC_COLUMNS = ["kind", "component", "layer", "expert", "strength", "seed", "mode", "selection"]
+SPEC_COLUMNS = ["kind", "component", "layer", "expert", "strength", "seed", "mode", "selection", "group_size"]
 ITEM_COLUMNS = [
     "model", "task", *SPEC_COLUMNS, "item_id", "doc_id", "n_choices", "gold",
     "pred_before", "pred_after", "correct_before", "correct_after", "correct_norm_before", "correct_norm_after",
     "margin_before", "margin_after", "join_merged", "restored", "relative_change", "changed_fraction",
-    "used_prefix_cache", "elapsed_s", "scorer", "random_weights",
+    "selected_by", "used_prefix_cache", "elapsed_s", "scorer", "random_weights",
 ]  # fmt: skip
+GRID, TOP, CONTROL = "grid", "top_delta_nll", "random_control"
 
 
 class NotMultipleChoice(ValueError):
@@ -155,7 +156,7 @@ class McSuite:
         for i, item in enumerate(self.items):
             ll = scores.loglikelihood[item.first : item.first + item.n_choices]  # [C]
             greedy = scores.is_greedy[item.first : item.first + item.n_choices]  # [C]
-            metrics = self.tasks[item.task].process_results(item.doc, list(zip(ll.tolist(), greedy.tolist())))
+            metrics = self.tasks[item.task].process_results(item.doc, list(zip(ll.tolist(), greedy.tolist(), strict=True)))
             pred[i] = int(np.argmax(ll))
             correct[i] = bool(metrics["acc"])
             correct_norm[i] = bool(metrics.get("acc_norm", np.nan) == 1.0)
@@ -164,16 +165,22 @@ class McSuite:
         return ItemOutcomes(pred, correct, correct_norm, margin)
 
 
-def zero_shot_points(suite: McSuite, specs: list[Perturbation], *,
+def zero_shot_points(suite: McSuite, specs: list[Perturbation], *, selected_by: list[str] | None = None,
                      log: Callable[[str], None] | None = None) -> pd.DataFrame:  # fmt: skip
-    """One `zero_shot_sensitivity` row per (spec, item), specs in the given order, columns ITEM_COLUMNS."""
+    """One `zero_shot_sensitivity` row per (spec, item), specs in the given order, columns ITEM_COLUMNS.
+
+    selected_by: per spec, why it was measured (GRID / TOP / CONTROL; default GRID).
+    """
+    if selected_by is not None and len(selected_by) != len(specs):
+        raise ValueError(f"selected_by has {len(selected_by)} labels for {len(specs)} specs")
+    labels = selected_by or [GRID] * len(specs)
     model, _, spec_info = unwrap(suite.lm)
     cache = suite.cache if suite.cache is not None and suite.cache.enabled else None
     base = suite.outcomes
     merged = np.array([any(r.join_merged for r in suite.requests[i.first : i.first + i.n_choices])
                        for i in suite.items])  # fmt: skip
     frames = []
-    for p in specs:
+    for p, label in zip(specs, labels, strict=True):
         start_layer = cache.start_layer(p) if cache is not None else None
         forward = None if start_layer is None else (lambda index, _batch, L=start_layer: cache.forward_from(L, index))
         started = time.perf_counter()
@@ -195,7 +202,8 @@ def zero_shot_points(suite: McSuite, specs: list[Perturbation], *,
             "correct_norm_before": base.correct_norm, "correct_norm_after": after.correct_norm,
             "margin_before": base.margin, "margin_after": after.margin, "join_merged": merged,
             "restored": report.restored, "relative_change": report.relative_change,
-            "changed_fraction": report.changed_fraction, "used_prefix_cache": start_layer is not None,
+            "changed_fraction": report.changed_fraction, "selected_by": label,
+            "used_prefix_cache": start_layer is not None,
             "elapsed_s": elapsed, "scorer": SCORER, "random_weights": getattr(spec_info, "random_weights", None),
         })  # fmt: skip
         frames.append(frame)
@@ -203,6 +211,63 @@ def zero_shot_points(suite: McSuite, specs: list[Perturbation], *,
             log(f"{p.kind} {p.component} L{p.layer} s={p.strength} seed={p.seed}: accuracy "
                 f"{base.correct.mean():.3f} -> {after.correct.mean():.3f} in {elapsed:.1f}s")  # fmt: skip
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ITEM_COLUMNS)
-    for column in ("layer", "expert"):
+    for column in ("layer", "expert", "group_size"):
         out[column] = out[column].astype("Int64")
     return out[ITEM_COLUMNS]
+
+
+def _spec_from_row(row: Any) -> Perturbation:
+    def optional_int(value: Any) -> int | None:
+        return None if pd.isna(value) else int(value)
+
+    return Perturbation(kind=str(row.kind), component=str(row.component), layer=optional_int(row.layer),
+                        strength=float(row.strength), seed=int(row.seed), expert=optional_int(row.expert),
+                        mode=str(row.mode), selection=str(row.selection),
+                        group_size=optional_int(getattr(row, "group_size", None)))  # fmt: skip
+
+
+def select_points(at: Any, *, model: str, n_layers: int, seeds: list[int], sensitivity: pd.DataFrame | None,
+                  neuron_mode: str = "noise") -> tuple[list[Perturbation], list[str]]:  # fmt: skip
+    """The perturbation points of a `zero_shot.at` setting (core.config.ZeroShotAt) for one model.
+
+    grid: every component x layer x strength x seed of `at.grid`; top_delta_nll: the N stored sweep points
+    with the largest ΔNLL (NaN/inf first: an overflowed point is the most damaging); random_controls: N other
+    stored sweep points drawn without replacement by a generator seeded from (model, control_seed), so the
+    same settings always pick the same controls. Returns (specs, selected_by), each point once.
+    """
+    from esa_pipeline.core.config import select_layers
+    from esa_pipeline.core.provenance import stable_hash
+
+    specs: list[Perturbation] = []
+    labels: list[str] = []
+
+    def add(p: Perturbation, label: str) -> None:
+        if p not in specs:
+            specs.append(p)
+            labels.append(label)
+
+    if at.grid is not None:
+        grid = at.grid
+        for component in grid.components:
+            for layer in select_layers(grid.layers, n_layers):
+                for strength in grid.strengths:
+                    for seed in grid.seeds or seeds:
+                        mode = neuron_mode if grid.kind == "neurons" else "noise"
+                        add(Perturbation(kind=grid.kind, component=component, layer=layer, strength=strength,
+                                         seed=seed, mode=mode), GRID)  # fmt: skip
+    wanted = at.top_delta_nll + at.random_controls
+    if wanted:
+        if sensitivity is None or sensitivity.empty:
+            raise ValueError(f"zero_shot.at asks for {wanted} sweep points of {model}, but it has no sensitivity "
+                             "rows under its current settings: materialize its sensitivity partitions first")
+        key = sensitivity["delta_nll"].astype(float).where(lambda v: np.isfinite(v), np.inf)
+        ordered = sensitivity.assign(_key=key).sort_values("_key", ascending=False, kind="stable")
+        rows = list(ordered.itertuples(index=False))
+        for row in rows[: at.top_delta_nll]:
+            add(_spec_from_row(row), TOP)
+        rest = [r for r in rows[at.top_delta_nll :] if _spec_from_row(r) not in specs]
+        seed = int(stable_hash({"model": model, "control_seed": at.control_seed}), 16) % 2**63
+        rng = np.random.default_rng(seed)
+        for index in sorted(rng.choice(len(rest), size=min(at.random_controls, len(rest)), replace=False)):
+            add(_spec_from_row(rest[index]), CONTROL)
+    return specs, labels

@@ -42,7 +42,8 @@ REPORT_RELATIONS = [
     "models", "baselines", "zero_shot", "sensitivity", "significance", "seed_consistency", "dose_response",
     "critical_layers",
     "weight_importance", "importance_validation", "super_weights", "prediction_check", "moe_routing",
-    "architecture_comparison", "group_comparison", "scaling_fit",
+    "architecture_comparison", "group_comparison", "scaling_fit", "zero_shot_significance", "task_vs_perplexity",
+    "task_vs_perplexity_points",
 ]  # fmt: skip
 SUPER_WEIGHT_COLUMNS = ["model", "layer", "param_name", "row", "col", "weight_value", "activation_in",
                         "activation_out", "spike_ratio"]  # fmt: skip
@@ -51,6 +52,13 @@ GROUP_COLUMNS = ["comparison", "kind", "component", "strength", "models_a", "mod
                  "difference", "welch_p", "mannwhitney_p", "warnings"]  # fmt: skip
 
 READING_GUIDES = {
+    "zero_shot": (
+        "Task accuracy measured item by item at perturbation points (zero_shot.at), each item paired with its "
+        "unperturbed answer: the line is the 95% CI of the accuracy change, a filled dot an exact McNemar test "
+        "that survives Benjamini–Hochberg. The scatter sets the same points' ΔNLL against their accuracy change; "
+        "Spearman's ρ (with its CI) says how far perplexity ranks the points as the tasks do, and the named "
+        "points disagree most: orange hurts perplexity far more than the tasks, purple the reverse."
+    ),
     "heatmap": (
         "Each cell is the mean increase in negative log-likelihood per token (ΔNLL, nats/token) when one "
         "component of one layer is perturbed, averaged over seeds and evaluation windows; red = worse than the "
@@ -159,6 +167,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
     ]
     for title, figures in _figures(tables):
         sections.append(_figure_section(title, figures, out_dir))
+    sections.append(_zero_shot_under_perturbation_section(tables, out_dir))
     sections.append(_scaling_table_section(tables.get("scaling_fit")))
     sections.append(_group_comparison_section(tables.get("group_comparison")))
     sections.append(_super_weights_section(tables.get("super_weights")))
@@ -282,6 +291,38 @@ def _table_section(anchor: str, title: str, relation: str, frame: pd.DataFrame |
     if frame is None or frame.empty:
         return head + _empty(relation, why_empty) + "</section>"
     return head + _table(frame, {c: c for c in columns}) + "</section>"
+
+
+def _zero_shot_under_perturbation_section(tables: dict[str, pd.DataFrame], out_dir: Path) -> str:
+    """Accuracy under perturbation and the task-vs-perplexity divergence chart, plus the correlation table."""
+    from esa_pipeline.core.reporting.charts.zero_shot import (
+        task_vs_perplexity_chart,
+        zero_shot_accuracy_chart,
+    )
+
+    models = tables.get("models")
+    models = models if models is not None and not models.empty else None
+    summary, points, corr = (tables.get(k) for k in ("zero_shot_significance", "task_vs_perplexity_points",
+                                                      "task_vs_perplexity"))  # fmt: skip
+    figures = []
+    if summary is None or summary.empty:
+        figures.append(_Figure("zero_shot__accuracy", "accuracy under perturbation",
+                               skipped=_empty_text("zero_shot_significance")))  # fmt: skip
+    else:
+        figures.append(_attempt("zero_shot__accuracy", "Δ accuracy with paired CI per point and task",
+                                lambda: zero_shot_accuracy_chart(summary, models=models)))  # fmt: skip
+    if points is None or points.empty:
+        figures.append(_Figure("zero_shot__disagreement", "ΔNLL vs Δ accuracy",
+                               skipped=_empty_text("task_vs_perplexity_points")))  # fmt: skip
+    else:
+        figures.append(_attempt("zero_shot__disagreement", "ΔNLL vs Δ accuracy over all tasks",
+                                lambda: task_vs_perplexity_chart(points, corr, models=models)))  # fmt: skip
+    section = _figure_section("Task accuracy under perturbation, and where perplexity disagrees", figures, out_dir)
+    if corr is not None and not corr.empty:
+        table = _table(corr, {c: c for c in ["model", "task", "n_points", "spearman_rho", "ci_low", "ci_high",
+                                             "p_value", "note"]})  # fmt: skip
+        section = section.replace("</section>", f"<h3>Rank correlation of ΔNLL and Δ accuracy</h3>{table}</section>")
+    return section
 
 
 def _scaling_table_section(scaling: pd.DataFrame | None) -> str:
