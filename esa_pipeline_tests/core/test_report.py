@@ -39,10 +39,18 @@ def test_report_has_every_section_with_embedded_charts(report):
     assert index.name == "index.html"
     for section in SECTIONS:
         assert f'<section id="{section}"' in page, section
-    images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)' width='\d+'", page)
+    headline, appendix = page.split('<section id="plumbing-appendix"', 1)
+    images = re.findall(r"<img src='data:image/png;base64,([A-Za-z0-9+/=]+)' width='\d+'", headline)
+    # random-weight models never enter a headline chart: tiny-mixtral's charts are in the appendix only
+    assert "tiny-mixtral" not in "".join(re.findall(r"<figure>.*?</figure>", headline)).replace("plumbing", "")
+    appendix_images = re.findall(r"<img src='data:image/png;base64,", appendix)
+    # heatmap, degradation, dose-response, seed consistency, MoE routing, importance, 2 validation kinds,
+    # prediction; no critical layers or architecture comparison for a random-weight model
+    assert len(appendix_images) == 9
     # one per kind-specific chart (one sweep kind, two validation kinds here) and per single chart; no scaling
-    # chart: one pretrained model is not enough for a fit, and the section says so instead; two zero-shot charts
-    assert len(images) == 13
+    # chart (one pretrained model is not enough for a fit) and no MoE routing (only the tiny MoE has rows);
+    # two zero-shot charts
+    assert len(images) == 12
     for data in images:
         png = base64.b64decode(data)
         assert png.startswith(b"\x89PNG") and len(png) > 8_000
@@ -72,7 +80,8 @@ def test_report_marks_random_weight_models_and_baseline_flags(report):
 def test_report_writes_png_and_spec_files(report):
     index, _ = report
     pngs = sorted(p.name for p in index.parent.glob("*.png"))
-    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 13
+    assert "heatmap__gaussian.png" in pngs and "prediction.png" in pngs and len(pngs) == 21
+    assert "plumbing-heatmap__gaussian.png" in pngs  # the appendix's copy for the random-weight model
     assert {"zero_shot__accuracy.png", "zero_shot__disagreement.png"} <= set(pngs)
     assert {"validation__zero.png", "validation__sign_flip.png"} <= set(pngs)  # one figure per kind
     spec = json.loads((index.parent / "heatmap__gaussian.vl.json").read_text())
@@ -92,7 +101,7 @@ def test_every_relation_the_report_draws_is_one_the_report_asset_loads(report):
     _, page = report
     # the fixture fills every relation the report uses (sensitivity_windows only feeds significance)
     assert set(fixture_relations()) - {"sensitivity_windows"} <= set(REPORT_RELATIONS)
-    for relation in REPORT_RELATIONS:
+    for relation in set(REPORT_RELATIONS) - {"moe_routing"}:  # only the tiny MoE has routing rows: appendix
         assert f"The `{relation}` relation is empty" not in page, relation
 
 

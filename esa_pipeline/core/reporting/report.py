@@ -165,12 +165,17 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
         _baselines_section(tables.get("baselines")),
         _zero_shot_section(tables.get("zero_shot")),
     ]
-    for title, figures in _figures(tables):
+    # Random-weight models never enter a headline chart: the charts above the appendix are drawn from the
+    # pretrained models' rows only, and the same charts for the random-weight models form a separate appendix.
+    random_models = _random_models(tables)
+    for title, figures in _figures(_rows_of(tables, random_models, keep=False)):
         sections.append(_figure_section(title, figures, out_dir))
     sections.append(_zero_shot_under_perturbation_section(tables, out_dir))
     sections.append(_scaling_table_section(tables.get("scaling_fit")))
     sections.append(_group_comparison_section(tables.get("group_comparison")))
     sections.append(_super_weights_section(tables.get("super_weights")))
+    if random_models:
+        sections.append(_plumbing_appendix(_rows_of(tables, random_models, keep=True), random_models, out_dir))
 
     name = str(experiment.get("name", "experiment"))
     page = _PAGE.format(
@@ -244,9 +249,11 @@ def _random_weights_section(tables: dict[str, pd.DataFrame]) -> str:
         '<section id="random-weights" class="warning"><h2>Random-weight models — plumbing only</h2>'
         f"<p>{names} {'has' if len(random_models) == 1 else 'have'} random weights (tiny test models built "
         "from configs). Every number from them — baselines, ΔNLL, significance, fits — checks that the pipeline "
-        "runs on that architecture's module layout; it says nothing about real language models. Charts that "
-        f"include them carry the red subtitle “{html.escape(PLUMBING_NOTE)}”, and table rows from them are "
-        "marked <span class='badge'>random weights</span>.</p></section>"
+        "runs on that architecture's module layout; it says nothing about real language models. They are kept "
+        "out of every headline chart and of scaling fits, architecture comparisons and critical layers; their "
+        "charts are in the plumbing appendix at the end, each with the red subtitle "
+        f"“{html.escape(PLUMBING_NOTE)}”, and table rows from them are marked "
+        "<span class='badge'>random weights</span>.</p></section>"
     )
 
 
@@ -363,22 +370,48 @@ def _super_weights_section(supers: pd.DataFrame | None) -> str:
     )
 
 
-def _figure_section(title: str, figures: list[_Figure], out_dir: Path) -> str:
-    anchor = figures[0].name.split("__")[0]
+def _rows_of(tables: dict[str, pd.DataFrame], models: set[str], *, keep: bool) -> dict[str, pd.DataFrame]:
+    """Every table's rows of `models` (keep=True) or of every other model (keep=False); tables without a
+    model column (cross-model fits) and the `models` relation itself are passed through."""
+    out = {}
+    for name, frame in tables.items():
+        if name == "models" or frame is None or "model" not in frame.columns:
+            out[name] = frame
+        else:
+            out[name] = frame.loc[frame["model"].astype(str).isin(models) == keep]
+    return out
+
+
+def _plumbing_appendix(tables: dict[str, pd.DataFrame], random_models: set[str], out_dir: Path) -> str:
+    """The charts of the random-weight models, apart from every finding: they check the plumbing only."""
+    names = ", ".join(f"<code>{html.escape(m)}</code>" for m in sorted(random_models))
+    parts = ['<section id="plumbing-appendix" class="warning"><h2>Plumbing appendix: random-weight models</h2>'
+             f"<p>{names}: tiny models with random weights. These charts check that every stage runs on their "
+             "module layouts; they are not results and are kept out of every chart above.</p></section>"]  # fmt: skip
+    for title, figures in _figures(tables):
+        drawn = [f for f in figures if f.chart is not None]
+        if drawn:
+            parts.append(_figure_section(f"Plumbing: {title}", drawn, out_dir, prefix="plumbing-"))
+    return "\n".join(parts)
+
+
+def _figure_section(title: str, figures: list[_Figure], out_dir: Path, *, prefix: str = "") -> str:
+    guide = figures[0].name.split("__")[0]
+    anchor = prefix + guide
     parts = [f'<section id="{html.escape(anchor)}"><h2>{html.escape(title)}</h2>',
-             f"<p class='guide'>{html.escape(READING_GUIDES[anchor])}</p>"]  # fmt: skip
+             f"<p class='guide'>{html.escape(READING_GUIDES[guide])}</p>"]  # fmt: skip
     for figure in figures:
         if figure.chart is None:
             parts.append(f"<p class='empty'>{html.escape(figure.skipped or 'not drawn')}</p>")
             continue
         png = charts.to_png(figure.chart, scale=PNG_SCALE)
-        _atomic_write(out_dir / f"{figure.name}.png", png)
-        _atomic_write(out_dir / f"{figure.name}.vl.json", figure.chart.to_json().encode("utf-8"))
+        _atomic_write(out_dir / f"{prefix}{figure.name}.png", png)
+        _atomic_write(out_dir / f"{prefix}{figure.name}.vl.json", figure.chart.to_json().encode("utf-8"))
         width = charts.png_size(png)[0] // PNG_SCALE  # shown at CSS size: the extra pixels make it crisp on HiDPI
         parts.append(
             f"<figure><img src='{charts.png_data_uri(png)}' width='{width}' alt='{html.escape(figure.caption)}'>"
-            f"<figcaption>{html.escape(figure.caption)} — files: <code>{html.escape(figure.name)}.png</code>, "
-            f"<code>{html.escape(figure.name)}.vl.json</code></figcaption></figure>"
+            f"<figcaption>{html.escape(figure.caption)} — files: <code>{html.escape(prefix + figure.name)}.png</code>, "
+            f"<code>{html.escape(prefix + figure.name)}.vl.json</code></figcaption></figure>"
         )
     parts.append("</section>")
     return "".join(parts)
