@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from esa_pipeline.core.evaluation.paired import evaluate_against
-from esa_pipeline.core.evaluation.perplexity import full_forward, perplexity, score_batch
+from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.scoring import (
+    final_hidden_states,
+    gather_scored,
+    score_hidden,
+    scored_targets,
+)
 from esa_pipeline.core.evaluation.text import load_texts
 from esa_pipeline.core.models.adapters import adapter_for
 from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices
@@ -211,7 +217,7 @@ def test_layer_drop_sub_block_equals_zeroing_its_output_through_the_prefix_cache
 
         handle = adapter.decoder_layers(model)[1].get_submodule(module).register_forward_hook(zero)
         try:
-            bypass = sum(float(score_batch(full_forward(model, b), b).nll.double().sum()) for b in base.batches())
+            bypass = sum(float(_nll(model, b).sum()) for b in base.batches())
         finally:
             handle.remove()
         assert cached.nll_sum == pytest.approx(bypass, rel=1e-6), component
@@ -232,3 +238,12 @@ def test_layer_drop_sub_block_equals_zeroing_its_output_through_the_prefix_cache
 def test_invalid_compression_specs_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
         Perturbation(**fields)
+
+
+def _nll(model, batch) -> torch.Tensor:
+    """[n] fp64 per-token NLL of a batch's scored positions (chunked head, as the evaluator scores)."""
+    from esa_pipeline.core.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    hidden = gather_scored(final_hidden_states(model, adapter, batch), batch)
+    return score_hidden(model, adapter, hidden, scored_targets(batch)).nll.double()

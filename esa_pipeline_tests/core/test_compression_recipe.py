@@ -17,8 +17,14 @@ from esa_pipeline.core.compression.recipe import (
     recipe_json,
     uniform_allocation,
 )
-from esa_pipeline.core.evaluation.perplexity import full_forward, perplexity, score_batch
+from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.scoring import (
+    final_hidden_states,
+    gather_scored,
+    score_hidden,
+    scored_targets,
+)
 from esa_pipeline.core.evaluation.text import load_texts
 from esa_pipeline.core.models.adapters import adapter_for
 from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
@@ -92,7 +98,7 @@ def test_apply_all_equals_nested_contexts_and_restores(llama_setup):
     assert result["restored"] and result["used_prefix_cache"]
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
     with perturbed(model, cache.adapter, specs[0]), perturbed(model, cache.adapter, specs[1]):
-        nested = sum(float(score_batch(full_forward(model, b), b).nll.double().sum()) for b in base.batches())
+        nested = sum(float(_nll(model, b).sum()) for b in base.batches())
     assert result["nll_sum"] == pytest.approx(nested, rel=1e-6)
     with pytest.raises(ValueError, match="one spec per unit"):
         apply_all(lm, base, [specs[0], Perturbation("prune", "ffn.down", 1, 0.5, 0, mode="magnitude")], cache=cache)
@@ -139,3 +145,12 @@ def test_layer_drop_agreement_gives_rho_or_a_reason():
     assert out.loc["angular_distance", "spearman_rho"] == pytest.approx(0.8)
     short = layer_drop_agreement(sim, sens[sens["layer"] < 2]).set_index("measure")
     assert math.isnan(short.loc["block_influence", "spearman_rho"]) and "need 3" in short.loc["block_influence", "note"]
+
+
+def _nll(model, batch) -> torch.Tensor:
+    """[n] fp64 per-token NLL of a batch's scored positions (chunked head, as the evaluator scores)."""
+    from esa_pipeline.core.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    hidden = gather_scored(final_hidden_states(model, adapter, batch), batch)
+    return score_hidden(model, adapter, hidden, scored_targets(batch)).nll.double()

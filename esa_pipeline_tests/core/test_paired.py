@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from esa_pipeline.core.evaluation.paired import evaluate_against, kl_on_support, ratio_estimator_se
-from esa_pipeline.core.evaluation.perplexity import full_forward, perplexity
+from esa_pipeline.core.evaluation.paired import clustered_ratio_se, evaluate_against, ratio_estimator_se
+from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.scoring import _kl_and_lower_bound, gather_scored
 from esa_pipeline.core.evaluation.text import load_texts
 from esa_pipeline.core.models.adapters import adapter_for
 from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
@@ -13,7 +14,7 @@ from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
 
 @pytest.fixture(scope="module")
 def smollm2_base(smollm2):
-    base = perplexity(smollm2, load_texts("bundled", max_docs=1), window=64, max_tokens=128, batch_size=2)
+    base = perplexity(smollm2, load_texts("bundled", max_docs=3), window=64, max_tokens=192, batch_size=2)
     return base, PrefixCache.build(smollm2, base, adapter_for(smollm2.model))
 
 
@@ -43,34 +44,69 @@ def test_metrics_are_consistent_with_their_definitions(tiny):
     assert frame.window_id.tolist() == base.windows.window_id.tolist()
     assert frame.delta_nll_sum.sum() / frame.n_tokens.sum() == pytest.approx(result.delta_nll, rel=1e-9)
     assert (frame.nll_sum - base.windows.nll_sum).tolist() == pytest.approx(frame.delta_nll_sum.tolist(), abs=1e-9)
+    assert frame.doc_id.tolist() == base.windows.doc_id.tolist() and frame.doc_id.nunique() == 2
     assert result.ppl_ratio_se == pytest.approx(
-        result.ppl_ratio * ratio_estimator_se(frame.delta_nll_sum.tolist(), frame.n_tokens.tolist(), result.delta_nll)
+        result.ppl_ratio * clustered_ratio_se(frame.delta_nll_sum.tolist(), frame.n_tokens.tolist(),
+                                              frame.doc_id.tolist(), result.delta_nll)
     )
 
 
-def test_kl_is_exact_for_a_small_vocabulary(tiny):
-    lm = tiny("tiny-pythia")
-    base = perplexity(lm, ["a short text to score with the whole distribution"], window=64)
-    assert base.kl_support == "full"
+def brute_force_kl(lm, base, adapter, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(baseline || perturbed) and top-1 agreement from the model's own full logits, in fp64."""
+    kls, agree = [], []
+    for batch in base.batches():
+        with torch.inference_mode():
+            base_lp = gather_scored(lm.model(input_ids=batch.input_ids).logits, batch).double().log_softmax(-1)
+            with perturbed(lm.model, adapter, p):
+                pert_lp = gather_scored(lm.model(input_ids=batch.input_ids).logits, batch).double().log_softmax(-1)
+        kls.append((base_lp.exp() * (base_lp - pert_lp)).sum(-1))
+        agree.append(base_lp.argmax(-1) == pert_lp.argmax(-1))
+    return torch.cat(kls), torch.cat(agree)
+
+
+@pytest.mark.parametrize("component,strength", [("ffn.down", 0.05), ("attention.value", 0.5), ("ffn.up", 2.0)])
+def test_kl_is_the_exact_full_vocabulary_kl_on_smollm2(smollm2, smollm2_base, component, strength):
+    base, cache = smollm2_base
+    adapter = cache.adapter
+    p = Perturbation("gaussian", component, 20, strength, 1337)
+    result = evaluate_against(smollm2, base, p, cache=cache)
+    kl, agree = brute_force_kl(smollm2, base, adapter, p)
+    assert result.kl == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert result.top1_agreement == pytest.approx(float(agree.double().mean()))
+    assert 0 <= result.kl_lower_bound_topk <= result.kl
+
+
+def test_kl_of_a_tied_head_perturbation_uses_the_original_head_for_the_baseline(tiny):
+    lm = tiny("tiny-llama")
     adapter = adapter_for(lm.model)
-    p = Perturbation("gaussian", "ffn.up", 0, 1.0, 11)
+    assert adapter.tied_embeddings
+    base = perplexity(lm, ["a short text for the tied head"], window=64)
+    p = Perturbation("gaussian", "embedding", None, 0.5, 3)
     result = evaluate_against(lm, base, p, adapter=adapter)
-    (batch,) = base.batches()
-    start, stop = batch.spans[0]
-    base_lp = full_forward(lm.model, batch)[0, start:stop].float().log_softmax(-1).double()  # [n, V]
-    with perturbed(lm.model, adapter, p):
-        pert_lp = full_forward(lm.model, batch)[0, start:stop].float().log_softmax(-1).double()  # [n, V]
-    exact = (base_lp.exp() * (base_lp - pert_lp)).sum(-1).mean()
-    assert result.kl == pytest.approx(float(exact), rel=1e-4)
-    assert result.top1_agreement == pytest.approx(float((base_lp.argmax(-1) == pert_lp.argmax(-1)).double().mean()))
+    kl, _ = brute_force_kl(lm, base, adapter, p)
+    assert result.kl == pytest.approx(float(kl.mean()), rel=1e-5) and result.kl > 0
 
 
-def test_topk_kl_renormalises_on_the_baseline_support():
-    p = torch.log(torch.tensor([[0.5, 0.3]]))  # baseline top-2 (of a larger vocab) -> 0.625, 0.375
-    q = torch.log(torch.tensor([[0.2, 0.2]]))  # perturbed on the same ids -> 0.5, 0.5
-    expected = 0.625 * math.log(0.625 / 0.5) + 0.375 * math.log(0.375 / 0.5)
-    assert kl_on_support(p, q) == pytest.approx(expected)
-    assert kl_on_support(p, p) == pytest.approx(0.0, abs=1e-12)
+def test_kl_lower_bound_is_the_kl_of_the_top_k_plus_rest_coarsening():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    q = torch.tensor([[0.2, 0.2, 0.1, 0.5]], dtype=torch.float64)
+    exact, bound = _kl_and_lower_bound(p.log(), q.log(), k=2)
+    assert float(exact) == pytest.approx(float((p * (p / q).log()).sum()))
+    # buckets {0}, {1}, rest {2, 3}: p = (0.5, 0.3, 0.2), q = (0.2, 0.2, 0.6)
+    expected = 0.5 * math.log(0.5 / 0.2) + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.6)
+    assert float(bound) == pytest.approx(expected) and float(bound) <= float(exact)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 50, generator=generator, dtype=torch.float64) * 3
+    p_log, q_log = logits[:100].log_softmax(-1), logits[100:].log_softmax(-1)
+    exact, bound = _kl_and_lower_bound(p_log, q_log, k=5)
+    assert bool((bound <= exact).all()) and bool((bound >= 0).all())
+
+
+def test_clustered_se_treats_documents_as_the_units():
+    # two windows of document a, one of b: the SE is the ratio-estimator SE of the per-document sums
+    se = clustered_ratio_se([1.0, 3.0, 0.5], [10, 10, 10], ["a", "a", "b"], 4.5 / 30)
+    assert se == pytest.approx(ratio_estimator_se([4.0, 0.5], [20, 10], 4.5 / 30))
+    assert math.isnan(clustered_ratio_se([1.0, 3.0], [10, 10], ["a", "a"], 0.2))  # one document: not estimable
 
 
 def test_ratio_estimator_se():

@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from esa_pipeline.core.evaluation.paired import evaluate_against
-from esa_pipeline.core.evaluation.perplexity import full_forward, perplexity, score_batch
+from esa_pipeline.core.evaluation.perplexity import perplexity
 from esa_pipeline.core.evaluation.prefix_cache import BaselineMismatch, PrefixCache, _drop_kv_cache
+from esa_pipeline.core.evaluation.scoring import (
+    final_hidden_states,
+    full_logits,
+    gather_scored,
+    score_hidden,
+    scored_targets,
+)
 from esa_pipeline.core.evaluation.text import Document, load_texts
 from esa_pipeline.core.models.adapters import adapter_for
 from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
@@ -24,6 +31,11 @@ def layer_specs(adapter, layer: int) -> list[Perturbation]:
         Perturbation("gaussian", "attention.value", layer, 0.5, 1337),
         Perturbation("router" if ffn == "moe.router" else "gaussian", ffn, layer, 0.5, 1337),
     ]
+
+
+def nll_of(model, adapter, hidden, batch) -> torch.Tensor:
+    """[n] fp64 per-token NLL of the scored positions of final hidden states [B, T, H]."""
+    return score_hidden(model, adapter, gather_scored(hidden, batch), scored_targets(batch)).nll.double()
 
 
 def assert_cached_equals_full(lm, base, cache, p):
@@ -58,8 +70,9 @@ def test_prefix_cache_equals_full_forward_in_every_smollm2_layer(smollm2):
     for layer in range(cache.n_layers):
         # both paths under the same applied perturbation (one draw per layer keeps this test fast)
         with perturbed(smollm2.model, cache_adapter, Perturbation("gaussian", "ffn.down", layer, 0.2, 1337)):
-            cached = score_batch(cache.forward_from(layer, 0), batch).nll.double()  # [n]
-            full = score_batch(full_forward(smollm2.model, batch), batch).nll.double()  # [n]
+            cached = nll_of(smollm2.model, cache_adapter, cache.hidden_from(layer, 0), batch)  # [n]
+            full = nll_of(smollm2.model, cache_adapter, final_hidden_states(smollm2.model, cache_adapter, batch),
+                          batch)  # [n]
         assert not torch.allclose(full, base.scores.nll.double(), rtol=1e-4), f"layer {layer}: no effect"
         assert float(cached.sum()) == pytest.approx(float(full.sum()), rel=1e-5), f"layer {layer}"
         torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
@@ -70,7 +83,10 @@ def test_replay_from_layer_zero_reproduces_the_model_logits(tiny):
     base = small_base(lm, 200, window=100)
     cache = PrefixCache.build(lm, base, adapter_for(lm.model))
     for index, batch in enumerate(cache.batches):
-        torch.testing.assert_close(cache.forward_from(0, index), full_forward(lm.model, batch), rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():
+            own = lm.model(input_ids=batch.input_ids, use_cache=False).logits  # [B, T, V]
+        torch.testing.assert_close(cache.forward_from(0, index), own, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(full_logits(lm.model, cache.adapter, batch), own, rtol=1e-5, atol=1e-5)
 
 
 def test_layerless_perturbation_and_over_budget_cache_use_full_forwards(tiny):
@@ -118,12 +134,27 @@ def test_cache_of_another_baseline_is_refused(tiny):
 
 
 def test_cache_is_disabled_when_replay_does_not_reproduce_the_model(tiny, monkeypatch):
-    # an architecture that transforms logits outside norm + head would replay wrongly: simulate by
-    # making the adapter's final norm something the model does not use
+    # a layer call the capture cannot replay faithfully (state outside the captured args): simulated by a
+    # replay that is off by 1 %
+    from esa_pipeline.core.evaluation import prefix_cache
+
     lm = tiny("tiny-llama")
     base = small_base(lm, 128, window=64)
     adapter = adapter_for(lm.model)
-    monkeypatch.setattr(adapter, "final_norm", lambda model: torch.nn.Identity())
+    replay = prefix_cache._replay
+    monkeypatch.setattr(prefix_cache, "_replay", lambda *args, **kw: replay(*args, **kw) * 1.01)
     cache = PrefixCache.build(lm, base, adapter)
     assert not cache.enabled and "did not reproduce" in cache.reason
     assert not evaluate_against(lm, base, Perturbation("gaussian", "ffn.up", 1, 0.1, 1), cache=cache).used_prefix_cache
+
+
+def test_an_adapter_whose_head_differs_from_the_model_is_refused(tiny, monkeypatch):
+    """A model that transforms its logits after the head (Granite's logits_scaling, Gemma2's soft-capping)
+    needs a head_logits override; here the adapter scales logits the model does not."""
+    from esa_pipeline.core.evaluation.scoring import HeadMismatch
+
+    lm = tiny("tiny-llama")
+    adapter = adapter_for(lm.model)
+    monkeypatch.setattr(adapter, "head_logits", lambda model, h: model.lm_head(h) / 4.0)
+    with pytest.raises(HeadMismatch, match="override head_logits"):
+        perplexity(lm, ["some text"], window=8, adapter=adapter)

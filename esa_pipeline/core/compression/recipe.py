@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from esa_pipeline.core.evaluation.paired import paired_metrics
-from esa_pipeline.core.evaluation.perplexity import concat_scores, full_forward, score_batch
+from esa_pipeline.core.evaluation.paired import paired_metrics, paired_scores
+from esa_pipeline.core.evaluation.scoring import touched_head_originals
 from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices
 
 RECIPE_COLUMNS = [
@@ -140,18 +140,14 @@ def apply_all(lm: Any, base: Any, specs: list[Perturbation], *, cache: Any,
             seen.add(key)
     starts = [cache.start_layer(p) for p in specs] if cache.enabled else [None]
     start = None if any(s is None for s in starts) else min(starts)  # type: ignore[type-var]
-    support = base.scores.topk_ids
+    touched = [s.param_name for p in specs for s in resolve_slices(cache.adapter, p)]
+    originals = touched_head_originals(model, cache.adapter, touched)  # the baseline's head, for exact KL
     started = time.perf_counter()
-    parts, offset = [], 0
     with ExitStack() as stack:
         reports = [stack.enter_context(perturbed(model, cache.adapter, p, (scores or {}).get(p))) for p in specs]
-        for index, batch in enumerate(cache.batches):
-            logits = full_forward(model, batch) if start is None else cache.forward_from(start, index)
-            batch_support = None if support is None else support[offset : offset + batch.n_scored]
-            parts.append(score_batch(logits, batch, support_ids=batch_support))
-            offset += batch.n_scored
-            del logits
-    result = paired_metrics(base, concat_scores(parts))
+        pert = paired_scores(model, cache.adapter, base, cache.batches, cache=cache, start_layer=start,
+                             originals=originals)  # fmt: skip
+    result = paired_metrics(base, pert)
     result.update(restored=all(r.restored for r in reports), used_prefix_cache=start is not None,
                   elapsed_s=time.perf_counter() - started)  # fmt: skip
     return result

@@ -2,13 +2,16 @@
 
 Metrics (all token-weighted over the baseline's scored tokens):
 - delta_nll: mean per-token NLL(perturbed) - NLL(baseline); ppl_ratio = exp(delta_nll).
-- ppl_ratio_se: delta method on the ratio estimator delta_nll = sum_w d_w / sum_w n_w over windows w
-  (d_w = the window's summed NLL difference, n_w its tokens): SE(delta_nll)^2 = sum_w (d_w - delta_nll n_w)^2
-  / (m (m - 1) nbar^2) for m windows, and SE(ppl_ratio) = ppl_ratio * SE(delta_nll). NaN with one window.
-- kl: KL(baseline || perturbed) per token. With vocab <= 1024 the baseline keeps the whole distribution and
-  this is the exact KL. Otherwise both distributions are restricted to the baseline's top-k tokens
-  (`keep_topk`, default 32) and renormalised there: the KL of the conditional distributions on that
-  support. It ignores mass moving into the tail, so it is a lower-resolution view, not a bound.
+- ppl_ratio_se: cluster-robust (by document) delta-method SE of the ratio estimator
+  delta_nll = sum_d D_d / sum_d N_d over the m documents d (D_d = the document's summed NLL difference over its
+  scored windows, N_d its scored tokens): SE(delta_nll)^2 = sum_d (D_d - delta_nll N_d)^2 / (m (m - 1) Nbar^2),
+  SE(ppl_ratio) = ppl_ratio * SE(delta_nll). Windows of one document are not independent, so documents are
+  the sampling units (the linearised cluster estimator of Cochran, Sampling Techniques, 3rd ed., §6.11 / §9A;
+  statsmodels' cluster-robust "CR1"-style m/(m-1) correction). NaN when fewer than two documents are scored.
+- kl: exact full-vocabulary KL(baseline || perturbed) per token, averaged over tokens (nats). The baseline's
+  final normalised hidden states are kept and its log-probs recomputed chunk by chunk at every point.
+- kl_lower_bound_topk: KL of both distributions coarsened to the baseline's top-k tokens (k = `base.kl_topk`)
+  plus one "rest" bucket; never exceeds `kl` (data-processing inequality).
 - top1_agreement: fraction of tokens whose argmax prediction is unchanged.
 A non-finite loss never raises: the row gets nonfinite=True and NaN metrics.
 """
@@ -23,18 +26,20 @@ from typing import Any
 import pandas as pd
 import torch
 
-from esa_pipeline.core.evaluation.perplexity import (
-    PerplexityResult,
+from esa_pipeline.core.evaluation.perplexity import PerplexityResult, per_window_sums, unwrap
+from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.scoring import (
     TokenScores,
     concat_scores,
-    full_forward,
+    final_hidden_states,
+    gather_scored,
+    head_with,
     model_device,
-    per_window_sums,
-    score_batch,
-    unwrap,
+    score_hidden,
+    scored_targets,
+    touched_head_originals,
 )
-from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
-from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices
 
 
 @dataclass
@@ -44,6 +49,7 @@ class PairedResult:
     ppl_ratio: float
     ppl_ratio_se: float
     kl: float
+    kl_lower_bound_topk: float
     top1_agreement: float
     token_ppl: float
     nll_sum: float
@@ -56,7 +62,7 @@ class PairedResult:
     used_prefix_cache: bool
     tokens_per_s: float
     elapsed_s: float
-    windows: pd.DataFrame  # window_id, nll_sum, n_tokens, delta_nll_sum
+    windows: pd.DataFrame  # window_id, doc_id, nll_sum, n_tokens, delta_nll_sum
     notes: list[str] = field(default_factory=list)
 
     def to_row(self) -> dict[str, Any]:
@@ -67,7 +73,7 @@ class PairedResult:
             "strength": p.strength, "seed": p.seed, "mode": p.mode, "selection": p.selection,
             "group_size": p.group_size,
             "delta_nll": self.delta_nll, "ppl_ratio": self.ppl_ratio, "ppl_ratio_se": self.ppl_ratio_se,
-            "kl": self.kl, "top1_agreement": self.top1_agreement, "token_ppl": self.token_ppl,
+            "kl": self.kl, "kl_lower_bound_topk": self.kl_lower_bound_topk, "top1_agreement": self.top1_agreement, "token_ppl": self.token_ppl,
             "nll_sum": self.nll_sum, "n_tokens": self.n_tokens, "nonfinite": self.nonfinite,
             "relative_change": self.relative_change, "changed_fraction": self.changed_fraction,
             "n_changed": self.n_changed, "restored": self.restored, "used_prefix_cache": self.used_prefix_cache,
@@ -99,28 +105,21 @@ def evaluate_against(
             from esa_pipeline.core.models.adapters import adapter_for
 
             adapter = adapter_for(model)
+    if base.final_hidden is None:
+        raise ValueError("the baseline kept no final hidden states: compute it with perplexity()")
     batches = cache.batches if cache is not None else base.batches()
     start_layer = cache.start_layer(p) if cache is not None and cache.enabled else None
-    support = base.scores.topk_ids  # [N, k] or None
+    # A perturbation of the head itself (tied embedding) needs the original head for the baseline's log-probs.
+    originals = touched_head_originals(model, adapter, [s.param_name for s in resolve_slices(adapter, p)])
 
     started = time.perf_counter()
-    parts: list[TokenScores] = []
-    offset = 0
     with perturbed(model, adapter, p, scores) as report:
-        for index, batch in enumerate(batches):
-            if start_layer is None:
-                logits = full_forward(model, batch)  # [B, T, V]
-            else:
-                logits = cache.forward_from(start_layer, index)  # type: ignore[union-attr]  # [B, T, V]
-            batch_support = None if support is None else support[offset : offset + batch.n_scored]
-            parts.append(score_batch(logits, batch, support_ids=batch_support))
-            offset += batch.n_scored
-            del logits
+        pert = paired_scores(model, adapter, base, batches, cache=cache, start_layer=start_layer, originals=originals)
     device = model_device(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
-    result = paired_metrics(base, concat_scores(parts))
+    result = paired_metrics(base, pert)
     n_tokens = base.n_tokens
     return PairedResult(
         spec=p,
@@ -137,6 +136,32 @@ def evaluate_against(
     )
 
 
+def paired_scores(model: torch.nn.Module, adapter: Any, base: PerplexityResult, batches: list, *,
+                  cache: PrefixCache | None = None, start_layer: int | None = None,
+                  originals: dict[str, torch.Tensor] | None = None) -> TokenScores:  # fmt: skip
+    """Per-token scores of the model as it is now (call it inside the perturbation) on `base`'s windows,
+    with exact KL against `base`: full body forwards, or with `start_layer` a prefix-cache replay from that
+    layer. originals: the head's original parameters when the perturbation touches the head
+    (`scoring.touched_head_originals`, taken before perturbing)."""
+    if base.final_hidden is None:
+        raise ValueError("the baseline kept no final hidden states: compute it with perplexity()")
+    base_head = head_with(model, adapter, originals) if originals else None
+    parts: list[TokenScores] = []
+    offset = 0
+    for index, batch in enumerate(batches):
+        if start_layer is None:
+            hidden = final_hidden_states(model, adapter, batch)  # [B, T, H]
+        else:
+            assert cache is not None
+            hidden = cache.hidden_from(start_layer, index)  # [B, T, H]
+        base_hidden = base.final_hidden[offset : offset + batch.n_scored]  # [n, H]
+        parts.append(score_hidden(model, adapter, gather_scored(hidden, batch), scored_targets(batch),
+                                  base_hidden=base_hidden, base_head=base_head, kl_topk=base.kl_topk))  # fmt: skip
+        offset += batch.n_scored
+        del hidden
+    return concat_scores(parts)
+
+
 def paired_metrics(base: PerplexityResult, pert: TokenScores) -> dict[str, Any]:
     """The paired metric fields of a PairedResult from per-token perturbed scores (in base's token order)."""
     windows = base.token_windows
@@ -146,6 +171,7 @@ def paired_metrics(base: PerplexityResult, pert: TokenScores) -> dict[str, Any]:
     window_diff = per_window_sums(diff, windows)
     frame = pd.DataFrame({
         "window_id": [w.window_id for w in windows],
+        "doc_id": [w.doc_id for w in windows],
         "nll_sum": window_nll,
         "n_tokens": [w.n_scored for w in windows],
         "delta_nll_sum": window_diff,
@@ -154,14 +180,17 @@ def paired_metrics(base: PerplexityResult, pert: TokenScores) -> dict[str, Any]:
     nonfinite = not bool(torch.isfinite(pert.nll).all())
     if nonfinite:
         nan = math.nan
-        return dict(delta_nll=nan, ppl_ratio=nan, ppl_ratio_se=nan, kl=nan, top1_agreement=nan,
+        return dict(delta_nll=nan, ppl_ratio=nan, ppl_ratio_se=nan, kl=nan, kl_lower_bound_topk=nan,
+                    top1_agreement=nan,
                     token_ppl=nan, nll_sum=nll_sum, nonfinite=True, windows=frame)  # fmt: skip
     delta = float(diff.sum()) / n_tokens
     return dict(
         delta_nll=delta,
         ppl_ratio=_exp(delta),
-        ppl_ratio_se=_exp(delta) * ratio_estimator_se(window_diff, frame["n_tokens"].tolist(), delta),
-        kl=kl_on_support(base.scores.topk_logprobs, pert.topk_logprobs),
+        ppl_ratio_se=_exp(delta) * clustered_ratio_se(window_diff, frame["n_tokens"].tolist(), frame["doc_id"].tolist(),
+                                                      delta),
+        kl=_mean(pert.kl),
+        kl_lower_bound_topk=_mean(pert.kl_lower_bound),
         top1_agreement=float((pert.argmax == base.scores.argmax).double().mean()),
         token_ppl=_exp(nll_sum / n_tokens),
         nll_sum=nll_sum,
@@ -181,17 +210,17 @@ def ratio_estimator_se(window_sums: list[float], window_tokens: list[int], ratio
     return float(torch.sqrt((residual**2).sum() / (m - 1) / m) / n.mean())
 
 
-def kl_on_support(base_logprobs: torch.Tensor | None, pert_logprobs: torch.Tensor | None) -> float:
-    """Mean per-token KL(p || q) of the two distributions renormalised on the baseline's support.
+def clustered_ratio_se(window_sums: list[float], window_tokens: list[int], clusters: list[str],
+                       ratio: float) -> float:
+    """Cluster-robust SE of sum(d_w) / sum(n_w): windows are summed per cluster (document) first, then the
+    linearised ratio-estimator SE runs over clusters. NaN with fewer than two clusters."""
+    frame = pd.DataFrame({"d": window_sums, "n": window_tokens, "cluster": clusters})
+    per_cluster = frame.groupby("cluster", sort=False)[["d", "n"]].sum()
+    return ratio_estimator_se(per_cluster["d"].tolist(), per_cluster["n"].astype(int).tolist(), ratio)
 
-    base_logprobs, pert_logprobs: [N, k] log-probs at the same token ids. NaN if no support was kept.
-    """
-    if base_logprobs is None or pert_logprobs is None:
-        return math.nan
-    p_log = base_logprobs.double() - torch.logsumexp(base_logprobs.double(), dim=-1, keepdim=True)  # [N, k]
-    q_log = pert_logprobs.double() - torch.logsumexp(pert_logprobs.double(), dim=-1, keepdim=True)  # [N, k]
-    per_token = (p_log.exp() * (p_log - q_log)).sum(dim=-1)  # [N]
-    return float(per_token.mean())
+
+def _mean(values: torch.Tensor | None) -> float:
+    return math.nan if values is None or values.numel() == 0 else float(values.double().mean())
 
 
 def _exp(x: float) -> float:

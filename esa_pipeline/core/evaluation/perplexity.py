@@ -2,17 +2,22 @@
 
 Token, word and byte perplexity follow lm-eval's `loglikelihood_rolling` tasks: the summed NLL of every token
 of every document divided by the number of tokens, whitespace words (`re.split(r"\\s+", text)`) or UTF-8
-bytes of the scored text. Log-softmax is always computed in fp32, whatever the model dtype.
+bytes of the scored text. Log-softmax is always computed in fp32, whatever the model dtype, and the head runs
+in token chunks (`scoring.py`), so no [B, T, V] logits tensor is ever held.
+
+With a token budget, windows are a seeded sample stratified by document (`sample_windows`), never the corpus's
+first N tokens; every window records its `doc_id`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,24 +26,28 @@ from typing import Any
 import pandas as pd
 import torch
 
+from esa_pipeline.core.evaluation.scoring import (
+    TokenScores,
+    check_head,
+    concat_scores,
+    final_hidden_states,
+    gather_scored,
+    model_device,
+    score_hidden,
+    scored_targets,
+)
 from esa_pipeline.core.evaluation.text import Document
 from esa_pipeline.core.evaluation.windows import TokenWindow, WindowBatch, make_batches, rolling_windows
 
-# Up to this vocabulary size the "top-k" kept per token is the whole distribution, so KL is exact.
-FULL_DISTRIBUTION_MAX_VOCAB = 1024
+__all__ = ["PerplexityResult", "TokenScores", "concat_scores", "model_device", "perplexity", "unwrap"]
+
+# Seed of the document-stratified window sample drawn under a token budget.
+DEFAULT_SAMPLE_SEED = 0
+# k of the top-k + rest KL lower bound.
+DEFAULT_KL_TOPK = 32
 IMPLAUSIBLE_TOKEN_PPL = 2.0
 REPEAT_NGRAM = 16
 MAX_REPEATED_NGRAM_FRACTION = 0.3
-
-
-@dataclass
-class TokenScores:
-    """Per scored token, flattened in window order (window_id, then position)."""
-
-    nll: torch.Tensor  # [N] float32
-    argmax: torch.Tensor  # [N] long
-    topk_ids: torch.Tensor | None = None  # [N, k] long: baseline top-k support
-    topk_logprobs: torch.Tensor | None = None  # [N, k] float32: log-probs on `topk_ids`
 
 
 @dataclass
@@ -61,11 +70,18 @@ class PerplexityResult:
     tokens_per_s: float
     elapsed_s: float
     peak_mem_bytes: int
-    windows: pd.DataFrame  # window_id, doc_id, nll_sum, n_tokens, n_correct
+    windows: pd.DataFrame  # window_id, doc_id, doc_window, nll_sum, n_tokens, n_correct
     token_windows: list[TokenWindow] = field(repr=False)
     scores: TokenScores = field(repr=False)
+    # [N, H] final normalised hidden states of the scored tokens (model dtype, model device): exact KL
+    # recomputes the baseline's full-vocabulary log-probs from them at every point.
+    final_hidden: torch.Tensor | None = field(default=None, repr=False)
     pad_id: int = 0
-    kl_support: str = "none"  # "full" (vocab <= 1024), "top-<k>" or "none"
+    prefix_token: str = "bos"  # which token starts each document's first window: "bos" or "eos"
+    prefix_token_id: int = 0
+    sample_seed: int | None = None  # seed of the window sample; None when every window was scored
+    n_documents: int = 0  # documents with at least one scored window
+    kl_topk: int = DEFAULT_KL_TOPK
     flags: list[str] = field(default_factory=list)
 
     def batches(self, batch_size: int | None = None) -> list[WindowBatch]:
@@ -80,6 +96,8 @@ class PerplexityResult:
             "byte_ppl": self.byte_ppl, "token_accuracy": self.token_accuracy,
             "tokens_per_s": self.tokens_per_s, "peak_mem_bytes": self.peak_mem_bytes,
             "flags": ";".join(self.flags), "dtype": self.dtype, "random_weights": self.random_weights,
+            "prefix_token": self.prefix_token, "prefix_token_id": self.prefix_token_id,
+            "sample_seed": self.sample_seed, "n_documents": self.n_documents,
         }  # fmt: skip
 
     def window_rows(self) -> pd.DataFrame:
@@ -101,58 +119,6 @@ def unwrap(lm: Any) -> tuple[torch.nn.Module, Any, Any]:
     if lm.model.training:
         raise ValueError("model is in training mode (dropout would make NLL random): call model.eval() first")
     return lm.model, lm.tokenizer, getattr(lm, "spec", None)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def full_forward(model: torch.nn.Module, batch: WindowBatch) -> torch.Tensor:
-    """Logits [B, T, V]. No attention mask: right padding cannot affect earlier (scored) positions."""
-    input_ids = batch.input_ids.to(model_device(model))  # [B, T]
-    with torch.inference_mode():
-        return model(input_ids=input_ids, use_cache=False).logits
-
-
-def score_batch(
-    logits: torch.Tensor, batch: WindowBatch, *, keep_topk: int = 0, support_ids: torch.Tensor | None = None
-) -> TokenScores:
-    """Scores the scored positions of one batch, row by row so fp32 copies stay one window large.
-
-    keep_topk: also return each token's top-k ids and log-probs (baseline).
-    support_ids: [n_scored, k] ids at which to return log-probs (perturbed run, baseline's top-k support).
-    """
-    nll, argmax, topk_ids, topk_lp = [], [], [], []
-    offset = 0
-    with torch.inference_mode():
-        for row, (start, stop) in enumerate(batch.spans):
-            row_logits = logits[row, start:stop].float()  # [n, V] fp32
-            targets = batch.target_ids[row, start:stop].to(row_logits.device)  # [n]
-            lse = torch.logsumexp(row_logits, dim=-1)  # [n]
-            nll.append((lse - row_logits.gather(-1, targets[:, None]).squeeze(-1)).cpu())
-            argmax.append(row_logits.argmax(dim=-1).cpu())
-            if keep_topk:
-                values, ids = row_logits.topk(min(keep_topk, row_logits.shape[-1]), dim=-1)  # [n, k]
-                topk_ids.append(ids.cpu())
-                topk_lp.append((values - lse[:, None]).cpu())
-            if support_ids is not None:
-                ids = support_ids[offset : offset + stop - start].to(row_logits.device)  # [n, k]
-                topk_lp.append((row_logits.gather(-1, ids) - lse[:, None]).cpu())
-            offset += stop - start
-    return TokenScores(
-        nll=torch.cat(nll),
-        argmax=torch.cat(argmax),
-        topk_ids=torch.cat(topk_ids) if topk_ids else None,
-        topk_logprobs=torch.cat(topk_lp) if topk_lp else None,
-    )
-
-
-def concat_scores(parts: list[TokenScores]) -> TokenScores:
-    def cat(name: str) -> torch.Tensor | None:
-        values = [getattr(p, name) for p in parts]
-        return None if any(v is None for v in values) else torch.cat(values)
-
-    return TokenScores(cat("nll"), cat("argmax"), cat("topk_ids"), cat("topk_logprobs"))
 
 
 def per_window_sums(values: torch.Tensor, windows: list[TokenWindow]) -> list[float]:
@@ -206,11 +172,11 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def prefix_token_id(tokenizer: Any) -> int:
-    """lm-eval HFLM's prefix token: BOS, else EOS."""
-    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+def prefix_token(tokenizer: Any) -> tuple[str, int]:
+    """lm-eval HFLM's prefix token: ("bos", BOS id), else ("eos", EOS id)."""
+    for name, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
         if token_id is not None:
-            return int(token_id)
+            return name, int(token_id)
     raise ValueError("tokenizer has neither a BOS nor an EOS token; set tokenizer.bos_token to score window starts")
 
 
@@ -221,39 +187,121 @@ def bos_every_window(tokenizer: Any) -> bool:
     return bos is not None and tokenizer.encode("a")[:1] == [bos]
 
 
-def tokenize_windows(
-    tokenizer: Any, docs: list[Document], window: int, max_tokens: int | None
-) -> tuple[list[TokenWindow], int, int]:
-    """Windows of whole documents in order, stopping before `max_tokens` scored tokens would be exceeded
-    (at least one window). Returns (windows, n_words, n_bytes) of the scored text.
+def prefix_token_id(tokenizer: Any) -> int:
+    """lm-eval HFLM's prefix token id: BOS, else EOS."""
+    return prefix_token(tokenizer)[1]
 
-    Text is encoded without special tokens (lm-eval with add_bos_token=False): BOS enters only as the
-    window prefix token — of the first window of a document, or of every window when the tokenizer itself
-    prepends BOS (`bos_every_window`).
+
+def _rank(seed: int, *key: object) -> bytes:
+    """A seeded, platform- and library-independent sort key (sha256), stable when other items are added."""
+    return hashlib.sha256(repr((seed, *key)).encode()).digest()
+
+
+def sample_windows(doc_windows: list[list[int]], doc_ids: list[str], max_tokens: int, seed: int
+                   ) -> list[tuple[int, int]]:  # fmt: skip
+    """(document index, window index) pairs of a seeded sample stratified by document.
+
+    doc_windows[d] lists the scored-token counts of document d's windows. Documents are visited in a seeded
+    order, each document's windows in a seeded order; round r takes the r-th window of every document that
+    has one, so every document contributes one window before any contributes two. Sampling stops at the
+    first window that would exceed `max_tokens` (at least one window is taken).
+    """
+    docs = sorted(range(len(doc_windows)), key=lambda d: _rank(seed, doc_ids[d]))
+    orders = {d: sorted(range(len(doc_windows[d])), key=lambda w: _rank(seed, doc_ids[d], w)) for d in docs}
+    chosen: list[tuple[int, int]] = []
+    total = 0
+    for r in range(max((len(o) for o in orders.values()), default=0)):
+        for d in docs:
+            if r >= len(orders[d]):
+                continue
+            w = orders[d][r]
+            if chosen and total + doc_windows[d][w] > max_tokens:
+                return sorted(chosen)
+            chosen.append((d, w))
+            total += doc_windows[d][w]
+    return sorted(chosen)
+
+
+_REPLACEMENT = "\ufffd"
+
+
+def _utf8_width(lead: int) -> int:
+    """Bytes of the UTF-8 character that starts with byte `lead` (1 for an invalid lead)."""
+    for width, (mask, value) in ((1, (0x80, 0x00)), (2, (0xE0, 0xC0)), (3, (0xF0, 0xE0)), (4, (0xF8, 0xF0))):
+        if lead & mask == value:
+            return width
+    return 1
+
+
+class _DocText:
+    """Byte and word positions of token prefixes of one document (memoised)."""
+
+    def __init__(self, tokenizer: Any, text: str, tokens: list[int]) -> None:
+        self.tokenizer, self.text, self.tokens = tokenizer, text, tokens
+        self.raw = text.encode("utf-8")
+        self._memo: dict[int, tuple[int, int]] = {0: (0, 0), len(tokens): (len(self.raw), count_words(text))}
+
+    def position(self, k: int) -> tuple[int, int]:
+        """(UTF-8 bytes, whitespace words) of the text carried by tokens[:k].
+
+        A prefix ending inside a multi-byte character carries the bytes its tokens hold: the decoder shows
+        them as U+FFFD, and the next tokens' decode starts with one U+FFFD per continuation byte they hold
+        (Python's and Rust's lossy UTF-8 decoding both replace lone continuation bytes one by one).
+        Words are counted on the prefix (lm-eval's count_words), so a document's windows sum to its words.
+        """
+        if k not in self._memo:
+            decoded = self.tokenizer.decode(self.tokens[:k])
+            clean = decoded.rstrip(_REPLACEMENT)
+            n_bytes = len(clean.encode("utf-8"))
+            if clean != decoded and n_bytes < len(self.raw):
+                width = _utf8_width(self.raw[n_bytes])
+                after = self.tokenizer.decode(self.tokens[k : k + width])
+                held_later = len(after) - len(after.lstrip(_REPLACEMENT))
+                n_bytes += min(width - 1, max(0, width - held_later))
+            self._memo[k] = (n_bytes, count_words(clean) if clean else 0)
+        return self._memo[k]
+
+
+def tokenize_windows(
+    tokenizer: Any, docs: list[Document], window: int, max_tokens: int | None, *,
+    sample_seed: int = DEFAULT_SAMPLE_SEED,
+) -> tuple[list[TokenWindow], int, int]:  # fmt: skip
+    """Windows of every document, or with `max_tokens` a seeded sample stratified by document
+    (`sample_windows`), in document order. Returns (windows, n_words, n_bytes) of the scored text; bytes and
+    words of a window are differences of its end and start prefixes (`_DocText.position`), so a whole
+    document counts exactly lm-eval's words and bytes.
+
+    Text is encoded without special tokens (lm-eval with add_bos_token=False): the prefix token enters as
+    the first input of each document's first window, or of every window when the tokenizer itself prepends
+    BOS (`bos_every_window`).
     """
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
     prefix = prefix_token_id(tokenizer)
     every = bos_every_window(tokenizer)
-    windows: list[TokenWindow] = []
-    n_words = n_bytes = n_scored = 0
+    encoded, pairs = [], []
     for doc in docs:
         tokens = tokenizer.encode(doc.text, add_special_tokens=False, verbose=False)  # long docs are windowed
-        taken = 0
-        for input_ids, target_ids in rolling_windows(tokens, prefix, window, bos_every_window=every):
-            if max_tokens is not None and windows and n_scored + len(target_ids) > max_tokens:
-                break
-            windows.append(TokenWindow(len(windows), doc.doc_id, tuple(input_ids), tuple(target_ids)))
-            taken += len(target_ids)
-            n_scored += len(target_ids)
-        if taken:
-            scored_text = doc.text if taken == len(tokens) else tokenizer.decode(tokens[:taken])
-            n_words += count_words(scored_text)
-            n_bytes += len(scored_text.encode("utf-8"))
-        if (max_tokens is not None and n_scored >= max_tokens) or taken < len(tokens):
-            break
-    if not windows:
+        encoded.append(tokens)
+        pairs.append(rolling_windows(tokens, prefix, window, bos_every_window=every))
+    counts = [[len(t) for _, t in doc_pairs] for doc_pairs in pairs]
+    if max_tokens is None:
+        chosen = [(d, w) for d, c in enumerate(counts) for w in range(len(c))]
+    else:
+        chosen = sample_windows(counts, [d.doc_id for d in docs], max_tokens, sample_seed)
+    if not chosen:
         raise ValueError("no tokens to score: the texts are empty")
+    windows: list[TokenWindow] = []
+    n_words = n_bytes = 0
+    texts: dict[int, _DocText] = {}
+    for d, w in chosen:
+        input_ids, target_ids = pairs[d][w]
+        end = sum(counts[d][: w + 1])
+        doc_text = texts.setdefault(d, _DocText(tokenizer, docs[d].text, encoded[d]))
+        (b0, w0), (b1, w1) = doc_text.position(end - len(target_ids)), doc_text.position(end)
+        n_bytes += b1 - b0
+        n_words += w1 - w0
+        windows.append(TokenWindow(len(windows), docs[d].doc_id, tuple(input_ids), tuple(target_ids), w))
     return windows, n_words, n_bytes
 
 
@@ -272,43 +320,51 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 4,
     dataset: str = "bundled",
-    keep_topk: int = 32,
+    sample_seed: int = DEFAULT_SAMPLE_SEED,
+    kl_topk: int = DEFAULT_KL_TOPK,
+    adapter: Any = None,
 ) -> PerplexityResult:
     """Token/word/byte perplexity of `lm` on `texts` over `window`-token windows (lm-eval's rolling scheme),
-    keeping per-token NLL, argmax and top-k log-probs for paired comparisons (`evaluate_against`)."""
+    keeping per-token NLL, argmax and final hidden states [N, H] for paired comparisons (`evaluate_against`).
+
+    max_tokens: score a seeded, document-stratified sample of windows of at most this many tokens
+    (`sample_windows`, seed `sample_seed`); None scores every window. kl_topk: k of the KL lower bound.
+    """
     model, tokenizer, spec = unwrap(lm)
-    windows, n_words, n_bytes = tokenize_windows(tokenizer, as_documents(texts), window, max_tokens)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    topk = vocab if vocab <= FULL_DISTRIBUTION_MAX_VOCAB else keep_topk
-    batches = make_batches(windows, batch_size, prefix_token_id(tokenizer))
-    return _evaluate(
-        model, spec, windows, batches, n_words, n_bytes,
-        lambda batch: full_forward(model, batch), topk, vocab, dataset, window, batch_size, prefix_token_id(tokenizer),
-    )  # fmt: skip
+    if adapter is None:
+        from esa_pipeline.core.models.adapters import adapter_for
 
-
-def _evaluate(
-    model: torch.nn.Module,
-    spec: Any,
-    windows: list[TokenWindow],
-    batches: list[WindowBatch],
-    n_words: int,
-    n_bytes: int,
-    forward: Callable[[WindowBatch], torch.Tensor],
-    topk: int,
-    vocab: int,
-    dataset: str,
-    window: int,
-    batch_size: int,
-    pad_id: int,
-) -> PerplexityResult:
+        adapter = adapter_for(model)
+    windows, n_words, n_bytes = tokenize_windows(
+        tokenizer, as_documents(texts), window, max_tokens, sample_seed=sample_seed)
+    name, prefix_id = prefix_token(tokenizer)
+    batches = make_batches(windows, batch_size, prefix_id)
+    check_head(model, adapter, batches[0].input_ids[:1])
     device = model_device(model)
     with measure_peak_memory(device) as peak:
         start = time.perf_counter()
-        scores = concat_scores([score_batch(forward(b), b, keep_topk=topk) for b in batches])
+        parts, hidden = [], []
+        for b in batches:
+            scored = gather_scored(final_hidden_states(model, adapter, b), b)  # [n, H]
+            parts.append(score_hidden(model, adapter, scored, scored_targets(b)))
+            hidden.append(scored)
+        scores = concat_scores(parts)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
+    result = _result(model, spec, windows, scores, n_words, n_bytes, dataset, window, batch_size, elapsed,
+                     peak.peak_bytes)  # fmt: skip
+    result.final_hidden = torch.cat(hidden)
+    result.pad_id, result.prefix_token, result.prefix_token_id = prefix_id, name, prefix_id
+    result.sample_seed = None if max_tokens is None else sample_seed
+    result.n_documents = len({w.doc_id for w in windows})
+    result.kl_topk = kl_topk
+    return result
+
+
+def _result(model: torch.nn.Module, spec: Any, windows: list[TokenWindow], scores: TokenScores, n_words: int,
+            n_bytes: int, dataset: str, window: int, batch_size: int, elapsed: float, peak_bytes: int,
+            ) -> PerplexityResult:  # fmt: skip
     targets = torch.cat([torch.tensor(w.target_ids) for w in windows])  # [N]
     correct = (scores.argmax == targets).to(torch.float64)  # [N]
     n_tokens = len(targets)
@@ -316,6 +372,7 @@ def _evaluate(
     frame = pd.DataFrame({
         "window_id": [w.window_id for w in windows],
         "doc_id": [w.doc_id for w in windows],
+        "doc_window": [w.doc_window for w in windows],
         "nll_sum": per_window_sums(scores.nll, windows),
         "n_tokens": [w.n_scored for w in windows],
         "n_correct": [int(c) for c in per_window_sums(correct, windows)],
@@ -338,12 +395,10 @@ def _evaluate(
         token_accuracy=float(correct.mean()),
         tokens_per_s=n_tokens / elapsed,
         elapsed_s=elapsed,
-        peak_mem_bytes=peak.peak_bytes,
+        peak_mem_bytes=peak_bytes,
         windows=frame,
         token_windows=windows,
         scores=scores,
-        pad_id=pad_id,
-        kl_support=("full" if topk == vocab else f"top-{topk}") if topk else "none",
     )
     result.flags = sanity_flags(result)
     return result

@@ -5,7 +5,10 @@ Architecture-neutral: forward pre-hooks (`with_kwargs=True`) capture each decode
 (hidden states, position embeddings, mask, position ids, ...) during one baseline forward with
 `use_cache=False`. Any KV-cache object is dropped from the captured kwargs: replaying with one attends to
 stale keys (measured 2e-4 relative NLL error on SmolLM2). Only the adapter's `decoder_layers`, `final_norm`
-and `lm_head` are used.
+and `head_logits` are used. A replay returns final normalised hidden states [B, T, H]; logits are made from
+them in token chunks (`scoring.score_hidden`), never as a [B, T, V] tensor.
+
+`hidden_from(layer, batch, bypass=...)` can skip decoder layers (identity), for layer-drop style perturbations.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from typing import Any
 import psutil
 import torch
 
-from esa_pipeline.core.evaluation.perplexity import (
-    PerplexityResult,
-    full_forward,
+from esa_pipeline.core.evaluation.perplexity import PerplexityResult, unwrap
+from esa_pipeline.core.evaluation.scoring import (
+    final_hidden_states,
+    gather_scored,
     model_device,
-    score_batch,
-    unwrap,
+    score_hidden,
+    scored_targets,
 )
 from esa_pipeline.core.evaluation.windows import WindowBatch
 from esa_pipeline.core.perturbation.perturb import resolve_slices
@@ -119,9 +123,8 @@ class PrefixCache:
 
         all_calls: list[list[_LayerCall]] = []
         for batch_index, batch in enumerate(batches):
-            calls, logits = _capture_calls(model, layers, batch)  # logits [B, T, V]
-            nll = _check_reproduces_baseline(base, batch, batch_index, batches, logits)  # [n]
-            del logits  # the replay check below compares NLL, so two [B, T, V] tensors never coexist
+            calls, hidden = _capture_calls(model, adapter, layers, batch)  # hidden [B, T, H]
+            nll = _check_reproduces_baseline(model, adapter, base, batch, batch_index, batches, hidden)  # [n]
             if batch_index == 0 and not _replay_matches(model, adapter, layers, calls, batch, nll):
                 reason = "replaying the last layer did not reproduce the model's logits"
                 return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start)
@@ -140,14 +143,21 @@ class PrefixCache:
             return None
         return min(touched)  # type: ignore[type-var]
 
-    def forward_from(self, layer: int, batch_index: int) -> torch.Tensor:
-        """Logits [B, T, V] of batch `batch_index`, recomputing decoder layers `layer`..N from the captured
-        input of `layer`, then the final norm and head."""
+    def hidden_from(self, layer: int, batch_index: int, *, bypass: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Final normalised hidden states [B, T, H] of batch `batch_index`, recomputing decoder layers
+        `layer`..N from the captured input of `layer` (layers in `bypass` pass their input through), then the
+        final norm. Feed them to `scoring.score_hidden` (chunked head)."""
         if self._calls is None:
             raise RuntimeError(f"prefix cache disabled ({self.reason}): use full forwards")
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} decoder layers")
-        return _replay(self.model, self.adapter, self._layers, self._calls[batch_index], layer)
+        return _replay(self.model, self.adapter, self._layers, self._calls[batch_index], layer, bypass)
+
+    def forward_from(self, layer: int, batch_index: int) -> torch.Tensor:
+        """Logits [B, T, V] of `hidden_from(layer, batch_index)` in one piece (tests and small vocabularies
+        only: scoring uses the chunked path)."""
+        with torch.inference_mode():
+            return self.adapter.head_logits(self.model, self.hidden_from(layer, batch_index))
 
     def layer_hidden(self, layer: int, batch_index: int) -> torch.Tensor:
         """The residual stream [B, T, H] entering decoder layer `layer` of batch `batch_index`, as captured;
@@ -170,9 +180,9 @@ class PrefixCache:
         return out[0] if isinstance(out, tuple) else out
 
 
-def _capture_calls(model: torch.nn.Module, layers: torch.nn.ModuleList,
+def _capture_calls(model: torch.nn.Module, adapter: Any, layers: torch.nn.ModuleList,
                    batch: WindowBatch) -> tuple[list[_LayerCall], torch.Tensor]:  # fmt: skip
-    """Runs one full forward, recording every decoder layer's call; returns (calls, logits [B, T, V])."""
+    """Runs one body forward, recording every decoder layer's call; returns (calls, final hidden [B, T, H])."""
     calls: list[_LayerCall | None] = [None] * len(layers)
 
     def recorder(index: int):
@@ -185,45 +195,49 @@ def _capture_calls(model: torch.nn.Module, layers: torch.nn.ModuleList,
 
     handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        logits = full_forward(model, batch)  # [B, T, V]
+        hidden = final_hidden_states(model, adapter, batch)  # [B, T, H]
     finally:
         for handle in handles:
             handle.remove()
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise RuntimeError(f"decoder layers {missing} were not called by the model's forward")
-    return calls, logits  # type: ignore[return-value]
+    return calls, hidden  # type: ignore[return-value]
 
 
 def _replay(model: torch.nn.Module, adapter: Any, layers: torch.nn.ModuleList, calls: list[_LayerCall],
-            layer: int) -> torch.Tensor:  # fmt: skip
+            layer: int, bypass: frozenset[int] = frozenset()) -> torch.Tensor:  # fmt: skip
+    """Final normalised hidden states [B, T, H] after replaying layers `layer`..N (skipping `bypass`)."""
     first = calls[layer]
     hidden = first.args[0] if first.args else first.kwargs["hidden_states"]  # [B, T, H]
     with torch.inference_mode():
         for index in range(layer, len(layers)):
+            if index in bypass:
+                continue
             call = calls[index]
             if call.args:
                 out = layers[index](hidden, *call.args[1:], **call.kwargs)
             else:
                 out = layers[index](**{**call.kwargs, "hidden_states": hidden})
             hidden = out[0] if isinstance(out, tuple) else out  # [B, T, H]
-        hidden = adapter.final_norm(model)(hidden)
-        return adapter.head_logits(model, hidden)  # [B, T, V]
+        return adapter.final_norm(model)(hidden)  # [B, T, H]
 
 
 def _replay_matches(model: torch.nn.Module, adapter: Any, layers: torch.nn.ModuleList, calls: list[_LayerCall],
                     batch: WindowBatch, nll: torch.Tensor) -> bool:  # fmt: skip
     """Replays the last layer: if norm + head do not reproduce the model's own per-token NLL (an architecture
     that scales or caps logits outside `lm_head`), the cache must not be trusted."""
-    replayed = score_batch(_replay(model, adapter, layers, calls, len(layers) - 1), batch).nll.double()  # [n]
+    hidden = gather_scored(_replay(model, adapter, layers, calls, len(layers) - 1), batch)  # [n, H]
+    replayed = score_hidden(model, adapter, hidden, scored_targets(batch)).nll.double()  # [n]
     return bool(torch.isfinite(replayed).all()) and torch.allclose(replayed, nll, rtol=1e-5, atol=1e-6)
 
 
-def _check_reproduces_baseline(base: PerplexityResult, batch: WindowBatch, batch_index: int,
-                               batches: list[WindowBatch], logits: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _check_reproduces_baseline(model: torch.nn.Module, adapter: Any, base: PerplexityResult, batch: WindowBatch,
+                               batch_index: int, batches: list[WindowBatch], hidden: torch.Tensor,
+                               ) -> torch.Tensor:  # fmt: skip
     offset = sum(b.n_scored for b in batches[:batch_index])
     expected = base.scores.nll[offset : offset + batch.n_scored].double()  # [n]
-    got = score_batch(logits, batch).nll.double()  # [n]
+    got = score_hidden(model, adapter, gather_scored(hidden, batch), scored_targets(batch)).nll.double()  # [n]
     if not torch.allclose(got.sum(), expected.sum(), rtol=BASELINE_RTOL, atol=0.0):
         raise BaselineMismatch(
             f"the model's NLL on batch {batch_index} ({float(got.sum()):.6f}) differs from its stored baseline "

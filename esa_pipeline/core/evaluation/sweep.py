@@ -16,13 +16,14 @@ from esa_pipeline.core.perturbation.perturb import Perturbation
 # `sensitivity` columns produced here, in order (the caller adds `variant` and provenance).
 SENSITIVITY_COLUMNS = [
     "model", "dataset", "window_tokens", "kind", "component", "layer", "expert", "strength", "seed", "mode",
-    "selection", "group_size", "delta_nll", "ppl_ratio", "ppl_ratio_se", "kl", "top1_agreement", "token_ppl", "nll_sum",
+    "selection", "group_size", "delta_nll", "ppl_ratio", "ppl_ratio_se", "kl", "kl_lower_bound_topk",
+    "top1_agreement", "token_ppl", "nll_sum",
     "n_tokens", "nonfinite", "relative_change", "changed_fraction", "n_changed", "restored",
     "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights",
 ]  # fmt: skip
 SENSITIVITY_WINDOW_COLUMNS = [
     "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed", "mode", "selection",
-    "group_size", "window_id", "nll_sum", "n_tokens", "delta_nll_sum",
+    "group_size", "window_id", "doc_id", "nll_sum", "n_tokens", "delta_nll_sum",
 ]  # fmt: skip
 
 

@@ -33,6 +33,7 @@ class TokenWindow:
     doc_id: str
     input_ids: tuple[int, ...]  # what the model sees, length <= W
     target_ids: tuple[int, ...]  # the scored tokens: predictions of the last len(target_ids) positions
+    doc_window: int = 0  # position of this window within its document (0 = the one after the prefix token)
 
     @property
     def n_scored(self) -> int:

@@ -1,0 +1,222 @@
+"""Token scoring from final hidden states: the head and log-softmax applied in token chunks.
+
+A model's forward materialises [B, T, V] logits (Gemma-3: 4 x 512 x 262,144 fp32 = 2.1 GB, and a
+log-softmax copy doubles it). Here the body runs without the head (`final_hidden_states`: [B, T, H] after the
+final norm), only the scored positions are gathered ([n, H]), and `adapter.head_logits` + log-softmax run
+over `chunk_tokens` of them at a time, so at most [chunk, V] logits exist at once.
+
+KL(baseline || perturbed) is exact over the full vocabulary: the baseline keeps its final normalised hidden
+states [N, H], and each chunk recomputes the baseline's log-probs with the (unperturbed) head beside the
+perturbed ones. `kl_lower_bound_topk` coarsens both distributions to the baseline's top-k tokens plus one
+"rest" bucket; by the data-processing inequality (Cover & Thomas, Elements of Information Theory, Thm 2.8.1 /
+the log-sum inequality) a KL of a coarsening never exceeds the KL of the full distributions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from esa_pipeline.core.evaluation.windows import WindowBatch
+
+# Working memory allowed for one chunk of head logits and the fp32/fp64 copies made from it.
+DEFAULT_HEAD_BUDGET_BYTES = 256 * 2**20
+# Bytes per vocabulary entry per token while scoring a chunk: head output (<= 4) + fp32 logits (4); with KL,
+# fp64 log-probs of both models, their difference and p (4 x 8).
+_BYTES_PER_VOCAB_ENTRY = 8
+_BYTES_PER_VOCAB_ENTRY_KL = 8 + 32
+
+
+@dataclass
+class TokenScores:
+    """Per scored token, flattened in window order (window_id, then position)."""
+
+    nll: torch.Tensor  # [N] float32
+    argmax: torch.Tensor  # [N] long
+    kl: torch.Tensor | None = None  # [N] float64: exact KL(baseline || this model) per token
+    kl_lower_bound: torch.Tensor | None = None  # [N] float64: KL of the top-k + rest coarsening
+
+
+def concat_scores(parts: list[TokenScores]) -> TokenScores:
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return TokenScores(cat("nll"), cat("argmax"), cat("kl"), cat("kl_lower_bound"))  # type: ignore[arg-type]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def final_hidden_states(model: torch.nn.Module, adapter: Any, batch: WindowBatch) -> torch.Tensor:
+    """Hidden states after the final norm, [B, T, H], from the model's body only (no head, no [B, T, V]).
+
+    Runs `model.base_model` and captures the output of `adapter.final_norm(model)`, so this is exactly what
+    the model's own head would receive. No attention mask: right padding cannot affect earlier positions.
+    Raises RuntimeError if the final norm is not called by the body.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = adapter.final_norm(model).register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            model.base_model(input_ids=batch.input_ids.to(model_device(model)), use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"{type(model).__name__}: the final norm ({adapter.final_norm_path}) ran {len(captured)} times in "
+            "model.base_model's forward, expected once: fix the adapter's final_norm_path"
+        )
+    return captured[0]
+
+
+def full_logits(model: torch.nn.Module, adapter: Any, batch: WindowBatch) -> torch.Tensor:
+    """Logits [B, T, V] the unchunked way (tests and small inputs only: this is the tensor scoring avoids)."""
+    with torch.inference_mode():
+        return adapter.head_logits(model, final_hidden_states(model, adapter, batch))
+
+
+def gather_scored(hidden: torch.Tensor, batch: WindowBatch) -> torch.Tensor:
+    """[B, T, H] -> [n, H]: the scored positions of every row, in window order."""
+    return torch.cat([hidden[row, start:stop] for row, (start, stop) in enumerate(batch.spans)])
+
+
+def scored_targets(batch: WindowBatch) -> torch.Tensor:
+    """[n] long: the target of every scored position, in window order."""
+    return torch.cat([batch.target_ids[row, start:stop] for row, (start, stop) in enumerate(batch.spans)])
+
+
+def chunk_tokens_for(vocab: int, *, with_kl: bool, budget_bytes: int = DEFAULT_HEAD_BUDGET_BYTES) -> int:
+    """Tokens per head chunk so that the chunk's logits and their copies stay within `budget_bytes`."""
+    per_token = vocab * (_BYTES_PER_VOCAB_ENTRY_KL if with_kl else _BYTES_PER_VOCAB_ENTRY)
+    return max(1, budget_bytes // per_token)
+
+
+def score_hidden(
+    model: torch.nn.Module,
+    adapter: Any,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    base_hidden: torch.Tensor | None = None,
+    base_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kl_topk: int = 32,
+    chunk_tokens: int | None = None,
+) -> TokenScores:
+    """Per-token NLL, argmax and (with `base_hidden`) exact KL of scored hidden states, chunk by chunk.
+
+    hidden: [n, H] final normalised hidden states of the scored positions; targets: [n] long.
+    base_hidden: [n, H] the baseline's states at the same positions; KL(baseline || this) is computed from
+      `base_head(base_hidden)` (default `adapter.head_logits(model, ·)`; pass the unperturbed head when the
+      perturbation touches the head itself).
+    kl_topk: k of the top-k + rest lower bound. chunk_tokens: tokens per chunk (default from the budget).
+    Log-softmax runs in fp32 and KL in fp64, whatever the model dtype.
+    """
+    head = lambda h: adapter.head_logits(model, h)  # noqa: E731
+    base_head = base_head or head
+    n = hidden.shape[0]
+    if chunk_tokens is None:
+        vocab = adapter.lm_head(model).weight.shape[0]
+        chunk_tokens = chunk_tokens_for(vocab, with_kl=base_hidden is not None)
+    nll, argmax, kl, bound = [], [], [], []
+    with torch.inference_mode():
+        for start in range(0, n, chunk_tokens):
+            stop = min(n, start + chunk_tokens)
+            logits = head(hidden[start:stop]).float()  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            tgt = targets[start:stop].to(logits.device)
+            nll.append((lse - logits.gather(-1, tgt[:, None]).squeeze(-1)).cpu())
+            argmax.append(logits.argmax(dim=-1).cpu())
+            if base_hidden is not None:
+                q_log = logits.double().log_softmax(dim=-1)  # [c, V]
+                del logits
+                p_log = base_head(base_hidden[start:stop]).double().log_softmax(dim=-1)  # [c, V]
+                kl_chunk, bound_chunk = _kl_and_lower_bound(p_log, q_log, kl_topk)
+                kl.append(kl_chunk.cpu())
+                bound.append(bound_chunk.cpu())
+    return TokenScores(
+        nll=torch.cat(nll) if nll else torch.zeros(0),
+        argmax=torch.cat(argmax) if argmax else torch.zeros(0, dtype=torch.long),
+        kl=torch.cat(kl) if base_hidden is not None else None,
+        kl_lower_bound=torch.cat(bound) if base_hidden is not None else None,
+    )
+
+
+def _kl_and_lower_bound(p_log: torch.Tensor, q_log: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token exact KL(p || q) and KL of (top-k of p, rest) coarsenings; p_log, q_log: [c, V] fp64."""
+    p = p_log.exp()
+    # 0 * log(0 / q) = 0: a token the baseline gives no mass contributes nothing (also when q is 0 there).
+    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
+    exact = terms.sum(dim=-1)  # [c]
+    k = min(k, p_log.shape[-1])
+    top_p_log, ids = p_log.topk(k, dim=-1)  # [c, k]
+    top_q_log = q_log.gather(-1, ids)
+    top_terms = torch.where(top_p_log > -torch.inf, top_p_log.exp() * (top_p_log - top_q_log), 0.0).sum(-1)
+    if k == p_log.shape[-1]:
+        return exact, top_terms
+    rest_p_log = p_log.scatter(-1, ids, -torch.inf).logsumexp(dim=-1)  # [c] log of the tail mass
+    rest_q_log = q_log.scatter(-1, ids, -torch.inf).logsumexp(dim=-1)
+    rest = torch.where(rest_p_log > -torch.inf, rest_p_log.exp() * (rest_p_log - rest_q_log), 0.0)
+    return exact, top_terms + rest
+
+
+def head_with(model: torch.nn.Module, adapter: Any, originals: dict[str, torch.Tensor]
+              ) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """head(h) computed with the head module's parameters `originals` (name in the head module -> data).
+
+    For a perturbation that touches the head (e.g. a tied embedding), KL needs the baseline's head beside
+    the perturbed one: each call swaps the parameters' `.data` to the originals and back, copying nothing.
+    """
+    module = adapter.lm_head(model)
+    params = {name: module.get_parameter(name) for name in originals}
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        current = {name: p.data for name, p in params.items()}
+        try:
+            for name, p in params.items():
+                p.data = originals[name]
+            return adapter.head_logits(model, h)
+        finally:
+            for name, p in params.items():
+                p.data = current[name]
+
+    return head
+
+
+def touched_head_originals(model: torch.nn.Module, adapter: Any, param_names: list[str]) -> dict[str, torch.Tensor]:
+    """Clones of the head module's parameters that share storage with `param_names` (empty if none do)."""
+    touched = {model.get_parameter(name).untyped_storage().data_ptr() for name in param_names}
+    return {name: p.data.clone() for name, p in adapter.lm_head(model).named_parameters()
+            if p.untyped_storage().data_ptr() in touched}  # fmt: skip
+
+
+class HeadMismatch(RuntimeError):
+    """`adapter.head_logits(final_norm(h))` does not reproduce the model's own logits."""
+
+
+def check_head(model: torch.nn.Module, adapter: Any, input_ids: torch.Tensor, *, rtol: float = 1e-3,
+               atol: float = 1e-3) -> None:  # fmt: skip
+    """Compares the chunked path's logits with `model(input_ids).logits` on a short input ([1, t], t <= 8).
+
+    Guards every architecture whose forward transforms the head's output (soft-capping, logit scaling):
+    an adapter that does not override `head_logits` for it raises HeadMismatch instead of scoring wrongly.
+    """
+    ids = input_ids[:, :8].to(model_device(model))  # [1, t]
+    with torch.inference_mode():
+        expected = model(input_ids=ids, use_cache=False).logits.float()  # [1, t, V]
+        batch = WindowBatch([0], ids.cpu(), ids.cpu(), torch.ones_like(ids, dtype=torch.bool), [(0, ids.shape[1])])
+        got = adapter.head_logits(model, final_hidden_states(model, adapter, batch)).float()
+    if not torch.allclose(got, expected, rtol=rtol, atol=atol):
+        raise HeadMismatch(
+            f"{type(adapter).__name__}.head_logits(final_norm(h)) differs from {type(model).__name__}'s logits "
+            f"(max |diff| {float((got - expected).abs().max()):.3g}): override head_logits in the adapter to "
+            "apply what the model's forward does after its head (soft-capping, logit scaling)"
+        )
