@@ -39,7 +39,10 @@ from esa_pipeline.core.evaluation.scoring import (
 from esa_pipeline.core.evaluation.text import Document
 from esa_pipeline.core.evaluation.windows import TokenWindow, WindowBatch, make_batches, rolling_windows
 
-__all__ = ["PerplexityResult", "TokenScores", "concat_scores", "model_device", "perplexity", "unwrap"]
+__all__ = [
+    "PerplexityResult", "TokenScores", "concat_scores", "full_forward", "model_device", "perplexity", "score_batch",
+    "unwrap",
+]
 
 # Seed of the document-stratified window sample drawn under a token budget.
 DEFAULT_SAMPLE_SEED = 0
@@ -119,6 +122,26 @@ def unwrap(lm: Any) -> tuple[torch.nn.Module, Any, Any]:
     if lm.model.training:
         raise ValueError("model is in training mode (dropout would make NLL random): call model.eval() first")
     return lm.model, lm.tokenizer, getattr(lm, "spec", None)
+
+
+def full_forward(model: torch.nn.Module, batch: WindowBatch) -> torch.Tensor:
+    """The model's own logits [B, T, V] for one batch, in one piece: for short inputs only (zero-shot requests).
+    Perplexity and paired scoring never hold these; they score through the chunked head (`scoring.py`)."""
+    with torch.inference_mode():
+        return model(input_ids=batch.input_ids.to(model_device(model)), use_cache=False).logits
+
+
+def score_batch(logits: torch.Tensor, batch: WindowBatch) -> TokenScores:
+    """Per-token NLL and argmax of a batch's scored positions from logits [B, T, V] (fp32 log-softmax)."""
+    nll, argmax = [], []
+    with torch.inference_mode():
+        for row, (start, stop) in enumerate(batch.spans):
+            row_logits = logits[row, start:stop].float()  # [n, V]
+            targets = batch.target_ids[row, start:stop].to(row_logits.device)  # [n]
+            lse = torch.logsumexp(row_logits, dim=-1)  # [n]
+            nll.append((lse - row_logits.gather(-1, targets[:, None]).squeeze(-1)).cpu())
+            argmax.append(row_logits.argmax(dim=-1).cpu())
+    return TokenScores(nll=torch.cat(nll), argmax=torch.cat(argmax))
 
 
 def per_window_sums(values: torch.Tensor, windows: list[TokenWindow]) -> list[float]:
