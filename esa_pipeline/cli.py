@@ -3,7 +3,7 @@
     esa validate [--experiment smoke]
     esa plan [--experiment smoke]
     esa materialize [--experiment smoke] [--select sensitivity significance ...] [--no-upstream]
-                    [--models tiny-llama ...] [--executor in_process|multiprocess]
+                    [--models tiny-llama ...] [--executor in_process|multiprocess] [--force]
     esa db refresh | esa db path
 """
 
@@ -61,20 +61,31 @@ def _materialize(args: argparse.Namespace) -> int:
         with_upstream=not args.no_upstream,
         only_models=args.models,
         executor=args.executor,
+        force=args.force,
     )
     store = Store()
     runs = len(summary.outcomes)
     print(
-        f"\n{runs} runs ({len(summary.failed)} failed, {summary.skipped_up_to_date} up-to-date steps skipped) "
-        f"in {time.perf_counter() - started:.0f}s"
+        f"\n{runs} runs ({len(summary.failed)} failed) in {time.perf_counter() - started:.0f}s; "
+        f"{summary.skipped_up_to_date} steps skipped"
+        + (" (--force to recompute)" if summary.skipped_up_to_date else "")
     )
+    for reason, n in summary.skipped.items():
+        print(f"  skipped {n}: {reason}")
     print(f"results: {store.db_path} (DuckDB views over {store.root})")
     print(f"reports: {store.root.parent / 'reports'}")
     print(f"query:   .venv/bin/python -c \"import duckdb; print(duckdb.connect('{store.db_path}', read_only=True)"
           ".sql('select * from baselines'))\"")
+    # A blocked model's root cause is printed once; its downstream assets never ran, so they add no lines.
+    for model, why in summary.blocked.items():
+        print(f"BLOCKED {model}: {why}", file=sys.stderr)
+    reported = {why for why in summary.blocked.values()}
     for outcome in summary.failed:
-        print(f"FAILED: {', '.join(outcome.assets)} [{outcome.partition or 'all models'}] — see `make dev` run logs")
-    return 1 if summary.failed else 0
+        if outcome.error and any(outcome.error in why for why in reported):
+            continue
+        cause = outcome.error or "see the run log (`make dev`)"
+        print(f"FAILED: {', '.join(outcome.assets)} [{outcome.partition or 'all models'}]: {cause}", file=sys.stderr)
+    return 1 if summary.failed or summary.blocked else 0
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -108,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--models", nargs="+", default=None, help="only these models of the experiment")
             cmd.add_argument("--executor", choices=["in_process", "multiprocess"], default=None,
                              help="default in_process (one torch import for the whole run)")
+            cmd.add_argument("--force", action="store_true",
+                             help="recompute partitions whose stored rows are current (default: skip them)")
     db = sub.add_parser("db", help="the DuckDB views file")
     db.add_argument("action", choices=["refresh", "path"])
     db.set_defaults(handler=_db)

@@ -15,6 +15,7 @@ requested. A model's own `components:` list is a deliberate request, so naming a
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
@@ -23,7 +24,7 @@ import pathlib
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -349,6 +350,110 @@ _LATER_DEFAULTS: dict[str, Any] = {"experts": "all", "adapter": None}
 
 def experiment_hash(cfg: ExperimentConfig) -> str:
     return stable_hash(cfg.model_dump(mode="json"))
+
+
+# ---- partition hashes: which settings decide which asset's rows ---------------------------------------------
+# The ONE place that attributes a setting to the assets whose rows it changes. A new config key goes into the
+# `settings` of every asset that reads it (and into PARTITION_SCOPE when only some sweep partitions use it);
+# nothing else needs to change: partition hashes, resume/skip, the observable sources and the nightly backfills
+# all derive from `partition_hash`. Code-version policy: the git `code_version` is stored on every row but not
+# hashed (every commit would re-run hours of sweeps); a code change that alters an asset's numbers bumps that
+# asset's `version` here, which re-versions exactly its partitions. `--force` recomputes regardless.
+MODEL_IDENTITY = ("source", "revision", "dtype", "trust_remote_code")
+EVALUATION = ("sweep_dataset", "window", "token_budget", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class HashedAsset:
+    """What one asset's partition hash covers: ModelPlan fields, upstream partition hashes, a code version."""
+
+    settings: tuple[str, ...]  # ModelPlan field names; `field.sub` for one part of a nested setting
+    upstream: tuple[str, ...] = ()  # per-model assets whose current hashes (all partitions) this one consumes
+    version: int = 1
+
+
+HASHED_ASSETS: dict[str, HashedAsset] = {
+    # `components` decides the card's components_swept / components_not_applicable columns
+    "model_card": HashedAsset((*MODEL_IDENTITY, "components")),
+    "baseline": HashedAsset((*MODEL_IDENTITY, "datasets", "window", "token_budget", "batch_size", "zero_shot")),
+    # one (component, seed) partition: kinds/strengths/neuron_mode narrowed to the component (PARTITION_SCOPE)
+    "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode")),
+    # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
+    "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
+                                      "strengths.gaussian")),
+    "moe_routing": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "seeds", "strengths.router",
+                                "strengths.gaussian")),
+    "significance": HashedAsset((), upstream=("sensitivity",)),
+    "critical_layers": HashedAsset((), upstream=("significance", "model_card")),
+}
+# ModelPlan fields that change no stored row, with the reason (a test checks every field is attributed above
+# or listed here, so a new setting cannot silently miss the hash).
+UNHASHED_SETTINGS: dict[str, str] = {
+    "model": "the partition key itself",
+    "device": "the same weights and settings on another device are the same experiment (recorded on the card)",
+    "protocol": "a preset of defaults: the resolved values it fills in are hashed",
+}
+# Relations each per-model asset writes (their rows carry its partition hash).
+ASSET_RELATIONS: dict[str, tuple[str, ...]] = {
+    "model_card": ("models",),
+    "baseline": ("baselines", "baseline_windows", "zero_shot"),
+    "sensitivity": ("sensitivity", "sensitivity_windows"),
+    "weight_importance": ("weight_importance", "importance_validation", "super_weights", "prediction_check"),
+    "moe_routing": ("moe_routing",),
+    "significance": ("significance", "seed_consistency"),
+    "critical_layers": ("critical_layers",),
+}
+
+
+def _scoped_strengths(plan: ModelPlan, component: str) -> dict[str, list[float]]:
+    return {kind: list(getattr(plan.strengths, kind)) for kind in plan.kinds_for(component)}
+
+
+# Settings a sweep partition sees only through its component: (plan, component) -> the part that matters.
+PARTITION_SCOPE: dict[str, Callable[[ModelPlan, str], Any]] = {
+    "strengths": _scoped_strengths,
+    "neuron_mode": lambda plan, component: plan.neuron_mode if "neurons" in plan.kinds_for(component) else None,
+}
+
+
+def _setting(dumped: dict[str, Any], dotted: str) -> Any:
+    """A ModelPlan setting by name; `strengths.gaussian` reaches inside a nested setting."""
+    value: Any = dumped
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def asset_of_relation(relation: str) -> str | None:
+    return next((asset for asset, relations in ASSET_RELATIONS.items() if relation in relations), None)
+
+
+def partition_hash(cfg: ExperimentConfig, model: str, asset: str, variant: str | None = None) -> str:
+    """Hash of exactly the settings that change `asset`'s rows for one model (and, for sweeps, one variant).
+
+    Raises KeyError for an asset without an entry in HASHED_ASSETS (cross-model assets use experiment_hash).
+    """
+    spec = HASHED_ASSETS[asset]
+    plan = model_plan(cfg, model)
+    dumped = plan.model_dump(mode="json")
+    component = parse_variant(variant)[0] if variant is not None else None
+    settings = {}
+    for name in spec.settings:
+        scope = PARTITION_SCOPE.get(name) if component is not None else None
+        settings[name] = scope(plan, component) if scope else _setting(dumped, name)
+    upstream = {name: sorted(current_hashes(cfg, model, name)) for name in spec.upstream}
+    return stable_hash({"asset": asset, "version": spec.version, "variant": variant, "settings": settings,
+                        "upstream": upstream})  # fmt: skip
+
+
+def current_hashes(cfg: ExperimentConfig, model: str, asset: str) -> set[str]:
+    """The current partition hashes of one model's `asset` (every applicable variant for the sweep)."""
+    if asset == "sensitivity":
+        plan = model_plan(cfg, model)
+        facts = describe_source(plan.source, plan.revision)
+        available = components_for_architecture(facts[0]) if facts and facts[0] else None
+        return {partition_hash(cfg, model, asset, v) for v in plan.variants(available)}
+    return {partition_hash(cfg, model, asset)}
 
 
 # ---- loading and validation --------------------------------------------------------------------------------

@@ -10,12 +10,21 @@ from esa_pipeline.defs.cross_model_assets import architecture_comparison, report
 from esa_pipeline.defs.executors import executor_from_env
 from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
-from esa_pipeline.defs.sources import experiment_config, sweep_plan
+from esa_pipeline.defs.sources import (
+    baseline_config,
+    experiment_config,
+    importance_config,
+    routing_config,
+    sweep_plan,
+)
 from esa_pipeline.defs.sweep_assets import sensitivity
 from esa_pipeline.defs.zero_shot_assets import zero_shot_sensitivity
 
 ASSETS = [
     experiment_config,
+    baseline_config,
+    importance_config,
+    routing_config,
     sweep_plan,
     model_card,
     baseline,

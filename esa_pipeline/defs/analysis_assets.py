@@ -1,7 +1,7 @@
 """Per-model analysis: significance and seed consistency, critical layers, weight importance, MoE routing.
 
-Each reads the model's rows of the *current* configuration (config_hash = the model's section hash) from
-the store, so stale partitions of an older configuration never mix into a result.
+Each reads the model's rows whose partition hash is current (core.config.partition_hash) from the store, so
+stale partitions of an older configuration never mix into a result.
 """
 
 
@@ -20,6 +20,7 @@ from esa_pipeline.defs.common import (
     EAGER_AFTER_SWEEP,
     PER_MODEL_ON_GPU,
     ModelStep,
+    eager_on_own_version,
     model_step,
     number,
     table_preview,
@@ -28,23 +29,17 @@ from esa_pipeline.defs.loaded import baseline_result
 from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.partitions import model_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
+from esa_pipeline.defs.sources import importance_config, routing_config
 from esa_pipeline.defs.sweep_assets import sensitivity
 
 
 def current_rows(step: ModelStep, relation: str) -> pd.DataFrame:
-    """The model's rows computed under its current settings; a clear error when there are none yet.
-
-    Only the model's own partition files are opened: another model's (maybe damaged) files never affect it.
-    """
-    store, model, config_hash = step.store, step.model, step.config_hash
-    own = store.model_partitions(relation, model)
-    if not own:
-        raise FileNotFoundError(f"no {relation} rows stored yet for {model}: materialize {relation} for {model} first")
-    rows = store.read(relation, partitions=own, model=model, config_hash=config_hash)
+    """The model's rows computed under the current settings of their partitions; a clear error when none."""
+    rows = step.current(relation)
     if rows.empty:
         raise FileNotFoundError(
-            f"no {relation} rows for {model} under its current config (hash {config_hash}): materialize the "
-            f"{relation} partitions of {model} first (older rows are from a different configuration)"
+            f"no {relation} rows for {step.model} under its current settings: materialize the {relation} "
+            f"partitions of {step.model} first (older rows are from a different configuration)"
         )
     return rows
 
@@ -63,7 +58,7 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
     from esa_pipeline.core.analysis import dose_response, seed_consistency
     from esa_pipeline.core.analysis import significance as significance_test
 
-    step = model_step(context.partition_key, experiment, store)
+    step = model_step(context.partition_key, experiment, store, "significance")
     sens = current_rows(step, "sensitivity")
     windows = current_rows(step, "sensitivity_windows")
     tested = significance_test(windows, sens)
@@ -117,7 +112,7 @@ def significance(context: AssetExecutionContext, experiment: ExperimentResource,
 def critical_layers(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     from esa_pipeline.core.analysis import critical_layers as rank_layers
 
-    step = model_step(context.partition_key, experiment, store)
+    step = model_step(context.partition_key, experiment, store, "critical_layers")
     tested = current_rows(step, "significance")
     cards = current_rows(step, "models")
     ranked = rank_layers(tested, cards)
@@ -179,7 +174,8 @@ def validate_and_find_super_weights(context, step: ModelStep, lm, adapter, base,
 
 @asset(
     **PER_MODEL_ON_GPU,
-    deps=[baseline],
+    automation_condition=eager_on_own_version("baseline"),
+    deps=[baseline, importance_config],
     group_name="importance",
     description="Per-weight importance (grad x weight, grad², Hutchinson, magnitude, activation), top-k per layer; "
     "small-sigma prediction vs measured ΔNLL.",
@@ -187,7 +183,7 @@ def validate_and_find_super_weights(context, step: ModelStep, lm, adapter, base,
 def weight_importance(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     from esa_pipeline.core.importance.metrics import importance_scores, top_k
 
-    step = model_step(context.partition_key, experiment, store)
+    step = model_step(context.partition_key, experiment, store, "weight_importance")
     model, plan = step.model, step.plan
     lm, adapter = step.load()
     # Scored on the sweep dataset's own windows (a smaller budget), so predictions compare like with like.
@@ -239,12 +235,13 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
 
 @asset(
     **PER_MODEL_ON_GPU,
-    deps=[baseline],
+    automation_condition=eager_on_own_version("baseline"),
+    deps=[baseline, routing_config],
     group_name="importance",
     description="MoE routing under router noise: expert-selection change rate and load entropy (dense: not applicable).",
 )
 def moe_routing(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    step = model_step(context.partition_key, experiment, store)
+    step = model_step(context.partition_key, experiment, store, "moe_routing")
     model, plan, config_hash = step.model, step.plan, step.config_hash
     lm, adapter = step.load()
     if "moe.router" not in adapter.components():

@@ -113,17 +113,17 @@ def stale(store: Store, relation: str, partition: str, config_hash: str) -> bool
 
 def backfill_requests(
     context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource, relation: str,
-    partitions: Callable[[ModelPartitionPlan], Iterable[str | MultiPartitionKey]],
+    partitions: Callable[[ModelPartitionPlan], Iterable[tuple[str | MultiPartitionKey, str]]],
 ) -> list[RunRequest]:
-    """One run per partition whose `relation` rows are missing or stale; the run key names the night and the
-    configuration, so a re-evaluated tick never launches the same backfill twice."""
+    """One run per partition whose `relation` rows are missing or stale (another partition hash); the run key
+    names the night and the partition hash, so a re-evaluated tick never launches the same backfill twice."""
     st = store.store()
     night = context.scheduled_execution_time.date().isoformat()
     return [
-        RunRequest(run_key=f"{night}:{key}:{p.section_hash}", partition_key=key)
+        RunRequest(run_key=f"{night}:{key}:{h}", partition_key=key)
         for p in partition_plan(experiment.load(), st)
-        for key in partitions(p)
-        if stale(st, relation, str(key), p.section_hash)
+        for key, h in partitions(p)
+        if stale(st, relation, str(key), h)
     ]  # fmt: skip
 
 
@@ -136,7 +136,7 @@ def backfill_requests(
 def nightly_model_backfill(
     context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
 ) -> list[RunRequest]:
-    return backfill_requests(context, experiment, store, "baselines", lambda p: [p.model])
+    return backfill_requests(context, experiment, store, "baselines", lambda p: [(p.model, p.hashes["baseline"])])
 
 
 @schedule(
@@ -149,7 +149,7 @@ def nightly_sweep_backfill(
     context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
 ) -> list[RunRequest]:
     return backfill_requests(context, experiment, store, "sensitivity",
-                             lambda p: [sweep_key(p.model, v) for v in p.variants])  # fmt: skip
+                             lambda p: [(sweep_key(p.model, v), h) for v, h in p.variant_hashes.items()])  # fmt: skip
 
 
 SENSORS = [experiment_sensor, automation_sensor]

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from dagster import AssetSelection, AutomationCondition, MetadataValue
 
-from esa_pipeline.core.config import ModelPlan, model_plan, model_section_hash
+from esa_pipeline.core.config import (
+    ExperimentConfig,
+    ModelPlan,
+    asset_of_relation,
+    current_hashes,
+    model_plan,
+    partition_hash,
+)
 from esa_pipeline.core.storage import Store, with_provenance
 from esa_pipeline.defs.partitions import model_partitions
 
@@ -23,14 +30,31 @@ GPU_POOL = "gpu"
 # Read by dagster_k8s.k8s_job_executor (ignored by the local executors): one GPU per model-heavy step.
 GPU_OP_TAGS: dict[str, Any] = {
     "dagster-k8s/config": {
-        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}}
+        "container_config": {
+            "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
+        }
     }
 }
 EAGER = AutomationCondition.eager()
+# A model whose blocking baseline check failed (an implausible baseline makes every ratio meaningless) gets no
+# automatic downstream runs: Dagster's own blocking-check condition (the check is partitioned by model).
+BLOCKING_CHECKS_PASSED = AutomationCondition.all_deps_blocking_checks_passed()
+
+
+def eager_on_own_version(*ignored: str) -> AutomationCondition:
+    """eager(), but an update of the `ignored` parents alone does not re-run the asset: it follows its own
+    config source (whose version is its partition hash) and the parents only order the work. A re-run
+    baseline (say after a zero_shot edit) reproduces the same numbers, so the sweeps need not follow it."""
+    updated = AutomationCondition.any_deps_updated().ignore(AssetSelection.assets(*ignored))
+    return (EAGER.replace("any_deps_updated", updated) & BLOCKING_CHECKS_PASSED).with_label(
+        f"eager on own version (not on {', '.join(ignored)} updates), blocking checks passed"
+    )
+
+
 # Decorator arguments of a step that loads a model: one GPU each, queued in the `gpu` pool.
 ON_GPU: dict[str, Any] = {"pool": GPU_POOL, "op_tags": GPU_OP_TAGS}
-# ... and of such a step run once per model partition, as soon as its parents are up to date.
-PER_MODEL_ON_GPU: dict[str, Any] = {"partitions_def": model_partitions, "automation_condition": EAGER, **ON_GPU}
+# ... and of such a step run once per model partition (automation condition given per asset).
+PER_MODEL_ON_GPU: dict[str, Any] = {"partitions_def": model_partitions, **ON_GPU}
 
 
 @dataclass(frozen=True)
@@ -39,8 +63,9 @@ class ModelStep:
 
     model: str
     plan: ModelPlan
-    config_hash: str  # hash of the model's YAML section, stored on every row
+    config_hash: str  # the partition hash of this asset (core.config.HASHED_ASSETS), stored on every row
     store: Store
+    cfg: ExperimentConfig
 
     def load(self) -> tuple[LoadedModel, Adapter]:
         """The model (cached per process) and its architecture adapter."""
@@ -52,12 +77,36 @@ class ModelStep:
 
     def write(self, relation: str, df: pd.DataFrame, partition: str | None = None) -> int:
         """Store `df` as the (default: this model's) partition of `relation`, keyed by the model name."""
-        return store_rows(self.store, relation, partition or self.model, with_model(df, self.model), self.config_hash)
+        return store_rows(
+            self.store, relation, partition or self.model, with_model(df, self.model), self.config_hash
+        )
+
+    def current(self, relation: str) -> pd.DataFrame:
+        """This model's stored rows of `relation` computed under the current settings of their partitions."""
+        return current_model_rows(self.store, self.cfg, self.model, relation)
 
 
-def model_step(model: str, experiment: ExperimentResource, store: StoreResource) -> ModelStep:
+def model_step(model: str, experiment: ExperimentResource, store: StoreResource, asset: str,
+               variant: str | None = None) -> ModelStep:  # fmt: skip
+    """The step of `asset` for one model (and one sweep variant): its plan and its partition hash."""
     cfg = experiment.load()
-    return ModelStep(model, model_plan(cfg, model), model_section_hash(cfg, model), store.store())
+    return ModelStep(
+        model, model_plan(cfg, model), partition_hash(cfg, model, asset, variant), store.store(), cfg
+    )
+
+
+def current_model_rows(store: Store, cfg: ExperimentConfig, model: str, relation: str) -> pd.DataFrame:
+    """`model`'s rows of `relation` whose partition hash is current (stale partitions of older settings and
+    partitions no longer configured are left out). Empty when none are stored."""
+    asset = asset_of_relation(relation)
+    if asset is None:
+        raise KeyError(f"{relation} is not written by a per-model asset (core.config.ASSET_RELATIONS)")
+    # Only this model's own partition files are read: a damaged file of another model cannot fail this one.
+    own = store.model_partitions(relation, model) if store.has(relation) else []
+    if not own:
+        return pd.DataFrame()
+    rows = store.read(relation, partitions=own, model=model)
+    return rows.loc[rows["config_hash"].isin(current_hashes(cfg, model, asset))].reset_index(drop=True)
 
 
 def store_rows(store: Store, relation: str, partition: str, df: pd.DataFrame, config_hash: str) -> int:

@@ -12,10 +12,16 @@ from dagster import (
     asset,
 )
 
-from esa_pipeline.core.config import ExperimentConfig, experiment_hash, model_section_hash
+from esa_pipeline.core.config import ExperimentConfig, experiment_hash
 from esa_pipeline.core.storage import UNPARTITIONED, Store
 from esa_pipeline.defs.analysis_assets import critical_layers, moe_routing, significance, weight_importance
-from esa_pipeline.defs.common import EAGER_ACROSS_MODELS, number, store_rows, table_preview
+from esa_pipeline.defs.common import (
+    EAGER_ACROSS_MODELS,
+    current_model_rows,
+    number,
+    store_rows,
+    table_preview,
+)
 from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sweep_assets import sensitivity
@@ -32,10 +38,7 @@ def experiment_rows(store: Store, relation: str, cfg: ExperimentConfig) -> pd.Da
         raise FileNotFoundError(f"no {relation} rows stored yet: materialize {relation} first")
     frames = []
     for model in cfg.models:
-        own = store.model_partitions(relation, model)
-        if not own:
-            continue
-        rows = store.read(relation, partitions=own, model=model, config_hash=model_section_hash(cfg, model))
+        rows = current_model_rows(store, cfg, model, relation)
         if not rows.empty:
             frames.append(rows)
     if not frames:

@@ -14,7 +14,12 @@ from esa_pipeline.core.config import ModelPlan
 
 if TYPE_CHECKING:
     from esa_pipeline.core.evaluation.perplexity import PerplexityResult
+    from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
     from esa_pipeline.core.models.registry import LoadedModel
+
+
+# Models loaded by this process (a measurement: a backfill run should load each model once).
+LOAD_COUNT = {"loads": 0}
 
 
 @functools.lru_cache(maxsize=1)
@@ -22,6 +27,7 @@ def _load(source: str, revision: str | None, dtype: str, device: str, trust_remo
           adapter: str | None = None) -> LoadedModel:
     from esa_pipeline.core.models.registry import load_model
 
+    LOAD_COUNT["loads"] += 1
     return load_model(source, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code,
                       adapter=adapter)
 
@@ -54,7 +60,30 @@ def baseline_result(plan: ModelPlan, dataset: str, token_budget: int | None = No
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1)
+def _prefix_cache(
+    source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool,
+    dataset: str, window: int, token_budget: int, batch_size: int, adapter: str | None = None,
+) -> PrefixCache:  # fmt: skip
+    from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+    from esa_pipeline.core.models.adapters import adapter_for
+
+    lm = _load(source, revision, dtype, device, trust_remote_code, adapter)
+    base = _baseline(source, revision, dtype, device, trust_remote_code, dataset, window, token_budget, batch_size,
+                     adapter)  # fmt: skip
+    return PrefixCache.build(lm, base, adapter_for(lm.model, adapter))
+
+
+def prefix_cache(plan: ModelPlan, dataset: str) -> PrefixCache:
+    """The prefix cache of `baseline_result(plan, dataset)`: every sweep partition of a run shares one build."""
+    return _prefix_cache(
+        plan.source, plan.revision, plan.dtype, plan.device, plan.trust_remote_code,
+        dataset, plan.window, plan.token_budget, plan.batch_size, plan.adapter,
+    )  # fmt: skip
+
+
 def forget_models() -> None:
-    """Drop cached models and baselines (after a failed restore, the in-memory weights are suspect)."""
+    """Drop cached models, baselines and prefix caches (after a failed restore, the in-memory weights are suspect)."""
+    _prefix_cache.cache_clear()
     _baseline.cache_clear()
     _load.cache_clear()

@@ -15,10 +15,18 @@ from dagster import (
 )
 
 from esa_pipeline.core.config import components_for_architecture
-from esa_pipeline.defs.common import PER_MODEL_ON_GPU, model_step, number, table_preview
+from esa_pipeline.defs.common import (
+    EAGER,
+    PER_MODEL_ON_GPU,
+    eager_on_own_version,
+    model_step,
+    number,
+    table_preview,
+)
 from esa_pipeline.defs.loaded import baseline_result, loaded_model
+from esa_pipeline.defs.partitions import model_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
-from esa_pipeline.defs.sources import experiment_config
+from esa_pipeline.defs.sources import baseline_config, experiment_config
 
 # A pretrained LM on natural English sits well inside this token-PPL range; outside it the load, tokenizer
 # or text is broken (below 2: repeated/memorised text, DESIGN §5). Random-weight tiny models are exempt.
@@ -31,12 +39,13 @@ ZERO_SHOT_COLUMNS = ["model", "task", "metric", "value", "stderr", "n_items", "n
 
 @asset(
     **PER_MODEL_ON_GPU,
+    automation_condition=EAGER,
     deps=[experiment_config],
     group_name="models",
     description="Loads the model once and records its card: architecture, layers, parameters (total/active).",
 )
 def model_card(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    step = model_step(context.partition_key, experiment, store)
+    step = model_step(context.partition_key, experiment, store, "model_card")
     model, plan = step.model, step.plan
     lm = loaded_model(plan)
     spec = lm.spec
@@ -77,10 +86,12 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
 
 @asset(
     **PER_MODEL_ON_GPU,
-    deps=[model_card],
+    automation_condition=eager_on_own_version("model_card"),
+    deps=[model_card, baseline_config],
     group_name="models",
     check_specs=[
-        AssetCheckSpec("baseline_sanity", asset="baseline", blocking=True,
+        # partitioned like the asset: one model's failed baseline blocks only that model's downstream assets
+        AssetCheckSpec("baseline_sanity", asset="baseline", blocking=True, partitions_def=model_partitions,
                        description="Rows present, no sanity flags, token PPL plausible (random-weight models exempt)"),
         AssetCheckSpec("baseline_regression", asset="baseline",
                        description="Token PPL within 1% of the previous materialization of the same windows"),
@@ -88,7 +99,7 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
     description="Unperturbed perplexity per dataset and window (+ per-window NLL), zero-shot scores, tok/s, memory.",
 )
 def baseline(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    step = model_step(context.partition_key, experiment, store)
+    step = model_step(context.partition_key, experiment, store, "baseline")
     model, plan = step.model, step.plan
     previous = step.store.read("baselines", model) if step.store.has("baselines", model) else None
 

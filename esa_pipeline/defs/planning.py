@@ -11,29 +11,38 @@ from dataclasses import dataclass
 from dagster import AssetKey, AssetObservation, DagsterInstance
 
 from esa_pipeline.core.config import (
+    HASHED_ASSETS,
     ExperimentConfig,
     components_for_architecture,
     describe_source,
     model_plan,
     model_section_hash,
+    partition_hash,
 )
-from esa_pipeline.core.provenance import stable_hash
 from esa_pipeline.core.storage import Store
 from esa_pipeline.defs.partitions import MODEL_DIMENSION, VARIANT_DIMENSION, sweep_key
 
 # dagster's tag for a data version (what DataVersion/DataVersionsByPartition write on an observation).
 DATA_VERSION_TAG = "dagster/data_version"
-EXPERIMENT_CONFIG_KEY = AssetKey("experiment_config")
 SWEEP_PLAN_KEY = AssetKey("sweep_plan")
+# Model-partitioned observable sources -> the asset each one versions (its data version = that partition hash).
+MODEL_SOURCES = {
+    "experiment_config": "model_card",
+    "baseline_config": "baseline",
+    "importance_config": "weight_importance",
+    "routing_config": "moe_routing",
+}
 
 
 @dataclass(frozen=True)
 class ModelPartitionPlan:
     model: str
-    section_hash: str
+    section_hash: str  # the whole resolved section (shown by `esa validate`; partitions use partition hashes)
     architecture: str | None
     variants: list[str]  # applicable ones only
     not_applicable: list[str]  # configured components the architecture lacks (recorded, never requested)
+    hashes: dict[str, str]  # per-model asset -> its partition hash (core.config.partition_hash)
+    variant_hashes: dict[str, str]  # applicable variant -> its sensitivity partition hash
 
 
 def architecture_of(cfg: ExperimentConfig, model: str, store: Store | None = None) -> str | None:
@@ -56,26 +65,29 @@ def partition_plan(cfg: ExperimentConfig, store: Store | None = None) -> list[Mo
         architecture = architecture_of(cfg, model, store)
         available = components_for_architecture(architecture, plan.adapter) if architecture else None
         missing = [c for c in plan.components if available is not None and c not in available]
+        variants = plan.variants(available)
         out.append(
             ModelPartitionPlan(
                 model=model,
                 section_hash=model_section_hash(cfg, model),
                 architecture=architecture,
-                variants=plan.variants(available),
+                variants=variants,
                 not_applicable=missing,
+                hashes={a: partition_hash(cfg, model, a) for a in HASHED_ASSETS if a != "sensitivity"},
+                variant_hashes={v: partition_hash(cfg, model, "sensitivity", v) for v in variants},
             )
         )
     return out
 
 
-def variant_version(section_hash: str, variant: str) -> str:
-    return stable_hash({"section": section_hash, "variant": variant})
+def data_versions(plans: list[ModelPartitionPlan]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """({source: {model: version}}, {"model|variant": version}) — the observable sources' data versions.
 
-
-def data_versions(plans: list[ModelPartitionPlan]) -> tuple[dict[str, str], dict[str, str]]:
-    """({model: version}, {"model|variant": version}) — the observable sources' data versions."""
-    models = {p.model: p.section_hash for p in plans}
-    sweeps = {str(sweep_key(p.model, v)): variant_version(p.section_hash, v) for p in plans for v in p.variants}
+    A sweep partition's version is its partition hash: adding a seed adds versions, editing one component's
+    strengths changes only that component's, editing importance settings changes none.
+    """
+    models = {source: {p.model: p.hashes[asset] for p in plans} for source, asset in MODEL_SOURCES.items()}
+    sweeps = {str(sweep_key(p.model, v)): h for p in plans for v, h in p.variant_hashes.items()}
     return models, sweeps
 
 
@@ -84,7 +96,7 @@ def observations(plans: list[ModelPartitionPlan], previous: dict[str, str] | Non
     previous = previous or {}
     models, sweeps = data_versions(plans)
     events = []
-    for key, versions in ((EXPERIMENT_CONFIG_KEY, models), (SWEEP_PLAN_KEY, sweeps)):
+    for key, versions in ((SWEEP_PLAN_KEY, sweeps), *((AssetKey(s), v) for s, v in models.items())):
         for partition, version in versions.items():
             if previous.get(f"{key.to_user_string()}:{partition}") != version:
                 events.append(AssetObservation(key, partition=partition, tags={DATA_VERSION_TAG: version}))
@@ -94,7 +106,7 @@ def observations(plans: list[ModelPartitionPlan], previous: dict[str, str] | Non
 def version_cursor(plans: list[ModelPartitionPlan]) -> dict[str, str]:
     models, sweeps = data_versions(plans)
     return {
-        **{f"{EXPERIMENT_CONFIG_KEY.to_user_string()}:{k}": v for k, v in models.items()},
+        **{f"{source}:{k}": v for source, versions in models.items() for k, v in versions.items()},
         **{f"{SWEEP_PLAN_KEY.to_user_string()}:{k}": v for k, v in sweeps.items()},
     }
 

@@ -1,10 +1,16 @@
-"""`esa materialize`: run a selection of the asset graph for the active experiment, partition by partition.
+"""`esa materialize`: run a selection of the asset graph for the active experiment, resuming where it stopped.
 
-Partitioned runs target one partition each (the sweep has two dimensions), so a full profile is many runs;
-they are recorded in the DAGSTER_HOME instance, so `make dev` shows their history afterwards. Stages run in
-dependency order: per-model stage, sweeps, per-model analysis, cross-model assets. Upstream assets pulled in
-by `with_upstream` run only where missing or computed under another configuration (their materialization
-metadata carries `config_hash`); selected assets always run.
+Stages run in dependency order: per-model stage, sweeps, per-model analysis, cross-model assets; runs are
+recorded in the DAGSTER_HOME instance, so `make dev` shows their history afterwards. A (asset, partition) is
+computed only when it is missing or stale: its stored rows carry another partition hash than the current one
+(core.config.partition_hash: exactly the settings that change its rows), or an upstream asset of the same model
+ran in this invocation. Everything else is skipped and counted, with the reason; `force=True` recomputes. So a
+run killed mid-sweep resumes with exactly the partitions it had not stored yet.
+
+A model's sweep partitions run as few multi-partition runs (contiguous ranges of the variant dimension, the
+asset's `BackfillPolicy.multi_run`): the model is loaded and its baseline and prefix cache built once per run.
+A model whose model stage failed, or whose baseline fails the blocking `baseline_sanity` check, gets no
+downstream runs; the root cause is reported once.
 
 Executor: in-process by default here — each multiprocess step is a new Python process importing torch and
 transformers (~10 s of CPU on a 2-core machine), which would dominate a smoke run of ~80 steps. Pass
@@ -28,11 +34,19 @@ from dagster import (
     reconstructable,
 )
 
-from esa_pipeline.core.config import experiment_hash, load_experiment
+from esa_pipeline.core.config import (
+    ASSET_RELATIONS,
+    ExperimentConfig,
+    experiment_hash,
+    load_experiment,
+    partition_hash,
+)
 from esa_pipeline.core.provenance import REPO_ROOT
 from esa_pipeline.core.storage import Store
 from esa_pipeline.defs.automation import CROSS_MODEL_ASSETS, MODEL_ANALYSIS_ASSETS, MODEL_STAGE_ASSETS
-from esa_pipeline.defs.partitions import sweep_key
+from esa_pipeline.defs.common import current_model_rows
+from esa_pipeline.defs.loaded import LOAD_COUNT
+from esa_pipeline.defs.partitions import VARIANT_DIMENSION, sweep_key
 from esa_pipeline.defs.planning import partition_plan, record_observations, register_partitions
 
 STAGES: list[tuple[str, list[str]]] = [
@@ -62,19 +76,30 @@ UPSTREAM: dict[str, list[str]] = {
 class RunOutcome:
     job: str
     assets: list[str]
-    partition: str | None
+    partition: str | None  # one partition, a range "first...last", or None (unpartitioned)
     success: bool
     seconds: float
+    error: str | None = None  # the first step failure's message (the root cause)
 
 
 @dataclass
 class Summary:
     outcomes: list[RunOutcome] = field(default_factory=list)
-    skipped_up_to_date: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> (asset, partition) pairs skipped
+    blocked: dict[str, str] = field(default_factory=dict)  # model -> why its downstream assets did not run
+    model_loads: int = 0  # models loaded by this process (in-process executor)
 
     @property
     def failed(self) -> list[RunOutcome]:
         return [o for o in self.outcomes if not o.success]
+
+    @property
+    def skipped_up_to_date(self) -> int:
+        return sum(self.skipped.values())
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 
 def upstream_closure(selected: list[str]) -> list[str]:
@@ -90,19 +115,51 @@ def upstream_closure(selected: list[str]) -> list[str]:
     return [a for a in ALL_ASSETS if a in out]
 
 
-def up_to_date(instance: DagsterInstance, asset: str, partition: str | None, config_hash: str) -> bool:
-    event = instance.get_latest_materialization_event(AssetKey(asset)) if partition is None else None
-    if partition is not None:
-        from dagster import AssetRecordsFilter
-
-        records = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1
-        ).records
-        event = records[0].event_log_entry if records else None
-    if event is None or event.asset_materialization is None:
+def stored_current(store: Store, relation: str, partition: str, config_hash: str) -> bool:
+    """The partition's rows are stored and every one carries the current partition hash."""
+    if not store.has(relation, partition):
         return False
-    recorded = event.asset_materialization.metadata.get("config_hash")
-    return recorded is not None and recorded.value == config_hash
+    hashes = store.read(relation, partition)["config_hash"].unique()
+    return list(hashes) == [config_hash]
+
+
+def recorded_hash(
+    instance: DagsterInstance, asset: str, partition: str | None
+) -> tuple[str | None, int | None]:
+    """(config_hash, rows) from the metadata of the latest materialization of one partition."""
+    from dagster import AssetRecordsFilter
+
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(
+            asset_key=AssetKey(asset), asset_partitions=None if partition is None else [partition]
+        ),
+        limit=1,
+    ).records
+    event = records[0].event_log_entry.asset_materialization if records else None
+    if event is None:
+        return None, None
+    value = lambda key: getattr(event.metadata.get(key), "value", None)  # noqa: E731
+    return value("config_hash"), value("rows")
+
+
+def up_to_date(
+    instance: DagsterInstance, store: Store, asset: str, partition: str | None, config_hash: str
+) -> bool:
+    """Is (asset, partition) computed under the current settings?
+
+    Sweep partitions: their stored rows say so (a multi-partition run records its materializations only at
+    its end, but every partition's rows are stored as soon as they are measured). Other assets: the latest
+    materialization recorded this hash, and (when it stored rows) its primary relation carries it too.
+    """
+    if asset == "sensitivity":
+        return partition is not None and stored_current(store, "sensitivity", partition, config_hash)
+    recorded, rows = recorded_hash(instance, asset, partition)
+    if recorded != config_hash:
+        return False
+    relations = ASSET_RELATIONS.get(asset)
+    if not relations or not rows or partition is None:
+        return True
+    return stored_current(store, relations[0], partition, config_hash)
 
 
 def _job(name: str) -> JobDefinition:
@@ -164,7 +221,9 @@ def release_orphaned_runs(instance: DagsterInstance, log: Callable[[str], None] 
     from dagster import DagsterRunStatus, RunsFilter
 
     in_progress = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
-    records = instance.get_run_records(filters=RunsFilter(statuses=in_progress, tags={"esa/host": socket.gethostname()}))
+    records = instance.get_run_records(
+        filters=RunsFilter(statuses=in_progress, tags={"esa/host": socket.gethostname()})
+    )
     released = 0
     for record in records:
         run = record.dagster_run
@@ -178,25 +237,45 @@ def release_orphaned_runs(instance: DagsterInstance, log: Callable[[str], None] 
     return released
 
 
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def root_cause(result) -> str | None:
+    """The first failed step's innermost error, on one line (`ModelUnavailable: ... Fix: ...`)."""
+    failures = result.get_step_failure_events()
+    if not failures:
+        return None
+    error = failures[0].step_failure_data.error
+    while error is not None and error.cause is not None:
+        error = error.cause
+    if error is None:
+        return f"step {failures[0].step_key} failed"
+    return " ".join(error.message.split())
+
+
 def run_partition(
     instance: DagsterInstance, job_name: str, assets: list[str], partition: str | MultiPartitionKey | None,
-    executor: str,
-) -> bool:  # fmt: skip
+    executor: str, last: str | MultiPartitionKey | None = None,
+) -> tuple[bool, str | None]:  # fmt: skip
+    """Run `assets` for one partition, or for the range partition..last (one run); (success, root cause)."""
     keys = [AssetKey(a) for a in assets]
     job = _FACTORIES[job_name]()
+    tags = owner_tags()
+    if last is not None and str(last) != str(partition):
+        tags.update({RANGE_START: str(partition), RANGE_END: str(last)})
+        partition = None
     if executor == "in_process":
         result = job.execute_in_process(
             run_config=RUN_CONFIG, instance=instance, partition_key=None if partition is None else str(partition),
-            asset_selection=keys, raise_on_error=False, tags=owner_tags(),
+            asset_selection=keys, raise_on_error=False, tags=tags,
         )  # fmt: skip
-        return result.success
-    tags = owner_tags()
+        return result.success, None if result.success else root_cause(result)
     if partition is not None:
         assert job.partitions_def is not None
         tags.update(job.partitions_def.get_tags_for_partition_key(str(partition)))
     with execute_job(reconstructable(_FACTORIES[job_name]), instance, run_config=RUN_CONFIG, tags=tags,
                      asset_selection=keys) as result:  # fmt: skip
-        return result.success
+        return result.success, None if result.success else root_cause(result)
 
 
 def materialize(
@@ -206,9 +285,13 @@ def materialize(
     with_upstream: bool = True,
     only_models: list[str] | None = None,
     executor: str | None = None,
+    force: bool = False,
     log: Callable[[str], None] = print,
 ) -> Summary:
-    """Materialize `select` (default: everything) for the active experiment; returns what ran and how it went."""
+    """Materialize `select` (default: everything) for the active experiment; returns what ran and how it went.
+
+    Only missing or stale partitions run unless `force` (see the module docstring).
+    """
     os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))
     if experiment:
         os.environ["ESA_EXPERIMENT"] = experiment  # step processes and resources resolve the same file
@@ -216,45 +299,151 @@ def materialize(
     cfg = load_experiment(experiment)
     store = Store()
     targets = upstream_closure(select or ALL_ASSETS) if with_upstream else (select or ALL_ASSETS)
-    explicit = set(select or ALL_ASSETS)
     models = [m for m in cfg.models if not only_models or m in only_models]
     missing_models = sorted(set(only_models or []) - set(cfg.models))
     if missing_models:
         raise ValueError(f"models {missing_models} are not in experiment {cfg.name!r}: {list(cfg.models)}")
 
+    loads_before = LOAD_COUNT["loads"]
     with DagsterInstance.get() as instance:
         release_orphaned_runs(instance, log)
         plans = [p for p in partition_plan(cfg, store) if p.model in models]
         register_partitions(plans, instance)
         record_observations(plans, instance)
-        summary = Summary()
+        ctx = _Invocation(instance, store, cfg, executor, force, log, Summary())
         for job_name, stage_assets in STAGES:
             assets = [a for a in stage_assets if a in targets]
             if not assets:
                 continue
-            for partition, config_hash in _partitions(job_name, plans, cfg):
-                todo = [a for a in assets
-                        if a in explicit or not up_to_date(instance, a, _partition_str(partition), config_hash)]  # fmt: skip
-                summary.skipped_up_to_date += len(assets) - len(todo)
-                if not todo:
-                    continue
-                started = time.perf_counter()
-                ok = run_partition(instance, job_name, todo, partition, executor)
-                outcome = RunOutcome(job_name, todo, _partition_str(partition), ok, time.perf_counter() - started)
-                summary.outcomes.append(outcome)
-                where = outcome.partition or "all models"
-                log(f"[{'ok' if ok else 'FAILED'}] {', '.join(todo)} [{where}] {outcome.seconds:.1f}s")
+            if job_name == "esa_sweep":
+                for plan in plans:
+                    ctx.sweep(plan)
+            elif job_name == "esa_cross_model":
+                ctx.cross_model(assets)
+            else:
+                for plan in plans:
+                    ctx.per_model(job_name, assets, plan.model)
         store.refresh_views()
-    return summary
+    ctx.summary.model_loads = LOAD_COUNT["loads"] - loads_before
+    return ctx.summary
+
+
+@dataclass
+class _Invocation:
+    """One `materialize` call: what ran so far decides what downstream must re-run."""
+
+    instance: DagsterInstance
+    store: Store
+    cfg: ExperimentConfig
+    executor: str
+    force: bool
+    log: Callable[[str], None]
+    summary: Summary
+    ran: set[tuple[str, str | None]] = field(default_factory=set)  # (asset, model or None)
+
+    def _run(self, job_name: str, assets: list[str], partition, last=None, label: str | None = None) -> bool:
+        started = time.perf_counter()
+        ok, error = run_partition(self.instance, job_name, assets, partition, self.executor, last)
+        where = label or _partition_str(partition) or "all models"
+        outcome = RunOutcome(job_name, assets, where, ok, time.perf_counter() - started, error)
+        self.summary.outcomes.append(outcome)
+        self.log(f"[{'ok' if ok else 'FAILED'}] {', '.join(assets)} [{where}] {outcome.seconds:.1f}s")
+        return ok
+
+    def _stale_or_forced(self, asset: str, model: str, partition: str, config_hash: str) -> bool:
+        if self.force:
+            return True
+        if asset in MODEL_ANALYSIS_ASSETS and any((parent, model) in self.ran for parent in UPSTREAM[asset]):
+            # Analysis summarises whatever sweep rows are stored (a crashed sweep left fewer): it follows every
+            # recomputation. Measuring assets need not: their hash covers all that decides their rows.
+            return True
+        if up_to_date(self.instance, self.store, asset, partition, config_hash):
+            self.summary.skip("up to date (stored partition hash is current)")
+            return False
+        return True
+
+    def per_model(self, job_name: str, assets: list[str], model: str) -> None:
+        if model in self.summary.blocked:
+            self.summary.skip(f"{model}: upstream blocked", len(assets))
+            return
+        todo = [
+            a for a in assets if self._stale_or_forced(a, model, model, partition_hash(self.cfg, model, a))
+        ]
+        ok = True
+        if todo:
+            ok = self._run(job_name, todo, model)
+            self.ran.update((a, model) for a in todo)
+        if job_name != "esa_model_stage":
+            return
+        # A failed blocking check also fails the run: name the check's finding, not the step's wrapper error.
+        problem = baseline_problem(self.store, self.cfg, model)
+        if problem and (ok or "baseline_sanity" in (self.summary.outcomes[-1].error or "")):
+            self.block(model, f"blocking check baseline_sanity failed: {problem}. Fix the model source (weights, "
+                              "tokenizer) or the dataset; downstream numbers would be ratios against a broken baseline")
+        elif not ok:
+            self.block(model, f"model stage failed: {self.summary.outcomes[-1].error or 'see the run log (`make dev`)'}")
+
+    def block(self, model: str, why: str) -> None:
+        self.summary.blocked[model] = why
+        self.log(f"[BLOCKED] {model}: {why}; its sweeps, analysis and cross-model rows are not computed")
+
+    def sweep(self, plan) -> None:
+        model = plan.model
+        if model in self.summary.blocked:
+            self.summary.skip(f"{model}: upstream blocked", len(plan.variants))
+            return
+        todo = [v for v in plan.variants
+                if self._stale_or_forced("sensitivity", model, str(sweep_key(model, v)),
+                                         partition_hash(self.cfg, model, "sensitivity", v))]  # fmt: skip
+        for first, last in contiguous_ranges(todo, self.instance.get_dynamic_partitions(VARIANT_DIMENSION)):
+            label = f"{model}|{first}" if first == last else f"{model}|{first} ... {last}"
+            self._run("esa_sweep", ["sensitivity"], sweep_key(model, first), sweep_key(model, last), label)
+        if todo:
+            self.ran.add(("sensitivity", model))
+
+    def cross_model(self, assets: list[str]) -> None:
+        current = experiment_hash(self.cfg)
+        upstream_ran = any(a not in CROSS_MODEL_ASSETS for a, _ in self.ran)
+        todo = []
+        for asset in assets:
+            if self.force or upstream_ran or any((a, None) in self.ran for a in UPSTREAM[asset]):
+                todo.append(asset)
+            elif recorded_hash(self.instance, asset, None)[0] == current:
+                self.summary.skip("up to date (stored partition hash is current)")
+            else:
+                todo.append(asset)
+        if todo:
+            self._run("esa_cross_model", todo, None)
+            self.ran.update((a, None) for a in todo)
+
+
+def contiguous_ranges(todo: list[str], order: list[str]) -> list[tuple[str, str]]:
+    """(first, last) runs of `todo` that are contiguous in the variant dimension's `order` (a run's range
+    covers every key between its ends, so a variant not to compute splits it)."""
+    wanted, ranges = set(todo), []
+    current: list[str] = []
+    for variant in order:
+        if variant in wanted:
+            current.append(variant)
+        elif current:
+            ranges.append((current[0], current[-1]))
+            current = []
+    if current:
+        ranges.append((current[0], current[-1]))
+    return ranges
+
+
+def baseline_problem(store: Store, cfg: ExperimentConfig, model: str) -> str | None:
+    """Why the model's stored baseline fails the blocking baseline_sanity check (None: it passes)."""
+    from esa_pipeline.defs.model_assets import sanity_check
+
+    baselines = current_model_rows(store, cfg, model, "baselines")
+    cards = current_model_rows(store, cfg, model, "models")
+    if baselines.empty or cards.empty:
+        return "no baseline rows under the current settings"
+    result = sanity_check(baselines, random_weights=bool(cards["random_weights"].iloc[0]))
+    return None if result.passed else str(result.metadata["problems"].value)
 
 
 def _partition_str(partition: str | MultiPartitionKey | None) -> str | None:
     return None if partition is None else str(partition)
-
-
-def _partitions(job_name: str, plans, cfg) -> list[tuple[str | MultiPartitionKey | None, str]]:
-    if job_name == "esa_sweep":
-        return [(sweep_key(p.model, v), p.section_hash) for p in plans for v in p.variants]
-    if job_name == "esa_cross_model":
-        return [(None, experiment_hash(cfg))]
-    return [(p.model, p.section_hash) for p in plans]

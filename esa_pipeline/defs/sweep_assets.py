@@ -5,13 +5,13 @@ measured against the baseline of the same windows (gaussian everywhere; neurons 
 router for moe.router).
 """
 
-
 import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    BackfillPolicy,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -19,8 +19,15 @@ from dagster import (
 
 from esa_pipeline.core.config import ModelPlan, parse_variant, select_experts, select_layers
 from esa_pipeline.core.models.adapters.base import EXPERT_COMPONENTS, GLOBAL_COMPONENTS
-from esa_pipeline.defs.common import EAGER, ON_GPU, model_step, number, table_preview, with_model
-from esa_pipeline.defs.loaded import baseline_result, forget_models
+from esa_pipeline.defs.common import (
+    ON_GPU,
+    eager_on_own_version,
+    model_step,
+    number,
+    table_preview,
+    with_model,
+)
+from esa_pipeline.defs.loaded import baseline_result, forget_models, prefix_cache
 from esa_pipeline.defs.model_assets import baseline
 from esa_pipeline.defs.partitions import split_sweep_key, sweep_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
@@ -47,24 +54,73 @@ def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int | N
     return specs
 
 
+# A backfill of one model's sweep partitions runs them in one process (up to this many per run): the model is
+# loaded, and its baseline and prefix cache built, once per run instead of once per partition.
+SWEEP_PARTITIONS_PER_RUN = 64
+
+
 @asset(
     partitions_def=sweep_partitions,
     deps=[baseline, sweep_plan],
     group_name="sweep",
-    automation_condition=EAGER,
+    automation_condition=eager_on_own_version("baseline"),
+    backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=SWEEP_PARTITIONS_PER_RUN),
     **ON_GPU,
     check_specs=[
-        AssetCheckSpec("every_row_restored", asset="sensitivity", blocking=True,
-                       description="Every perturbed slice was restored bit-identical after its point"),
+        AssetCheckSpec(
+            "every_row_restored",
+            asset="sensitivity",
+            blocking=True,
+            description="Every perturbed slice was restored bit-identical after its point",
+        ),
     ],  # fmt: skip
     description="ΔNLL, PPL ratio, KL, top-1 agreement per layer x kind x strength for one component and seed.",
 )
-def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    model, variant = split_sweep_key(context.partition_key)
+def sensitivity(
+    context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource
+) -> MaterializeResult:
+    # A run covers one partition or a range of them (a backfill): each is measured and stored on its own, with its
+    # own partition hash; the loaded model and its baseline are shared through defs.loaded's per-process cache.
+    keys = context.partition_keys
+    outcomes = [sweep_partition(context, key, experiment, store) for key in keys]
+    if len(outcomes) == 1:
+        return outcomes[0]
+    rows = [o.metadata["rows"] for o in outcomes]
+    failed = [
+        (key, o.check_results[0])
+        for key, o in zip(keys, outcomes, strict=True)
+        if not o.check_results[0].passed
+    ]
+    return MaterializeResult(
+        metadata={
+            "partitions": len(keys),
+            "rows": sum(int(r.value if hasattr(r, "value") else r) for r in rows),
+            "partition_hashes": MetadataValue.json(
+                {str(k): o.metadata["config_hash"] for k, o in zip(keys, outcomes, strict=True)}
+            ),
+        },  # fmt: skip
+        check_results=[
+            AssetCheckResult(
+                check_name="every_row_restored",
+                passed=not failed,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={
+                    "partitions": len(keys),
+                    "failed_partitions": ", ".join(str(k) for k, _ in failed) or "none",
+                },
+            )
+        ],  # fmt: skip
+    )
+
+
+def sweep_partition(context: AssetExecutionContext, partition_key: str, experiment: ExperimentResource,
+                    store: StoreResource) -> MaterializeResult:  # fmt: skip
+    """Measure and store one (model, variant) partition; its metadata and check result."""
+    model, variant = split_sweep_key(partition_key)
     component, seed = parse_variant(variant)
-    step = model_step(model, experiment, store)
+    step = model_step(model, experiment, store, "sensitivity", variant)
     plan, config_hash = step.plan, step.config_hash
-    partition = str(context.partition_key)
+    partition = str(partition_key)
 
     from esa_pipeline.core.evaluation.sweep import run_sweep
 
@@ -79,8 +135,13 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
         context.log.warning(f"{partition}: {reason}; nothing measured, stored rows left as they were")
         return MaterializeResult(
             metadata={"config_hash": config_hash, "rows": 0, "not_applicable": reason},
-            check_results=[AssetCheckResult(check_name="every_row_restored", passed=True,
-                                            metadata={"rows": 0, "not_applicable": reason})],  # fmt: skip
+            check_results=[
+                AssetCheckResult(
+                    check_name="every_row_restored",
+                    passed=True,
+                    metadata={"rows": 0, "not_applicable": reason},
+                )
+            ],  # fmt: skip
         )
 
     # Global components (embedding, norm.final, lm_head) live outside the decoder layers: one point set each.
@@ -92,8 +153,11 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
         f"{partition}: {len(specs)} points = {len(layers)} layers x kinds {plan.kinds_for(component)} "
         f"on {plan.sweep_dataset} ({base.n_tokens} tokens, baseline token PPL {base.token_ppl:.3f})"
     )
-    rows, windows = run_sweep(lm, base, specs, adapter=adapter, log=lambda line: context.log.info(f"{partition}: {line}"))
-    rows = with_model(rows, model)  # keyed now, not only on write: the partition's chart labels panels by model
+    rows, windows = run_sweep(lm, base, specs, adapter=adapter, cache=prefix_cache(plan, plan.sweep_dataset),
+                              log=lambda line: context.log.info(f"{partition}: {line}"))  # fmt: skip
+    rows = with_model(
+        rows, model
+    )  # keyed now, not only on write: the partition's chart labels panels by model
     rows.insert(rows.columns.get_loc("kind"), "variant", variant)
 
     unrestored = rows.loc[rows["restored"] != True]  # noqa: E712  (None/False both fail)
@@ -113,14 +177,19 @@ def sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, 
             "layers": len(layers),
             "max_delta_nll": number(rows["delta_nll"].max()),
             "max_ppl_ratio": number(rows["ppl_ratio"].max()),
-            "most_sensitive": (f"layer {worst['layer']} {worst['kind']} @ {worst['strength']}" if worst is not None
-                               else "n/a"),
+            "most_sensitive": (
+                f"layer {worst['layer']} {worst['kind']} @ {worst['strength']}"
+                if worst is not None
+                else "n/a"
+            ),
             "used_prefix_cache": bool(rows["used_prefix_cache"].all()) if len(rows) else False,
             "points_per_s": number(len(rows) / rows["elapsed_s"].sum()) if len(rows) else None,
             "chart": MetadataValue.md(chart),
-            "preview": table_preview(rows.sort_values("delta_nll", ascending=False),
-                                     ["kind", "layer", "strength", "delta_nll", "ppl_ratio", "kl",
-                                      "changed_fraction", "restored"], limit=10),
+            "preview": table_preview(
+                rows.sort_values("delta_nll", ascending=False),
+                ["kind", "layer", "strength", "delta_nll", "ppl_ratio", "kl", "changed_fraction", "restored"],
+                limit=10,
+            ),
         },  # fmt: skip
         check_results=[restored_check(rows)],
     )

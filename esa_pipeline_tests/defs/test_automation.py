@@ -3,12 +3,17 @@
 import datetime
 
 from dagster import (
+    AssetCheckEvaluation,
     AssetKey,
     AssetMaterialization,
+    AssetRecordsFilter,
     DagsterInstance,
     build_schedule_context,
     build_sensor_context,
     evaluate_automation_conditions,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
 )
 
 from esa_pipeline.core.config import load_experiment
@@ -29,6 +34,20 @@ def observe(env, instance):
     return plans
 
 
+def baseline_checked(instance, model: str, passed: bool = True) -> None:
+    """Record the blocking baseline_sanity result of one model's latest baseline, as its run would."""
+    record = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("baseline"), asset_partitions=[model]), limit=1
+    ).records[0]
+    target = AssetCheckEvaluationTargetMaterializationData(
+        storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+    )
+    instance.report_runless_asset_event(AssetCheckEvaluation(
+        asset_key=AssetKey("baseline"), check_name="baseline_sanity", passed=passed, partition=model, blocking=True,
+        target_materialization_data=target,
+    ))  # fmt: skip
+
+
 def materialize_everything(instance, plans, only_model=None):
     """Record materializations as a completed backfill would (no model work needed to test the conditions)."""
     for plan in plans:
@@ -36,10 +55,15 @@ def materialize_everything(instance, plans, only_model=None):
             continue
         for asset in PER_MODEL:
             instance.report_runless_asset_event(AssetMaterialization(asset, partition=plan.model))
+        baseline_checked(instance, plan.model)
         for variant in plan.variants:
             instance.report_runless_asset_event(AssetMaterialization("sensitivity", partition=str(sweep_key(plan.model, variant))))
     for asset in CROSS_MODEL:
         instance.report_runless_asset_event(AssetMaterialization(asset))
+
+
+def requested_assets(result) -> set[str]:
+    return {a for a in [*PER_MODEL, "sensitivity", *CROSS_MODEL] if result.get_num_requested(AssetKey(a))}
 
 
 def requested(result, asset):
@@ -58,8 +82,10 @@ def test_editing_one_model_section_requests_only_that_models_partitions(esa_env)
         observe(esa_env, instance)
         second = evaluate_automation_conditions(defs, instance, cursor=first.cursor)
 
-        assert requested(second, "model_card") == {"tiny-pythia"}
-        assert requested(second, "baseline") == {"tiny-pythia"}
+        # the token budget decides every measurement of tiny-pythia, not its card
+        assert requested(second, "model_card") == set()
+        for asset in ("baseline", "weight_importance", "moe_routing"):
+            assert requested(second, asset) == {"tiny-pythia"}, asset
         # Pythia has no ffn.gate: only its attention.query sweeps, never the inapplicable pair.
         assert requested(second, "sensitivity") == {"tiny-pythia|attention.query__1", "tiny-pythia|attention.query__2"}
         for asset in PER_MODEL:
@@ -94,7 +120,7 @@ def test_sensor_registers_models_added_to_the_yaml_and_observes_changed_versions
         added = {r.partitions_def_name: set(r.partition_keys) for r in first.dynamic_partitions_requests}
         assert added["model"] == {"tiny-llama", "tiny-pythia"}
         assert added["variant"] == {"attention.query__1", "attention.query__2", "ffn.gate__1", "ffn.gate__2"}
-        assert len(first.asset_events) == 2 + 6  # one version per model + per applicable sweep partition
+        assert len(first.asset_events) == 4 * 2 + 6  # 4 config sources per model + per applicable sweep partition
         for request in first.dynamic_partitions_requests:
             instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
 
@@ -122,3 +148,58 @@ def test_nightly_backfill_requests_missing_sweeps_with_idempotent_run_keys(esa_e
                            "tiny-llama|ffn.gate__2", "tiny-pythia|attention.query__1", "tiny-pythia|attention.query__2"])
     assert [r.run_key for r in runs] == [r.run_key for r in again]
     assert all(r.run_key.startswith("2026-01-02:") for r in runs)
+
+
+def automation_after_edit(env, old: str, new: str):
+    """Requests of the automation sensor after editing the YAML of a fully materialized experiment."""
+    defs = build_definitions()
+    with DagsterInstance.ephemeral() as instance:
+        plans = observe(env, instance)
+        materialize_everything(instance, plans)
+        first = evaluate_automation_conditions(defs, instance)
+        assert first.total_requested == 0
+        env.edit(old, new)
+        observe(env, instance)
+        return evaluate_automation_conditions(defs, instance, cursor=first.cursor)
+
+
+def test_automation_adding_a_seed_runs_only_the_new_sweep_partitions(esa_env):
+    result = automation_after_edit(esa_env, "seeds: [1, 2]", "seeds: [1, 2, 999]")
+    assert requested(result, "sensitivity") == {"tiny-llama|attention.query__999", "tiny-llama|ffn.gate__999",
+                                                "tiny-pythia|attention.query__999"}  # fmt: skip
+    assert requested(result, "model_card") == requested(result, "baseline") == set()
+    # importance validation and routing draw one point per seed: they follow the seed list
+    assert requested(result, "weight_importance") == requested(result, "moe_routing") == {"tiny-llama", "tiny-pythia"}
+
+
+def test_automation_editing_importance_runs_only_importance(esa_env):
+    result = automation_after_edit(esa_env, "top_k: 2", "top_k: 3")
+    assert requested_assets(result) == {"weight_importance"}
+    assert requested(result, "weight_importance") == {"tiny-llama", "tiny-pythia"}
+
+
+def test_automation_editing_one_components_strengths_runs_only_its_partitions(esa_env):
+    result = automation_after_edit(esa_env, "neurons: [0.25]", "neurons: [0.5]")
+    assert requested_assets(result) == {"sensitivity"}
+    assert requested(result, "sensitivity") == {"tiny-llama|ffn.gate__1", "tiny-llama|ffn.gate__2"}
+
+
+def test_a_failed_blocking_baseline_check_stops_that_models_downstream_automation(esa_env):
+    defs = build_definitions()
+    with DagsterInstance.ephemeral() as instance:
+        start = evaluate_automation_conditions(defs, instance)  # deployed before the models were added
+        observe(esa_env, instance)  # the sensor registers both models: their partitions are newly missing
+        added = evaluate_automation_conditions(defs, instance, cursor=start.cursor)
+        assert requested(added, "model_card") == {"tiny-llama", "tiny-pythia"}
+        # Same partitions as the baseline: requested into the baseline's run, where Dagster skips them when
+        # the blocking check fails. The sweep (other partitions, other runs) waits for the check instead.
+        for asset in ("baseline", "weight_importance", "moe_routing"):
+            assert requested(added, asset) == {"tiny-llama", "tiny-pythia"}, asset
+        assert requested(added, "sensitivity") == set()
+        for model in ("tiny-llama", "tiny-pythia"):
+            for asset in ("model_card", "baseline"):
+                instance.report_runless_asset_event(AssetMaterialization(asset, partition=model))
+        baseline_checked(instance, "tiny-llama", passed=True)
+        baseline_checked(instance, "tiny-pythia", passed=False)  # e.g. a broken local checkpoint, PPL 50,000
+        result = evaluate_automation_conditions(defs, instance, cursor=added.cursor)
+    assert {p.split("|")[0] for p in requested(result, "sensitivity")} == {"tiny-llama"}

@@ -11,7 +11,7 @@ import pytest
 from dagster import DagsterInstance, execute_job, reconstructable
 
 from esa_pipeline.core import storage
-from esa_pipeline.core.config import load_experiment, model_section_hash
+from esa_pipeline.core.config import load_experiment, partition_hash
 from esa_pipeline.defs import build_definitions
 from esa_pipeline.defs.partitions import sweep_key
 from esa_pipeline.defs.planning import partition_plan, register_partitions
@@ -39,7 +39,7 @@ def test_one_sensitivity_partition_lands_in_the_store_and_the_database(esa_env, 
     assert sorted(zip(rows["layer"], rows["kind"], strict=True)) == [
         (0, "gaussian"), (0, "neurons"), (1, "gaussian"), (1, "neurons")]  # fmt: skip
     assert rows["restored"].all() and (rows["variant"] == "ffn.gate__1").all()
-    assert (rows["config_hash"] == model_section_hash(load_experiment(esa_env.experiment), "tiny-llama")).all()
+    assert (rows["config_hash"] == partition_hash(load_experiment(esa_env.experiment), "tiny-llama", "sensitivity", "ffn.gate__1")).all()
     windows = esa_env.store.read("sensitivity_windows", "tiny-llama|ffn.gate__1")
     assert len(windows) == len(rows) * windows["window_id"].nunique()
     # each window row says which perturbation it belongs to, neuron mode included
