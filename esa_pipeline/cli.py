@@ -79,10 +79,9 @@ def _materialize(args: argparse.Namespace) -> int:
     # A blocked model's root cause is printed once; its downstream assets never ran, so they add no lines.
     for model, why in summary.blocked.items():
         print(f"BLOCKED {model}: {why}", file=sys.stderr)
-    reported = {why for why in summary.blocked.values()}
     for outcome in summary.failed:
-        if outcome.error and any(outcome.error in why for why in reported):
-            continue
+        if outcome.partition in summary.blocked:
+            continue  # its model's BLOCKED line above is the root cause
         cause = outcome.error or "see the run log (`make dev`)"
         print(f"FAILED: {', '.join(outcome.assets)} [{outcome.partition or 'all models'}]: {cause}", file=sys.stderr)
     return 1 if summary.failed or summary.blocked else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import Definitions
 
 from esa_pipeline.defs.analysis_assets import critical_layers, moe_routing, significance, weight_importance
-from esa_pipeline.defs.automation import JOBS, SCHEDULES, SENSORS
+from esa_pipeline.defs.automation import JOBS, SENSORS, nightly_schedules
 from esa_pipeline.defs.cross_model_assets import architecture_comparison, report, scaling_fit
 from esa_pipeline.defs.executors import executor_from_env
 from esa_pipeline.defs.model_assets import baseline, model_card
@@ -52,7 +52,7 @@ def build_definitions(
         assets=ASSETS,
         jobs=JOBS,
         sensors=SENSORS,
-        schedules=SCHEDULES,
+        schedules=nightly_schedules(),
         executor=executor_from_env(executor),
         resources={
             "store": StoreResource(root=store_root, db_path=db_path),

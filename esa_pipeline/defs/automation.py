@@ -4,12 +4,15 @@
   partitions and records the sources' data versions when a model's section changes.
 - `esa_automation` (running by default; dagster's built-in one starts stopped): evaluates the assets'
   `eager()` conditions, so a changed section re-runs exactly that model's partitions.
-- `nightly_*_backfill` schedules: fill gaps eager() never fills (partitions missing or computed under an
-  older configuration), one run per partition, run keys `<date>:<partition>:<hash>` (idempotent per night).
+- `nightly_*_backfill` schedules (running by default; ESA_NIGHTLY_BACKFILL=off defines them stopped): fill gaps
+  eager() never fills (partitions missing or computed under other settings): one run per model for the model
+  stage, one run per contiguous range of a model's sweep partitions; run keys name the night and the partition
+  hashes (idempotent per night).
 """
 
 
 import json
+import os
 from collections.abc import Callable, Iterable
 
 from dagster import (
@@ -20,6 +23,7 @@ from dagster import (
     DefaultSensorStatus,
     MultiPartitionKey,
     RunRequest,
+    ScheduleDefinition,
     ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
@@ -28,10 +32,14 @@ from dagster import (
     sensor,
 )
 
+from esa_pipeline.core.provenance import stable_hash
 from esa_pipeline.core.storage import Store
 from esa_pipeline.defs.partitions import (
     MODEL_DIMENSION,
+    RANGE_END,
+    RANGE_START,
     VARIANT_DIMENSION,
+    contiguous_ranges,
     model_partitions,
     sweep_key,
     sweep_partitions,
@@ -41,6 +49,7 @@ from esa_pipeline.defs.planning import (
     missing_partitions,
     observations,
     partition_plan,
+    record_current_hashes,
     version_cursor,
 )
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
@@ -78,7 +87,8 @@ def experiment_sensor(
     context: SensorEvaluationContext, experiment: ExperimentResource, store: StoreResource
 ) -> SensorResult:
     # An invalid YAML raises ConfigError here: the tick fails and shows the message naming the key and fix.
-    plans = partition_plan(experiment.load(), store.store())
+    cfg = experiment.load()
+    plans = partition_plan(cfg, store.store())
     models, variants = missing_partitions(plans, context.instance)
     previous = json.loads(context.cursor) if context.cursor else {}
     requests = []
@@ -87,6 +97,8 @@ def experiment_sensor(
     if variants:
         requests.append(AddDynamicPartitionsRequest(VARIANT_DIMENSION, variants))
     events = observations(plans, previous)
+    if events:  # a changed version is a changed partition hash: SQL's `current_hashes` follows it
+        record_current_hashes(plans, cfg.name, store.store())
     if models or variants or events:
         context.log.info(f"new models {models}, new variants {variants}, {len(events)} changed data versions")
     return SensorResult(
@@ -127,30 +139,59 @@ def backfill_requests(
     ]  # fmt: skip
 
 
-@schedule(
-    cron_schedule="0 2 * * *",
-    job=model_stage_job,
-    default_status=DefaultScheduleStatus.STOPPED,
-    description="Nightly: one run per model whose baseline is missing or stale (eager() then re-runs its sweeps).",
-)
-def nightly_model_backfill(
+def sweep_backfill_requests(
     context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
 ) -> list[RunRequest]:
-    return backfill_requests(context, experiment, store, "baselines", lambda p: [(p.model, p.hashes["baseline"])])
+    """Per model, one run per contiguous range of its missing or stale sweep partitions: the run loads the
+    model and builds its baseline and prefix cache once (BackfillPolicy.multi_run), then measures each."""
+    st = store.store()
+    night = context.scheduled_execution_time.date().isoformat()
+    order = context.instance.get_dynamic_partitions(VARIANT_DIMENSION)
+    requests = []
+    for p in partition_plan(experiment.load(), st):
+        todo = [v for v, h in p.variant_hashes.items() if stale(st, "sensitivity", str(sweep_key(p.model, v)), h)]
+        for first, last in contiguous_ranges(todo, order):
+            span = order[order.index(first): order.index(last) + 1]
+            versions = stable_hash([p.variant_hashes[v] for v in span])
+            start, end = str(sweep_key(p.model, first)), str(sweep_key(p.model, last))
+            requests.append(RunRequest(run_key=f"{night}:{start}...{end}:{versions}",
+                                       tags={RANGE_START: start, RANGE_END: end}))  # fmt: skip
+    return requests
 
 
-@schedule(
-    cron_schedule="0 3 * * *",
-    job=sweep_job,
-    default_status=DefaultScheduleStatus.STOPPED,
-    description="Nightly: one run per applicable sweep partition that is missing or stale.",
-)
-def nightly_sweep_backfill(
-    context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
-) -> list[RunRequest]:
-    return backfill_requests(context, experiment, store, "sensitivity",
-                             lambda p: [(sweep_key(p.model, v), h) for v, h in p.variant_hashes.items()])  # fmt: skip
+# Nightly backfills fill the gaps eager() never fills (partitions missing since before a model was added, or a
+# run that died). They run by default (the daemon of `make dev` / a deployment ticks them); set
+# ESA_NIGHTLY_BACKFILL=off before starting Dagster to define them stopped (they can still be started in the UI).
+NIGHTLY_ENV = "ESA_NIGHTLY_BACKFILL"
+
+
+def nightly_status() -> DefaultScheduleStatus:
+    value = os.environ.get(NIGHTLY_ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{NIGHTLY_ENV}={value!r}: use on (the default) or off")
+    return DefaultScheduleStatus.RUNNING if value == "on" else DefaultScheduleStatus.STOPPED
+
+
+def nightly_schedules() -> list[ScheduleDefinition]:
+    """The two nightly backfill schedules, running unless ESA_NIGHTLY_BACKFILL=off."""
+    status = nightly_status()
+
+    @schedule(cron_schedule="0 2 * * *", job=model_stage_job, default_status=status,
+              description="Nightly: one run per model whose baseline is missing or stale.")  # fmt: skip
+    def nightly_model_backfill(
+        context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
+    ) -> list[RunRequest]:
+        return backfill_requests(context, experiment, store, "baselines",
+                                 lambda p: [(p.model, p.hashes["baseline"])])  # fmt: skip
+
+    @schedule(cron_schedule="0 3 * * *", job=sweep_job, default_status=status,
+              description="Nightly: per model, one run per contiguous range of missing or stale sweep partitions.")  # fmt: skip
+    def nightly_sweep_backfill(
+        context: ScheduleEvaluationContext, experiment: ExperimentResource, store: StoreResource
+    ) -> list[RunRequest]:
+        return sweep_backfill_requests(context, experiment, store)
+
+    return [nightly_model_backfill, nightly_sweep_backfill]
 
 
 SENSORS = [experiment_sensor, automation_sensor]
-SCHEDULES = [nightly_model_backfill, nightly_sweep_backfill]

@@ -14,6 +14,9 @@ from dagster import DynamicPartitionsDefinition, MultiPartitionKey, MultiPartiti
 MODEL_DIMENSION = "model"
 VARIANT_DIMENSION = "variant"
 
+# Run tags of a run over a range of partitions (a multi-partition run, see BackfillPolicy.multi_run).
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
 model_partitions = DynamicPartitionsDefinition(name=MODEL_DIMENSION)
 variant_partitions = DynamicPartitionsDefinition(name=VARIANT_DIMENSION)
 sweep_partitions = MultiPartitionsDefinition(
@@ -32,3 +35,19 @@ def split_sweep_key(partition_key: str | MultiPartitionKey) -> tuple[str, str]:
         return dims[MODEL_DIMENSION], dims[VARIANT_DIMENSION]
     model, _, variant = str(partition_key).partition("|")
     return model, variant
+
+
+def contiguous_ranges(todo: list[str], order: list[str]) -> list[tuple[str, str]]:
+    """(first, last) runs of `todo` that are contiguous in the variant dimension's `order` (a run's range
+    covers every key between its ends, so a variant not to compute splits it)."""
+    wanted, ranges = set(todo), []
+    current: list[str] = []
+    for variant in order:
+        if variant in wanted:
+            current.append(variant)
+        elif current:
+            ranges.append((current[0], current[-1]))
+            current = []
+    if current:
+        ranges.append((current[0], current[-1]))
+    return ranges

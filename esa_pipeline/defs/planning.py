@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pandas as pd
 from dagster import AssetKey, AssetObservation, DagsterInstance
 
 from esa_pipeline.core.config import (
@@ -136,3 +137,22 @@ def record_observations(plans: list[ModelPartitionPlan], instance: DagsterInstan
     for event in events:
         instance.report_runless_asset_event(event)
     return len(events)
+
+
+def current_hashes_frame(plans: list[ModelPartitionPlan], experiment: str) -> pd.DataFrame:
+    """One row per partition the experiment asks for: (model, asset, partition_key, config_hash). Rows of a
+    relation whose config_hash is in here are current; others are from older settings."""
+    rows = [
+        {"experiment": experiment, "model": p.model, "asset": asset, "partition_key": p.model, "config_hash": h}
+        for p in plans for asset, h in p.hashes.items()
+    ] + [
+        {"experiment": experiment, "model": p.model, "asset": "sensitivity", "partition_key": str(sweep_key(p.model, v)),
+         "config_hash": h}
+        for p in plans for v, h in p.variant_hashes.items()
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["experiment", "model", "asset", "partition_key", "config_hash"])
+
+
+def record_current_hashes(plans: list[ModelPartitionPlan], experiment: str, store: Store) -> None:
+    """Store `current_hashes` (one file per experiment) so SQL can keep only current rows."""
+    store.write("current_hashes", experiment, current_hashes_frame(plans, experiment))

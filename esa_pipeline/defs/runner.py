@@ -46,8 +46,19 @@ from esa_pipeline.core.storage import Store
 from esa_pipeline.defs.automation import CROSS_MODEL_ASSETS, MODEL_ANALYSIS_ASSETS, MODEL_STAGE_ASSETS
 from esa_pipeline.defs.common import current_model_rows
 from esa_pipeline.defs.loaded import LOAD_COUNT
-from esa_pipeline.defs.partitions import VARIANT_DIMENSION, sweep_key
-from esa_pipeline.defs.planning import partition_plan, record_observations, register_partitions
+from esa_pipeline.defs.partitions import (
+    RANGE_END,
+    RANGE_START,
+    VARIANT_DIMENSION,
+    contiguous_ranges,
+    sweep_key,
+)
+from esa_pipeline.defs.planning import (
+    partition_plan,
+    record_current_hashes,
+    record_observations,
+    register_partitions,
+)
 
 STAGES: list[tuple[str, list[str]]] = [
     ("esa_model_stage", MODEL_STAGE_ASSETS),
@@ -237,19 +248,21 @@ def release_orphaned_runs(instance: DagsterInstance, log: Callable[[str], None] 
     return released
 
 
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
-
-
 def root_cause(result) -> str | None:
     """The first failed step's innermost error, on one line (`ModelUnavailable: ... Fix: ...`)."""
     failures = result.get_step_failure_events()
     if not failures:
         return None
+    # Dagster wraps the user's exception (DagsterExecutionStepExecutionError ...): report the first error that
+    # is not Dagster's own, whose message names the fix (e.g. ModelUnavailable), not its low-level cause.
     error = failures[0].step_failure_data.error
-    while error is not None and error.cause is not None:
+    while error is not None and error.cause is not None and (error.cls_name or "").startswith("Dagster"):
         error = error.cause
     if error is None:
         return f"step {failures[0].step_key} failed"
+    qualified, sep, text = error.message.partition(": ")
+    if sep and error.cls_name and qualified.endswith(error.cls_name):  # "pkg.module.Cls: text" -> "Cls: text"
+        return f"{error.cls_name}: {' '.join(text.split())}"
     return " ".join(error.message.split())
 
 
@@ -307,7 +320,9 @@ def materialize(
     loads_before = LOAD_COUNT["loads"]
     with DagsterInstance.get() as instance:
         release_orphaned_runs(instance, log)
-        plans = [p for p in partition_plan(cfg, store) if p.model in models]
+        all_plans = partition_plan(cfg, store)
+        record_current_hashes(all_plans, cfg.name, store)
+        plans = [p for p in all_plans if p.model in models]
         register_partitions(plans, instance)
         record_observations(plans, instance)
         ctx = _Invocation(instance, store, cfg, executor, force, log, Summary())
@@ -415,22 +430,6 @@ class _Invocation:
         if todo:
             self._run("esa_cross_model", todo, None)
             self.ran.update((a, None) for a in todo)
-
-
-def contiguous_ranges(todo: list[str], order: list[str]) -> list[tuple[str, str]]:
-    """(first, last) runs of `todo` that are contiguous in the variant dimension's `order` (a run's range
-    covers every key between its ends, so a variant not to compute splits it)."""
-    wanted, ranges = set(todo), []
-    current: list[str] = []
-    for variant in order:
-        if variant in wanted:
-            current.append(variant)
-        elif current:
-            ranges.append((current[0], current[-1]))
-            current = []
-    if current:
-        ranges.append((current[0], current[-1]))
-    return ranges
 
 
 def baseline_problem(store: Store, cfg: ExperimentConfig, model: str) -> str | None:

@@ -2,12 +2,15 @@
 
 import datetime
 
+import pandas as pd
+import pytest
 from dagster import (
     AssetCheckEvaluation,
     AssetKey,
     AssetMaterialization,
     AssetRecordsFilter,
     DagsterInstance,
+    DefaultScheduleStatus,
     build_schedule_context,
     build_sensor_context,
     evaluate_automation_conditions,
@@ -16,10 +19,10 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
 
-from esa_pipeline.core.config import load_experiment
+from esa_pipeline.core.config import load_experiment, partition_hash
 from esa_pipeline.defs import build_definitions
-from esa_pipeline.defs.automation import experiment_sensor, nightly_sweep_backfill
-from esa_pipeline.defs.partitions import sweep_key
+from esa_pipeline.defs.automation import NIGHTLY_ENV, experiment_sensor
+from esa_pipeline.defs.partitions import RANGE_END, RANGE_START, sweep_key
 from esa_pipeline.defs.planning import partition_plan, record_observations, register_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 
@@ -134,20 +137,51 @@ def test_sensor_registers_models_added_to_the_yaml_and_observes_changed_versions
         assert not {c for c in changed if "tiny-llama" in c[1]}, "unchanged models are not re-observed"
 
 
-def test_nightly_backfill_requests_missing_sweeps_with_idempotent_run_keys(esa_env):
+def nightly(name: str):
+    return next(s for s in build_definitions().schedules if s.name == name)
+
+
+def test_nightly_sweep_backfill_requests_one_run_per_models_missing_range_idempotently(esa_env, tmp_path):
     resources = {"experiment": ExperimentResource(), "store": StoreResource()}
-    with DagsterInstance.ephemeral() as instance:
+    schedule = nightly("nightly_sweep_backfill")
+    with DagsterInstance.local_temp(str(tmp_path)) as instance:  # schedules read it by reference
+        observe(esa_env, instance)
         night = datetime.datetime(2026, 1, 2, 3, tzinfo=datetime.UTC)
         ticks = []
         for _ in range(2):
             with build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=night) as ctx:
-                ticks.append(nightly_sweep_backfill(ctx))
+                ticks.append(schedule(ctx))
         runs, again = ticks
-    keys = sorted(str(r.partition_key) for r in runs)
-    assert keys == sorted(["tiny-llama|attention.query__1", "tiny-llama|attention.query__2", "tiny-llama|ffn.gate__1",
-                           "tiny-llama|ffn.gate__2", "tiny-pythia|attention.query__1", "tiny-pythia|attention.query__2"])
+    ranges = sorted((r.tags[RANGE_START], r.tags[RANGE_END]) for r in runs)
+    # tiny-llama's four sweep partitions in one run (one model load); tiny-pythia's two (it has no ffn.gate)
+    assert ranges == [("tiny-llama|attention.query__1", "tiny-llama|ffn.gate__2"),
+                      ("tiny-pythia|attention.query__1", "tiny-pythia|attention.query__2")]  # fmt: skip
     assert [r.run_key for r in runs] == [r.run_key for r in again]
     assert all(r.run_key.startswith("2026-01-02:") for r in runs)
+
+
+def test_nightly_backfills_run_by_default_and_can_be_defined_stopped(monkeypatch):
+    monkeypatch.delenv(NIGHTLY_ENV, raising=False)
+    assert {s.name: s.default_status for s in build_definitions().schedules} == {
+        "nightly_model_backfill": DefaultScheduleStatus.RUNNING, "nightly_sweep_backfill": DefaultScheduleStatus.RUNNING}
+    monkeypatch.setenv(NIGHTLY_ENV, "off")
+    assert {s.default_status for s in build_definitions().schedules} == {DefaultScheduleStatus.STOPPED}
+    monkeypatch.setenv(NIGHTLY_ENV, "sometimes")
+    with pytest.raises(ValueError, match="ESA_NIGHTLY_BACKFILL='sometimes': use on"):
+        build_definitions()
+
+
+def test_nightly_model_backfill_requests_models_without_a_current_baseline(esa_env):
+    resources = {"experiment": ExperimentResource(), "store": StoreResource()}
+    cfg = load_experiment(esa_env.experiment)
+    esa_env.store.write("baselines", "tiny-llama", pd.DataFrame(
+        {"model": ["tiny-llama"], "config_hash": [partition_hash(cfg, "tiny-llama", "baseline")]}))  # fmt: skip
+    esa_env.store.write("baselines", "tiny-pythia", pd.DataFrame({"model": ["tiny-pythia"], "config_hash": ["older"]}))
+    with DagsterInstance.ephemeral() as instance:
+        night = datetime.datetime(2026, 1, 2, 2, tzinfo=datetime.UTC)
+        with build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=night) as ctx:
+            runs = nightly("nightly_model_backfill")(ctx)
+    assert [r.partition_key for r in runs] == ["tiny-pythia"]  # stale hash; tiny-llama's baseline is current
 
 
 def automation_after_edit(env, old: str, new: str):

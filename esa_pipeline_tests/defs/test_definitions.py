@@ -10,8 +10,8 @@ from esa_pipeline.defs import build_definitions
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-ASSET_KEYS = {
-    "experiment_config", "sweep_plan", "model_card", "baseline", "sensitivity", "significance",
+CONFIG_SOURCES = {"experiment_config", "baseline_config", "importance_config", "routing_config", "sweep_plan"}
+ASSET_KEYS = CONFIG_SOURCES | { "model_card", "baseline", "sensitivity", "significance",
     "critical_layers", "weight_importance", "moe_routing", "architecture_comparison", "scaling_fit", "report",
     "zero_shot_sensitivity",
 }  # fmt: skip
@@ -62,11 +62,23 @@ def test_asset_graph_snapshot():
     }
     assert blocking == {("baseline", "baseline_sanity"), ("sensitivity", "every_row_restored"),
                         ("zero_shot_sensitivity", "every_point_restored")}
+    # one model's failed baseline check blocks only that model's partitions
+    assert graph.get(AssetKey("baseline")).partitions_def == graph.get_check_spec(
+        next(k for k in graph.asset_check_keys if k.name == "baseline_sanity")).partitions_def
+
+
+def test_sweep_backfills_run_many_partitions_per_run():
+    """A backfill of one model's sweep partitions loads the model and builds its prefix cache once per run."""
+    from esa_pipeline.defs.sweep_assets import SWEEP_PARTITIONS_PER_RUN
+
+    policy = build_definitions().resolve_assets_def("sensitivity").backfill_policy
+    assert policy.policy_type.value == "MULTI_RUN"
+    assert policy.max_partitions_per_run == SWEEP_PARTITIONS_PER_RUN > 1
 
 
 def test_model_heavy_steps_share_the_gpu_pool_and_request_a_gpu_on_k8s():
     defs = build_definitions()
-    for key in ASSET_KEYS - {"experiment_config", "sweep_plan"}:
+    for key in ASSET_KEYS - CONFIG_SOURCES:
         node = defs.resolve_assets_def(key).node_def
         assert (node.pool == "gpu") == (key in GPU_ASSETS), key
         if key in GPU_ASSETS:
