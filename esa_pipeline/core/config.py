@@ -400,7 +400,7 @@ ASSET_RELATIONS: dict[str, tuple[str, ...]] = {
     "sensitivity": ("sensitivity", "sensitivity_windows"),
     "weight_importance": ("weight_importance", "importance_validation", "super_weights", "prediction_check"),
     "moe_routing": ("moe_routing",),
-    "significance": ("significance", "seed_consistency"),
+    "significance": ("significance", "seed_consistency", "dose_response"),
     "critical_layers": ("critical_layers",),
 }
 
