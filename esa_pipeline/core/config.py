@@ -359,7 +359,7 @@ def experiment_hash(cfg: ExperimentConfig) -> str:
 # all derive from `partition_hash`. Code-version policy: the git `code_version` is stored on every row but not
 # hashed (every commit would re-run hours of sweeps); a code change that alters an asset's numbers bumps that
 # asset's `version` here, which re-versions exactly its partitions. `--force` recomputes regardless.
-MODEL_IDENTITY = ("source", "revision", "dtype", "trust_remote_code")
+MODEL_IDENTITY = ("source", "revision", "dtype", "trust_remote_code", "adapter")
 EVALUATION = ("sweep_dataset", "window", "token_budget", "batch_size")
 
 
@@ -377,7 +377,7 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     "model_card": HashedAsset((*MODEL_IDENTITY, "components")),
     "baseline": HashedAsset((*MODEL_IDENTITY, "datasets", "window", "token_budget", "batch_size", "zero_shot")),
     # one (component, seed) partition: kinds/strengths/neuron_mode narrowed to the component (PARTITION_SCOPE)
-    "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode")),
+    "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "experts")),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
     "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
                                       "strengths.gaussian")),
@@ -409,10 +409,18 @@ def _scoped_strengths(plan: ModelPlan, component: str) -> dict[str, list[float]]
     return {kind: list(getattr(plan.strengths, kind)) for kind in plan.kinds_for(component)}
 
 
+def _scoped_experts(plan: ModelPlan, component: str) -> Any:
+    from esa_pipeline.core.models.adapters.base import EXPERT_COMPONENTS
+
+    # expert selection repeats points on expert-level components only (ffn.*, moe.router)
+    return plan.model_dump(mode="json")["experts"] if component in EXPERT_COMPONENTS else None
+
+
 # Settings a sweep partition sees only through its component: (plan, component) -> the part that matters.
 PARTITION_SCOPE: dict[str, Callable[[ModelPlan, str], Any]] = {
     "strengths": _scoped_strengths,
     "neuron_mode": lambda plan, component: plan.neuron_mode if "neurons" in plan.kinds_for(component) else None,
+    "experts": _scoped_experts,
 }
 
 
