@@ -375,7 +375,9 @@ class HashedAsset:
 HASHED_ASSETS: dict[str, HashedAsset] = {
     # `components` decides the card's components_swept / components_not_applicable columns
     "model_card": HashedAsset((*MODEL_IDENTITY, "components")),
-    "baseline": HashedAsset((*MODEL_IDENTITY, "datasets", "window", "token_budget", "batch_size", "zero_shot")),
+    # zero_shot rows come from lm-eval on the unperturbed model: `zero_shot.at` is not the baseline's
+    "baseline": HashedAsset((*MODEL_IDENTITY, "datasets", "window", "token_budget", "batch_size", "zero_shot.tasks",
+                             "zero_shot.limit", "zero_shot.num_fewshot")),
     # one (component, seed) partition: kinds/strengths/neuron_mode narrowed to the component (PARTITION_SCOPE)
     "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "experts")),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
@@ -385,6 +387,9 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
                                 "strengths.gaussian")),
     "significance": HashedAsset((), upstream=("sensitivity",)),
     "critical_layers": HashedAsset((), upstream=("significance", "model_card")),
+    # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
+    "zero_shot_sensitivity": HashedAsset((*MODEL_IDENTITY, "sweep_dataset", "batch_size", "zero_shot", "seeds",
+                                          "neuron_mode", "layers"), upstream=("sensitivity",)),
 }
 # ModelPlan fields that change no stored row, with the reason (a test checks every field is attributed above
 # or listed here, so a new setting cannot silently miss the hash).
@@ -402,6 +407,8 @@ ASSET_RELATIONS: dict[str, tuple[str, ...]] = {
     "moe_routing": ("moe_routing",),
     "significance": ("significance", "seed_consistency", "dose_response"),
     "critical_layers": ("critical_layers",),
+    "zero_shot_sensitivity": ("zero_shot_sensitivity", "zero_shot_significance", "task_vs_perplexity",
+                              "task_vs_perplexity_points"),
 }
 
 

@@ -48,7 +48,7 @@ def _restored_check(rows: pd.DataFrame) -> AssetCheckResult:
     "paired CI, Holm/BH; rank correlation of ΔNLL vs Δaccuracy and the points where they disagree.",
 )  # fmt: skip
 def zero_shot_sensitivity(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
-    step = model_step(context.partition_key, experiment, store)
+    step = model_step(context.partition_key, experiment, store, "zero_shot_sensitivity")
     plan, model = step.plan, step.model
     at = plan.zero_shot.at
     if at is None or not plan.zero_shot.tasks:

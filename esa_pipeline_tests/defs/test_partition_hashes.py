@@ -43,7 +43,8 @@ def test_adding_a_seed_adds_sweep_partitions_and_reversions_no_existing_one(esa_
                       ("tiny-pythia", "sensitivity|attention.query__999")}  # fmt: skip
     # per-model assets that read the seed list (importance validation, routing draws) and the analysis follow
     per_model = {asset for _, asset in changed - sweeps}
-    assert per_model == {"weight_importance", "moe_routing", "significance", "critical_layers"}
+    assert per_model == {"weight_importance", "moe_routing", "significance", "critical_layers",
+                         "zero_shot_sensitivity"}
 
 
 def test_editing_importance_settings_reversions_only_importance(esa_env):
@@ -55,13 +56,17 @@ def test_editing_one_components_strengths_reversions_only_its_partitions(esa_env
     # neurons strengths apply to ffn.* only: tiny-pythia has no ffn.gate, so nothing of it changes
     changed = changed_after(esa_env, "neurons: [0.25]", "neurons: [0.5]")
     assert changed == {("tiny-llama", "sensitivity|ffn.gate__1"), ("tiny-llama", "sensitivity|ffn.gate__2"),
-                       ("tiny-llama", "significance"), ("tiny-llama", "critical_layers")}  # fmt: skip
+                       ("tiny-llama", "significance"), ("tiny-llama", "critical_layers"),
+                       ("tiny-llama", "zero_shot_sensitivity")}  # fmt: skip
 
 
-def test_zero_shot_settings_reversion_only_the_baseline(esa_env):
+def test_zero_shot_settings_reversion_only_the_zero_shot_assets(esa_env):
     esa_env.edit("importance:", "zero_shot: {tasks: [esa_mc], limit: 4}\nimportance:")
     changed = changed_after(esa_env, "limit: 4", "limit: 8")
-    assert changed == {("tiny-llama", "baseline"), ("tiny-pythia", "baseline")}
+    assert {asset for _, asset in changed} == {"baseline", "zero_shot_sensitivity"}
+    # the points scored under perturbation are not the baseline's business
+    changed = changed_after(esa_env, "limit: 8}", "limit: 8, at: {top_delta_nll: 2}}")
+    assert {asset for _, asset in changed} == {"zero_shot_sensitivity"}
 
 
 @pytest.mark.parametrize("old,new", [("window: 32", "window: 16"), ("token_budget: 64", "token_budget: 48")])
