@@ -51,6 +51,9 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
     spec = lm.spec
     # Known for sure now that the model is loaded (a hub model's layout may not have been before).
     available = components_for_architecture(spec.architecture, plan.adapter) or []
+    from esa_pipeline.core.models.adapters import adapter_for
+
+    lacking = adapter_for(lm.model, plan.adapter).not_applicable()
     not_applicable = [c for c in plan.components if c not in available]
     row = {
         **spec.to_row(),
@@ -59,6 +62,8 @@ def model_card(context: AssetExecutionContext, experiment: ExperimentResource, s
         "load_s": lm.load_s,
         "components_swept": ";".join(c for c in plan.components if c in available),
         "components_not_applicable": ";".join(not_applicable),
+        # Every role the family lacks, with why (recorded, never silently skipped): "role: reason; ...".
+        "roles_not_applicable": "; ".join(f"{role}: {why}" for role, why in lacking.items()),
     }
     # Typed explicitly: an all-NULL column (no hf_id, no sliding window) would otherwise be stored untyped.
     card = pd.DataFrame([row]).astype(

@@ -235,6 +235,18 @@ def test_tied_embedding_and_head_are_one_tensor_and_the_report_says_so(tiny):
         assert any("tied embeddings" in note for note in report.notes)
 
 
+def test_sweep_rows_name_the_tied_partner(tiny):
+    from esa_pipeline.core.evaluation.sweep import run_sweep
+
+    lm = tiny("tiny-gemma3")
+    base = small_base(lm, 48, window=24)
+    specs = [Perturbation("gaussian", c, None, 0.1, 1) for c in ("embedding", "lm_head", "norm.final")]
+    rows, _ = run_sweep(lm, base, specs)
+    assert rows.set_index("component")["also_perturbed"].to_dict() == {
+        "embedding": "lm_head", "lm_head": "embedding", "norm.final": None}
+    assert rows["restored"].all() and (rows["delta_nll"] != 0).all()
+
+
 def test_gpt2_query_is_the_first_third_of_c_attn_columns(tiny):
     lm = tiny("tiny-gpt2")
     adapter = adapter_for(lm.model)

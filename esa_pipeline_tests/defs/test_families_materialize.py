@@ -54,3 +54,6 @@ def test_a_sweep_runs_end_to_end_on_every_family(materialized, model):
     assert rows["delta_nll"].notna().all() and (rows["delta_nll"] != 0).all()
     card = store.read("models", model)
     assert card["random_weights"].all() and card["architecture"].iloc[0].endswith(("ForCausalLM", "LMHeadModel"))
+    lacking = card["roles_not_applicable"].iloc[0]
+    assert ("moe.router: dense model" in lacking) != ("moe" in model), lacking
+    assert rows["also_perturbed"].isna().all()  # ffn.down shares no tensor

@@ -19,7 +19,7 @@ SENSITIVITY_COLUMNS = [
     "selection", "group_size", "delta_nll", "ppl_ratio", "ppl_ratio_se", "kl", "kl_lower_bound_topk",
     "top1_agreement", "token_ppl", "nll_sum",
     "n_tokens", "nonfinite", "relative_change", "changed_fraction", "n_changed", "restored",
-    "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights",
+    "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights", "also_perturbed",
 ]  # fmt: skip
 SENSITIVITY_WINDOW_COLUMNS = [
     "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed", "mode", "selection",
@@ -62,7 +62,9 @@ def run_sweep(
     layer_started, layer_points = time.perf_counter(), 0
     for index, p in enumerate(ordered):
         result = evaluate_against(lm, base, p, adapter=adapter, cache=cache)
-        rows.append({**context, **result.to_row()})
+        # Tied embeddings: the embedding and the head are one tensor, so the row names the other one too.
+        rows.append({**context, **result.to_row(), "also_perturbed": adapter.also_perturbed(p.component)
+                     if p.kind not in ("layer_drop",) else None})
         frame = result.windows.assign(
             model=context["model"], dataset=base.dataset, kind=p.kind, component=p.component, layer=p.layer,
             expert=p.expert, strength=p.strength, seed=p.seed, mode=p.mode, selection=p.selection,

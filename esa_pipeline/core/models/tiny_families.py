@@ -88,6 +88,13 @@ def _starcoder2() -> PreTrainedModel:
     return tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**_COMMON, **_GQA, sliding_window=8))
 
 
+def _falcon() -> PreTrainedModel:
+    config = tf.FalconConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             multi_query=True, parallel_attn=True, bias=True, bos_token_id=256, eos_token_id=257,
+                             pad_token_id=258)
+    return tf.FalconForCausalLM(config)  # the Falcon-7B layout: fused multi-query QKV, parallel block
+
+
 def _qwen2_moe() -> PreTrainedModel:
     config = tf.Qwen2MoeConfig(**_COMMON, **_GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                shared_expert_intermediate_size=96, decoder_sparse_step=1)
@@ -122,4 +129,5 @@ TINY_BUILDERS = {
     "tiny-qwen2-moe": _qwen2_moe,
     "tiny-qwen3-moe": _qwen3_moe,
     "tiny-olmoe": _olmoe,
+    "tiny-falcon": _falcon,
 }

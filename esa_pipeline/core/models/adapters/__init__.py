@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (registration side effect)
     dense_llama_like,
+    falcon,
     gemma,
     gpt2,
     gpt_neox,

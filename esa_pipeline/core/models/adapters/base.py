@@ -215,6 +215,13 @@ class Adapter:
         """Every name this family accepts: its per-layer roles, its global roles, then the old aliases."""
         return [c for c in COMPONENT_NAMES if cls.accepts(c)]
 
+    def also_perturbed(self, component: str) -> str | None:
+        """The other component a perturbation of `component` changes too (tied embedding/head), else None."""
+        role = self.role_of(component)
+        if self.tied_embeddings and role in ("embedding", "lm_head"):
+            return "lm_head" if role == "embedding" else "embedding"
+        return None
+
     def components(self) -> list[str]:
         """Per-layer canonical components this architecture has (global ones: `global_roles()`)."""
         return self.layer_roles()
