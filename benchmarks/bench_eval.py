@@ -1,7 +1,10 @@
 """Cost of one sensitivity point on SmolLM2, every way of computing it, side by side, in one run.
 
-    python benchmarks/bench_eval.py [--tokens 2048] [--window 512] [--batch-size 4] [--dtype float32]
-                                    [--layer-stride 3] [--repeats 2]
+    python benchmarks/bench_eval.py [--model smollm2-135m] [--tokens 2048] [--window 512] [--batch-size 4]
+                                    [--dtype float32] [--layer-stride 3] [--repeats 2] [--quick]
+
+`--model gemma3-270m --quick` gives Gemma-3-270M's figures beside SmolLM2's (`--quick` skips the naive and
+lm-eval approaches, which reload or copy the model per point).
 
 Every approach scores the same windows (the bundled corpus, `--tokens` tokens in `--window`-token windows)
 in the same dtype. Times are medians over `--repeats`, with the approaches interleaved round-robin so that
@@ -12,7 +15,9 @@ load from other processes hits them alike. Reported:
 - evaluation overhead: `perplexity()` vs bare `model(input_ids)` forwards on the same batches;
 - peak memory of a sweep vs the baseline evaluation (CUDA max allocated, else the process RSS high-water mark);
 - the FLOP-model ideal of the prefix cache: a point in layer L recomputes (N - L) / N of the decoder FLOPs
-  plus the whole head; averaged over the measured layers.
+  plus the head twice (the perturbed log-probs and the baseline's, recomputed from its stored final hidden
+  states for the exact full-vocabulary KL); averaged over the measured layers. The head's share of one forward's
+  FLOPs is printed: it is what makes big vocabularies (Gemma-3: 262,144 x 640) expensive per point.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from esa_pipeline.core.models.adapters import adapter_for  # noqa: E402
 from esa_pipeline.core.models.registry import load_model  # noqa: E402
 from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed  # noqa: E402
 
-MODEL = "smollm2-135m"
 COMPONENT = "ffn.down"
 MIB = 2**20
 
@@ -75,7 +79,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--layer-stride", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quick", action="store_true", help="skip the naive and lm-eval approaches")
     args = parser.parse_args()
+    MODEL = args.model  # noqa: N806
 
     lm = load_model(MODEL, dtype=args.dtype)
     model, adapter = lm.model, adapter_for(lm.model)
@@ -130,6 +137,9 @@ def main() -> None:
 
     costs: dict[str, list[float]] = {k: [] for k in (
         "bare", "perplexity", "prefix", "full", "naive_load", "naive_deepcopy", "lm_eval")}  # fmt: skip
+    if args.quick:
+        for key in ("naive_load", "naive_deepcopy", "lm_eval"):
+            costs[key].append(float("nan"))
     for _ in range(args.repeats):
         costs["bare"].append(timed(bare_forwards))
         costs["perplexity"].append(timed(lambda: perplexity(
@@ -137,14 +147,20 @@ def main() -> None:
         costs["prefix"].append(statistics.mean(
             timed(lambda layer=layer: evaluate_against(lm, base, spec(layer), cache=cache)) for layer in layers))
         costs["full"].append(timed(lambda: evaluate_against(lm, base, spec(mid), adapter=adapter)))
+        if args.quick:
+            continue
         costs["naive_load"].append(timed(lambda: naive_load_point(spec(mid))))
         costs["naive_deepcopy"].append(timed(lambda: naive_deepcopy_point(spec(mid))))
         costs["lm_eval"].append(timed(lambda: lm_eval_point(spec(mid))))
     median = {k: statistics.median(v) for k, v in costs.items()}
 
     layer_share, head_share = flop_shares(model, adapter, args.window)
-    ideal = statistics.mean(layer_share * (n_layers - layer) / n_layers + head_share for layer in layers)
-    ideal_all = statistics.mean(layer_share * (n_layers - layer) / n_layers + head_share for layer in range(n_layers))
+    # a point applies the head twice (perturbed + the baseline's log-probs for exact KL), a full-forward point too
+    def point_cost(layer: int) -> float:
+        return (layer_share * (n_layers - layer) / n_layers + 2 * head_share) / (layer_share + 2 * head_share)
+
+    ideal = statistics.mean(point_cost(layer) for layer in layers)
+    ideal_all = statistics.mean(point_cost(layer) for layer in range(n_layers))
 
     full = median["full"]
     print(f"\ncost per sweep point ({base.n_tokens} tokens, median of {args.repeats}; ratio to a full-forward point)")
@@ -155,6 +171,9 @@ def main() -> None:
         ("naive: deepcopy + perturb + forward", median["naive_deepcopy"]),
         ("lm-eval: HFLM + loglikelihood_rolling per point", median["lm_eval"]),
     ]
+    print(f"  ({MODEL}: head {head_share:.1%} of one forward's FLOPs; a point's head work, with the baseline's "
+          f"log-probs recomputed for exact KL, is {2 * head_share / (layer_share + 2 * head_share):.1%} of a "
+          "full-forward point)")
     for label, seconds in rows:
         print(f"  {label:<56} {seconds:8.2f} s   {seconds / full:6.2f}x")
     print(f"\nprefix cache vs FLOP-model ideal: measured {median['prefix'] / full:.3f}x, ideal {ideal:.3f}x "

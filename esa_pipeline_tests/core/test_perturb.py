@@ -122,17 +122,52 @@ def test_mixtral_expert_two_changes_only_expert_two(tiny):
     _assert_bit_identical(model, before)
 
 
-def test_neurons_perturb_the_same_neurons_in_gate_up_and_down(tiny):
+@pytest.mark.parametrize("component,touched", [
+    ("ffn.gate", {"gate_proj": 1}), ("ffn.up", {"up_proj": 1}), ("ffn.down", {"down_proj": 0}),
+    ("ffn.neurons", {"gate_proj": 1, "up_proj": 1, "down_proj": 0}),
+])
+def test_neurons_touch_exactly_their_own_rows_or_columns(tiny, component, touched):
+    """ffn.gate/ffn.up: only their rows of the chosen neurons; ffn.down: only its columns; ffn.neurons: all
+    three, the same neurons. `touched` maps each changed matrix to the axis its neuron index is NOT on."""
     model = tiny("tiny-llama").model
     adapter, before = adapter_for(model), _snapshot(model)
-    with perturbed(model, adapter, Perturbation("neurons", "ffn.up", MIDDLE, 0.25, 3)) as report:
+    p = Perturbation("neurons", component, MIDDLE, 0.25, 3, mode="zero")
+    with perturbed(model, adapter, p) as report:
         changed = _changed_masks(model, before)
+        values = {name: model.get_parameter(name).detach().clone() for name in changed}
     mlp = f"model.layers.{MIDDLE}.mlp"
-    gate_rows = changed[f"{mlp}.gate_proj.weight"].any(dim=1)
-    assert int(gate_rows.sum()) == 32  # 25% of 128 intermediate neurons
-    assert torch.equal(changed[f"{mlp}.up_proj.weight"].any(dim=1), gate_rows)
-    assert torch.equal(changed[f"{mlp}.down_proj.weight"].any(dim=0), gate_rows)
-    assert report.changed_fraction == pytest.approx(0.25)
+    assert set(changed) == {f"{mlp}.{m}.weight" for m in touched}
+    neuron_sets = []
+    for matrix, other_axis in touched.items():
+        name = f"{mlp}.{matrix}.weight"
+        neurons = changed[name].any(dim=other_axis)  # [128] neurons with any changed element
+        assert int(neurons.sum()) == 32  # 25% of 128 intermediate neurons
+        # whole rows/columns of exactly those neurons are zero; nothing else changed
+        assert bool((changed[name] == neurons.unsqueeze(other_axis).expand_as(changed[name])).all())
+        assert bool((values[name].index_select(1 - other_axis, neurons.nonzero().squeeze(1)) == 0).all())
+        neuron_sets.append(neurons)
+    assert all(torch.equal(n, neuron_sets[0]) for n in neuron_sets)
+    assert report.restored is True and report.changed_fraction == pytest.approx(0.25, abs=0.01)
+
+
+def test_top_and_bottom_neurons_are_ranked_by_whole_neuron_weight_norm(tiny):
+    from esa_pipeline.core.perturbation.perturb import neuron_norms
+
+    model = tiny("tiny-llama").model
+    adapter, before = adapter_for(model), _snapshot(model)
+    mlp = f"model.layers.{MIDDLE}.mlp"
+    gate, up, down = (before[f"{mlp}.{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj"))
+    expected = (gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)).sqrt()  # [128]
+    p_top = Perturbation("neurons", "ffn.down", MIDDLE, 0.1, 0, selection="top", mode="zero")
+    torch.testing.assert_close(neuron_norms(model, adapter, p_top), expected)
+    k = round(0.1 * 128)
+    for selection, largest in (("top", True), ("bottom", False)):
+        p = Perturbation("neurons", "ffn.down", MIDDLE, 0.1, 0, selection=selection, mode="zero")
+        with perturbed(model, adapter, p):
+            hit = _changed_masks(model, before)[f"{mlp}.down_proj.weight"].any(dim=0)
+        assert set(hit.nonzero().squeeze(1).tolist()) == set(expected.topk(k, largest=largest).indices.tolist())
+    with pytest.raises(ValueError, match="whole FFN neurons"):
+        Perturbation("gaussian", "ffn.neurons", MIDDLE, 0.1, 0)
 
 
 def test_scale_multiplies_gains_and_leaves_layernorm_bias(tiny):
@@ -276,7 +311,7 @@ def test_different_seed_differs_and_spec_seed_is_stable():
      (dict(kind="scale", component="ffn.down", strength=1.1), "norm gains"),
      (dict(kind="gaussian", strength=0.1, mode="drop"), "unknown mode"),
      (dict(kind="gaussian", strength=0.1, selection="top"), "picks individual weights"),
-     (dict(kind="neurons", strength=0.1, selection="bottom"), "picks individual weights")],
+     (dict(kind="scale", component="norm.input", strength=0.9, selection="bottom"), "picks individual weights")],
 )
 def test_invalid_specs_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):

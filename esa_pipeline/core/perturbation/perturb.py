@@ -10,9 +10,12 @@ A `Perturbation` is a frozen spec. `perturbed(model, adapter, spec)` is a contex
 Kinds (strength meaning in brackets):
   gaussian  W += strength * rms(W_slice) * N(0, 1)                        [sigma in rms units]
   router    the same on the MoE router (component "moe.router")          [sigma in rms units]
-  neurons   a seeded fraction of FFN intermediate neurons: their rows of gate/up and columns of down get
-            noise (noise_sigma * rms) or are zeroed. Whole neurons: any ffn.* component perturbs every FFN
-            matrix of the layer (gate, up, down) with the SAME neuron set.  [fraction of neurons]
+  neurons   a fraction of FFN intermediate neurons get noise (noise_sigma * rms of the slice) or are zeroed
+            (mode "zero"), only in the component named: `ffn.gate` / `ffn.up` touch only their own rows of
+            the selected neurons, `ffn.down` only its columns; component `ffn.neurons` perturbs whole neurons
+            (gate and up rows and down columns, the SAME neurons). Selection: "random" (seeded), or "top" /
+            "bottom" by neuron weight norm (`neuron_norms`: the L2 norm of the neuron's gate row, up row and
+            down column together, so every component ranks the same neurons).  [fraction of neurons]
   scale     norm gains (weights, not LayerNorm biases) * strength        [multiplicative factor]
             Gemma-family norms compute x̂ · (1 + w): the factor multiplies the effective gain (1 + w), and
             gaussian noise and relative_change are measured on it too (`ParamSlice.gain_offset`).
@@ -150,6 +153,9 @@ def _validate_compression(p: Perturbation) -> None:
         raise ValueError(f"group_size is only used by kind 'quantize': leave it None for kind {p.kind!r}")
 
 
+NEURON_COMPONENT = "ffn.neurons"  # whole FFN neurons (kind "neurons" only)
+
+
 def _validate_spec(p: Perturbation) -> None:
     if p.kind not in KINDS:
         raise ValueError(f"unknown perturbation kind {p.kind!r}: use one of {', '.join(KINDS)}")
@@ -164,12 +170,15 @@ def _validate_spec(p: Perturbation) -> None:
         return
     if p.group_size is not None:
         raise ValueError(f"group_size is only used by kind 'quantize': leave it None for kind {p.kind!r}")
-    if p.component not in COMPONENT_NAMES:
+    if p.component == NEURON_COMPONENT and p.kind != "neurons":
+        raise ValueError(f"{NEURON_COMPONENT} names whole FFN neurons: use kind 'neurons' (or an ffn.* matrix)")
+    if p.component not in COMPONENT_NAMES + (NEURON_COMPONENT,):
         raise ValueError(f"unknown component {p.component!r}: use one of {', '.join(COMPONENT_NAMES)}")
     if p.kind in ("neurons",) + WEIGHT_LEVEL_KINDS and p.strength > 1:
         raise ValueError(f"{p.kind} strength is a fraction in (0, 1], got {p.strength}: use e.g. 0.1 for 10%")
-    if p.kind == "neurons" and p.component not in FFN_COMPONENTS:
-        raise ValueError(f"kind 'neurons' acts on FFN neurons: use component one of {', '.join(FFN_COMPONENTS)}")
+    if p.kind == "neurons" and p.component not in FFN_COMPONENTS + (NEURON_COMPONENT,):
+        raise ValueError(f"kind 'neurons' acts on FFN neurons: use component one of "
+                         f"{', '.join(FFN_COMPONENTS + (NEURON_COMPONENT,))}")
     if p.kind == "scale" and not (p.component.startswith("norm.") or p.component in NORM_COMPONENTS):
         raise ValueError(f"kind 'scale' multiplies norm gains: use a norm component ({', '.join(NORM_COMPONENTS)})")
     if p.kind == "router" and p.component != "moe.router":
@@ -180,12 +189,13 @@ def _validate_spec(p: Perturbation) -> None:
         raise ValueError(f"noise_sigma must be > 0, got {p.noise_sigma}")
     if p.selection not in SELECTIONS:
         raise ValueError(f"unknown selection {p.selection!r}: use one of {', '.join(SELECTIONS)}")
-    if p.selection != "random" and p.kind not in WEIGHT_LEVEL_KINDS:
+    if p.selection != "random" and p.kind not in WEIGHT_LEVEL_KINDS + ("neurons",):
         # gaussian/router/neurons/scale act on the whole slice (or on seeded neurons): a "top" request would
         # otherwise be silently measured as a whole-slice perturbation and stored under the wrong label
         raise ValueError(
             f"selection {p.selection!r} picks individual weights, which kind {p.kind!r} does not: use kind one of "
-            f"{', '.join(WEIGHT_LEVEL_KINDS)} for top/bottom-k weights, or leave selection='random'"
+            f"{', '.join(WEIGHT_LEVEL_KINDS)} for top/bottom-k weights, 'neurons' for top/bottom neurons, or leave "
+            "selection='random'"
         )
     if p.antithetic and p.kind not in ("gaussian", "router"):
         raise ValueError(f"antithetic negates gaussian noise: kind {p.kind!r} has no sign to flip, leave it False")
@@ -201,17 +211,37 @@ def resolve_slices(adapter: Adapter, p: Perturbation) -> list[ParamSlice]:
     if p.kind in ("quantize", "prune"):  # weight-only: biases keep full precision / stay dense
         return [s for s in adapter.slices(p.component, p.layer, p.expert) if not s.param_name.endswith(".bias")]
     if p.kind == "neurons":
-        slices = []
-        for component in FFN_COMPONENTS:
-            try:
-                slices += adapter.slices(component, p.layer, p.expert)
-            except ComponentNotApplicable:  # e.g. GPT-NeoX has no gate: its neurons live in up/down only
-                continue
-        return [s for s in slices if s.neuron_axis is not None]  # down_proj's bias is not per-neuron
+        return _neuron_slices(adapter, p, FFN_COMPONENTS if p.component == NEURON_COMPONENT else (p.component,))
     slices = adapter.slices(p.component, p.layer, p.expert)
     if p.kind == "scale":
         return [s for s in slices if s.param_name.endswith(".weight")]  # gains, not LayerNorm biases
     return slices
+
+
+def _neuron_slices(adapter: Adapter, p: Perturbation, components: tuple[str, ...]) -> list[ParamSlice]:
+    slices = []
+    for component in components:
+        try:
+            slices += adapter.slices(component, p.layer, p.expert)
+        except ComponentNotApplicable:  # e.g. GPT-NeoX has no gate: its neurons live in up/down only
+            if component == p.component:
+                raise
+    return [s for s in slices if s.neuron_axis is not None]  # down_proj's bias is not per-neuron
+
+
+def neuron_norms(model: torch.nn.Module, adapter: Adapter, p: Perturbation) -> torch.Tensor:
+    """[I] fp32 L2 norm of each FFN intermediate neuron's weights: its gate row, up row and down column (and
+    per-neuron biases), summed over experts when `p.expert` is None. The importance that ranks neurons for
+    selection "top" / "bottom" (the magnitude criterion of neuron pruning, e.g. Li et al. 2017, "Pruning
+    Filters for Efficient ConvNets"), identical for every ffn.* component of a layer."""
+    total = None
+    for s in _neuron_slices(adapter, p, FFN_COMPONENTS):
+        view = s.get(model).float()
+        axes = [d for d in range(view.dim()) if d != s.neuron_axis]
+        squares = view.pow(2).sum(dim=axes) if axes else view.pow(2)  # [I]
+        total = squares if total is None else total + squares
+    assert total is not None
+    return total.sqrt().cpu()
 
 
 def _check_scores(p: Perturbation, views: list[torch.Tensor], scores: list[torch.Tensor] | None) -> None:
@@ -325,7 +355,13 @@ def _new_values(p: Perturbation, slices: list[ParamSlice], views: list[torch.Ten
                 for s, v in zip(slices, views, strict=True)]
     if p.kind == "neurons":
         n_neurons = views[0].shape[slices[0].neuron_axis]
-        chosen = torch.randperm(n_neurons, generator=gen)[: _n_selected(p.strength, n_neurons)].sort().values
+        k = _n_selected(p.strength, n_neurons)
+        if p.selection == "random":
+            chosen = torch.randperm(n_neurons, generator=gen)[:k]
+        else:
+            assert scores is not None and len(scores) == 1  # [I] neuron norms, from perturbed()
+            chosen = torch.topk(scores[0], k, largest=p.selection == "top").indices
+        chosen = chosen.sort().values
         return [_neurons(v, s.neuron_axis, chosen, p, gen) for s, v in zip(slices, views, strict=True)]
     if p.kind == "quantize":
         return [fake_quantize(v, int(p.strength), p.group_size, p.mode) for v in views]  # type: ignore[arg-type]
@@ -368,6 +404,8 @@ def perturbed(model: torch.nn.Module, adapter: Adapter, p: Perturbation,
     _check_scores(p, views, scores)
     _check_bit(p, views)
     gen = torch.Generator(device="cpu").manual_seed(p.spec_seed())
+    if p.kind == "neurons":
+        scores = None if p.selection == "random" else [neuron_norms(model, adapter, p)]
     new_values = _new_values(p, slices, views, scores, gen)  # computed before any write
     snapshots = [v.clone() for v in views]
     report = PerturbationReport(p, 0.0, 0.0, sum(v.numel() for v in views), 0, None, 0.0)
