@@ -207,7 +207,11 @@ def test_critical_layers_errors_name_the_fix() -> None:
 def test_seed_consistency_leaves_out_deterministic_rows() -> None:
     rows = sensitivity_rows({("ffn.down", 0): [1, 2, 3, 4], ("ffn.down", 1): [1, 3, 2, 4]})
     scale = sensitivity_rows({("norm.input", 0): [1, 2, 3, 4]}).assign(kind="scale", seed=None)
-    result = seed_consistency(pd.concat([rows, scale], ignore_index=True))
+    # the same norm gain measured under two seeds: identical profiles, left out too (ρ = 1 by construction)
+    scale_per_seed = sensitivity_rows({("norm.input", 0): [1, 2, 3, 4], ("norm.input", 1): [1, 2, 3, 4]}).assign(
+        kind="scale"
+    )
+    result = seed_consistency(pd.concat([rows, scale, scale_per_seed], ignore_index=True))
     assert set(result["kind"]) == {"gaussian"} and len(result) == 1
 
 

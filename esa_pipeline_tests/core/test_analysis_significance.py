@@ -355,3 +355,16 @@ def test_deterministic_cells_use_the_clustered_test_and_one_seed_cells_stay_unte
     single = one_row(result, layer=1, kind="gaussian")
     assert np.isnan(single["p_value"]) and pd.isna(single["significant_bh"]) and single["note"] == NOTE_ONE_SEED
     assert single["conditional_p_value"] < 0.05
+
+
+def test_deterministic_kinds_and_selections_are_never_across_draw_tested_and_settings_stay_separate() -> None:
+    rng = np.random.default_rng(15)
+    same = rng.normal(0.3, 0.1, size=(1, 6))
+    scale = window_rows(np.repeat(same, 2, axis=0), kind="scale", strength=1.1)  # one setting measured per seed
+    top = window_rows(rng.normal(0.3, 0.1, size=(2, 6)), kind="zero", strength=0.01).assign(selection="top")
+    quant = pd.concat([window_rows(rng.normal(0.2, 0.1, size=(1, 6)), kind="quantize", strength=4.0).assign(
+        group_size=g) for g in (0, 128)], ignore_index=True)  # fmt: skip
+    result = significance(pd.concat([scale, top, quant], ignore_index=True))
+    assert (result["test_used"] == TEST_DETERMINISTIC).all() and result["significant_bh"].notna().all()
+    assert sorted(result.loc[result["kind"] == "quantize", "group_size"].tolist()) == [0, 128]
+    assert one_row(result, kind="zero")["selection"] == "top"

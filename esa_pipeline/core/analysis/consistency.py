@@ -85,7 +85,9 @@ def layer_profiles(
 def seed_consistency(sensitivity: pd.DataFrame) -> pd.DataFrame:
     """Spearman ρ between the layer profiles of every pair of seeds, per (model, kind, component, strength).
 
-    Only stochastic kinds: rows with seed NULL or `deterministic` true (measured once) are left out.
+    Only stochastic settings: rows with seed NULL, `deterministic` true, a deterministic kind (norm `scale`,
+    compression kinds) or a top/bottom weight selection are left out: their profiles agree across seeds by
+    construction (ρ = 1, a check that cannot fail).
 
     Only layers measured (non-NaN) in both seeds count; n_layers says how many. ρ is NaN with fewer than 3
     common layers (2 points always give ±1) or when a profile is constant (ranks undefined).
@@ -93,7 +95,11 @@ def seed_consistency(sensitivity: pd.DataFrame) -> pd.DataFrame:
     require_columns(sensitivity, ["seed"], function="seed_consistency", relation="sensitivity")
     # deterministic kinds are measured once (seed NULL, or a true `deterministic` column): a rank correlation
     # of a profile with itself is 1 by construction, a check that cannot fail, so only stochastic rows count
-    stochastic = sensitivity["seed"].notna()
+    from esa_pipeline.core.analysis.significance import DETERMINISTIC_KINDS, DETERMINISTIC_SELECTIONS
+
+    stochastic = sensitivity["seed"].notna() & ~sensitivity["kind"].isin(DETERMINISTIC_KINDS)
+    if "selection" in sensitivity.columns:
+        stochastic &= ~sensitivity["selection"].isin(DETERMINISTIC_SELECTIONS)
     if "deterministic" in sensitivity.columns:
         stochastic &= ~sensitivity["deterministic"].fillna(False).astype(bool)
     profiles = layer_profiles(sensitivity.loc[stochastic], per_seed=True, function="seed_consistency")

@@ -14,7 +14,8 @@ Two tests per cell (estimators and sources in `draws.py`):
 - the headline columns (ci_low, ci_high, t_stat, dof, p_value, p_holm, p_bh, significant_*): for a stochastic
   kind with >= 2 seeds, the across-draw test, a two-way seed × document random-effects analysis in which
   the seed is a random factor: "does this perturbation, drawn afresh, change the loss?". For a deterministic
-  kind (measured once: seed NULL, or a true `deterministic` column) there is no draw to vary, so the
+  setting (seed NULL, a true `deterministic` column, a kind in DETERMINISTIC_KINDS — norm `scale` and the
+  compression kinds — or a top/bottom weight selection) there is no draw to vary, so the
   clustered test is the whole uncertainty and is the headline (`test_used` = "clustered_deterministic").
   A stochastic cell with one seed has no headline test: draw-to-draw variance cannot be estimated from one
   draw (NULL, with the reason in `note`; its conditional_* columns are still filled).
@@ -43,9 +44,17 @@ from statsmodels.stats.multitest import multipletests
 
 from esa_pipeline.core.analysis._common import as_nullable_int, check_unique, require_columns
 from esa_pipeline.core.analysis.draws import across_draws_test, clustered_ratio_test
+from esa_pipeline.core.perturbation.perturb import COMPRESSION_KINDS
 
-CELL_KEYS = ["model", "kind", "component", "layer", "expert", "strength"]
-WINDOW_COLUMNS = [*CELL_KEYS, "seed", "window_id", "n_tokens", "delta_nll_sum"]
+BASE_KEYS = ["model", "kind", "component", "layer", "expert", "strength"]
+# settings that make two rows different experiments when present (neuron mode, weight selection, quantization
+# group): part of the cell's identity, NULL when the relation does not carry them
+SETTING_KEYS = ["mode", "selection", "group_size"]
+CELL_KEYS = [*BASE_KEYS, *SETTING_KEYS]
+WINDOW_COLUMNS = [*BASE_KEYS, "seed", "window_id", "n_tokens", "delta_nll_sum"]
+# kinds (and weight selections) whose perturbation does not depend on the seed: one draw, no draw variance
+DETERMINISTIC_KINDS = ("scale", *COMPRESSION_KINDS)
+DETERMINISTIC_SELECTIONS = ("top", "bottom")
 
 SIGNIFICANCE_COLUMNS = [
     "model",
@@ -54,6 +63,9 @@ SIGNIFICANCE_COLUMNS = [
     "layer",
     "expert",
     "strength",
+    "mode",
+    "selection",
+    "group_size",
     "n_seeds",
     "n_windows",
     "n_clusters",
@@ -295,8 +307,8 @@ def _seed_spread(windows: pd.DataFrame, stored: pd.DataFrame | None) -> pd.DataF
 def _prepare_windows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Checked window rows with `cluster` (doc_id, else window_id) and `_deterministic`; and the cluster unit."""
     require_columns(df, WINDOW_COLUMNS, function="significance", relation="sensitivity_windows")
-    optional = [c for c in ("dataset", "doc_id", "deterministic") if c in df.columns]
-    out = df[WINDOW_COLUMNS + optional].copy()
+    optional = [c for c in ("dataset", "doc_id", "deterministic", *SETTING_KEYS) if c in df.columns]
+    out = _with_settings(df[WINDOW_COLUMNS + optional].copy())
     out["layer"] = as_nullable_int(out["layer"])
     out["expert"] = as_nullable_int(out["expert"])
     out["seed"] = as_nullable_int(out["seed"])
@@ -326,7 +338,11 @@ def _prepare_windows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             "window (or on none) so that clusters are well defined"
         )
     out["cluster"] = out["doc_id"].astype(str) if has_docs else out["window_id"].astype(str)
-    deterministic = out["seed"].isna()
+    deterministic = (
+        out["seed"].isna()
+        | out["kind"].isin(DETERMINISTIC_KINDS)
+        | out["selection"].isin(DETERMINISTIC_SELECTIONS).fillna(False).astype(bool)
+    )
     if "deterministic" in out.columns:
         deterministic |= out["deterministic"].fillna(False).astype(bool)
     out["_deterministic"] = deterministic.to_numpy(dtype=bool)
@@ -334,19 +350,30 @@ def _prepare_windows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 def _prepare_sensitivity(df: pd.DataFrame) -> pd.DataFrame:
-    require_columns(df, [*CELL_KEYS, "seed", "delta_nll"], function="significance", relation="sensitivity")
-    out = df[[*CELL_KEYS, "seed", "delta_nll"]].copy()
+    require_columns(df, [*BASE_KEYS, "seed", "delta_nll"], function="significance", relation="sensitivity")
+    out = _with_settings(df[[*BASE_KEYS, "seed", "delta_nll", *[c for c in SETTING_KEYS if c in df.columns]]].copy())
     out["layer"] = as_nullable_int(out["layer"])
     out["expert"] = as_nullable_int(out["expert"])
     out["seed"] = as_nullable_int(out["seed"])
     out["delta_nll"] = out["delta_nll"].astype(float)
     check_unique(
-        df.assign(layer=out["layer"], expert=out["expert"]),
+        out,
         [*CELL_KEYS, "seed"],
         function="significance",
         relation="sensitivity",
     )
     return out
+
+
+def _with_settings(frame: pd.DataFrame) -> pd.DataFrame:
+    """SETTING_KEYS present on every frame (NULL where the relation does not carry them)."""
+    for column in SETTING_KEYS:
+        if column not in frame.columns:
+            frame[column] = None
+    frame["mode"] = frame["mode"].astype(object)
+    frame["selection"] = frame["selection"].astype(object)
+    frame["group_size"] = pd.to_numeric(frame["group_size"], errors="raise").astype("Int64")
+    return frame
 
 
 def _adjust_per_model(out: pd.DataFrame, alpha: float) -> pd.DataFrame:
