@@ -134,6 +134,10 @@ def significance(
         raise ValueError(f"significance(): alpha must be in (0, 1), got {alpha}")
     windows, unit = _prepare_windows(sensitivity_windows)
     seed_rows = None if sensitivity is None else _prepare_sensitivity(sensitivity)
+    if seed_rows is not None:  # a setting the windows do not carry cannot tell their cells apart
+        for column in SETTING_KEYS:
+            if column not in sensitivity_windows.columns:
+                seed_rows[column] = pd.NA if column == "group_size" else None
 
     # One integer id per cell over both frames: NULL layer/expert/seed keys make index joins fragile.
     parts = [windows.assign(_source="windows")]
