@@ -223,6 +223,9 @@ class ExperimentConfig(_Strict):
     seeds: list[Seed] = Field(min_length=1)
     strengths: Strengths
     neuron_mode: Literal["noise", "zero"] = "noise"
+    neuron_sigma: PositiveFloat = Field(default=0.1, description="neurons/noise: sigma in rms units of the slice")
+    neuron_selection: Literal["random", "top", "bottom"] = Field(
+        default="random", description="which neurons: seeded random, or top/bottom by whole-neuron weight norm")
     components: list[str] = Field(min_length=1)
     layers: LayerSelection = "all"
     importance: Importance = Field(default_factory=Importance)
@@ -266,6 +269,8 @@ class ModelPlan(_Strict):
     seeds: list[int]
     strengths: Strengths
     neuron_mode: str
+    neuron_sigma: float = 0.1
+    neuron_selection: str = "random"
     components: list[str]
     layers: LayerSelection
     importance: Importance
@@ -325,6 +330,8 @@ def model_plan(cfg: ExperimentConfig, model: str) -> ModelPlan:
         seeds=section.seeds or cfg.seeds,
         strengths=strengths,
         neuron_mode=cfg.neuron_mode,
+        neuron_sigma=cfg.neuron_sigma,
+        neuron_selection=cfg.neuron_selection,
         components=section.components or cfg.components,
         layers=section.layers if section.layers is not None else cfg.layers,
         importance=cfg.importance,
@@ -379,7 +386,8 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     "baseline": HashedAsset((*MODEL_IDENTITY, "datasets", "window", "token_budget", "batch_size", "zero_shot.tasks",
                              "zero_shot.limit", "zero_shot.num_fewshot")),
     # one (component, seed) partition: kinds/strengths/neuron_mode narrowed to the component (PARTITION_SCOPE)
-    "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "experts")),
+    "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "neuron_sigma",
+                                      "neuron_selection", "experts")),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
     "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
                                       "strengths.gaussian")),
@@ -427,6 +435,10 @@ def _scoped_experts(plan: ModelPlan, component: str) -> Any:
 PARTITION_SCOPE: dict[str, Callable[[ModelPlan, str], Any]] = {
     "strengths": _scoped_strengths,
     "neuron_mode": lambda plan, component: plan.neuron_mode if "neurons" in plan.kinds_for(component) else None,
+    "neuron_sigma": lambda plan, component: (
+        plan.neuron_sigma if "neurons" in plan.kinds_for(component) and plan.neuron_mode == "noise" else None),
+    "neuron_selection": lambda plan, component: (
+        plan.neuron_selection if "neurons" in plan.kinds_for(component) else None),
     "experts": _scoped_experts,
 }
 

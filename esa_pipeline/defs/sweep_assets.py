@@ -47,10 +47,12 @@ def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int | N
     for layer in layers:
         for expert in per_expert:
             for kind in plan.kinds_for(component):
-                mode = plan.neuron_mode if kind == "neurons" else "noise"
+                neuron = kind == "neurons"
+                extra = dict(mode=plan.neuron_mode, noise_sigma=plan.neuron_sigma,
+                             selection=plan.neuron_selection) if neuron else {}
                 for strength in getattr(plan.strengths, kind):
                     specs.append(Perturbation(kind=kind, component=component, layer=layer, strength=strength,
-                                              seed=seed, mode=mode, expert=expert))  # fmt: skip
+                                              seed=seed, expert=expert, **extra))  # fmt: skip
     return specs
 
 

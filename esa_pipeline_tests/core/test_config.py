@@ -262,3 +262,22 @@ def test_esa_validate_reports_the_file_key_and_fix_before_any_run(tmp_path, caps
     assert main(["validate", "--experiment", str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "strengths.gaussian[0]" in err and "write a finite number" in err
+
+
+def test_neuron_sigma_and_selection_come_from_yaml_and_version_only_neuron_partitions(tmp_path):
+    from esa_pipeline.core.config import partition_hash
+    from esa_pipeline.defs.sweep_assets import sweep_specs
+
+    before = load_experiment(write(tmp_path, BASE))
+    after = load_experiment(write(tmp_path, BASE + "neuron_sigma: 0.5\nneuron_selection: top\n"))
+    plan = model_plan(after, "tiny-llama")
+    assert (plan.neuron_sigma, plan.neuron_selection) == (0.5, "top")
+    neuron_specs = [p for p in sweep_specs(plan, "ffn.gate", 1, [0]) if p.kind == "neurons"]
+    assert neuron_specs and all((p.noise_sigma, p.selection) == (0.5, "top") for p in neuron_specs)
+    assert all(p.selection == "random" for p in sweep_specs(plan, "ffn.gate", 1, [0]) if p.kind == "gaussian")
+    for variant, changes in (("ffn.gate__1", True), ("attention.query__1", False)):
+        same = partition_hash(before, "tiny-llama", "sensitivity", variant) == partition_hash(
+            after, "tiny-llama", "sensitivity", variant)
+        assert same is not changes, variant
+    with pytest.raises(ConfigError, match="neuron_selection"):
+        load_experiment(write(tmp_path, BASE + "neuron_selection: largest\n"))
