@@ -30,7 +30,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from esa_pipeline.core.checks import Count, Fraction, Index, NonNegativeInt, PositiveFloat, Seed
+from esa_pipeline.core.checks import (
+    Count,
+    Fraction,
+    Index,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    Seed,
+)
 from esa_pipeline.core.provenance import REPO_ROOT, stable_hash
 
 EXPERIMENTS_DIR = REPO_ROOT / "data" / "experiments"
@@ -192,6 +200,29 @@ class Importance(_Strict):
     )
 
 
+class Adaptive(_Strict):
+    """Adaptive token budgets (core/evaluation/sequential.py): each sweep point scores batches in a seeded order
+    and stops once an anytime-valid confidence sequence on its mean per-token ΔNLL has decided it; the token
+    budget is the cap. Units: nats per token; documents are the sequence's observations."""
+
+    enabled: bool = False
+    alpha: Fraction = Field(default=0.05, description="error rate of the confidence sequence")
+    rel_precision: PositiveFloat = Field(default=0.25, description="stop when the sequence excludes 0 and its "
+                                         "half-width <= rel_precision x |estimate|")  # fmt: skip
+    abs_tolerance: NonNegativeFloat = Field(default=0.002, description="stop when the half-width <= this")
+    min_documents: Annotated[int, Field(ge=2, strict=True)] = Field(default=16, description="documents before any stop")
+    design_documents: Count = Field(default=32, description="documents at which the sequence is tightest")
+
+    def rule(self) -> Any:
+        """The `SequentialRule`, or None when adaptive budgets are off."""
+        if not self.enabled:
+            return None
+        from esa_pipeline.core.evaluation.sequential import SequentialRule
+
+        return SequentialRule(alpha=self.alpha, rel_precision=self.rel_precision, abs_tolerance=self.abs_tolerance,
+                              min_units=self.min_documents, design_units=self.design_documents)  # fmt: skip
+
+
 class ModelSection(_Strict):
     """One model of the experiment; every field but `source` is optional and overrides the global value."""
 
@@ -229,6 +260,7 @@ class ExperimentConfig(_Strict):
     components: list[str] = Field(min_length=1)
     layers: LayerSelection = "all"
     importance: Importance = Field(default_factory=Importance)
+    adaptive: Adaptive = Field(default_factory=Adaptive)
     models: dict[str, ModelSection | None] = Field(min_length=1)
 
     @field_validator("seeds")
@@ -274,6 +306,7 @@ class ModelPlan(_Strict):
     components: list[str]
     layers: LayerSelection
     importance: Importance
+    adaptive: Adaptive = Field(default_factory=Adaptive)
     experts: ExpertSelection = "all"
     adapter: str | None = None
 
@@ -335,6 +368,7 @@ def model_plan(cfg: ExperimentConfig, model: str) -> ModelPlan:
         components=section.components or cfg.components,
         layers=section.layers if section.layers is not None else cfg.layers,
         importance=cfg.importance,
+        adaptive=cfg.adaptive,
         experts=section.experts if section.experts is not None else "all",
         adapter=section.adapter,
     )
@@ -387,7 +421,7 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
                              "zero_shot.limit", "zero_shot.num_fewshot")),
     # one (component, seed) partition: kinds/strengths/neuron_mode narrowed to the component (PARTITION_SCOPE)
     "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "neuron_sigma",
-                                      "neuron_selection", "experts")),
+                                "neuron_selection", "experts", "adaptive")),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
     "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
                                       "strengths.gaussian")),
@@ -548,6 +582,8 @@ def with_protocol_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("seeds", list(preset.seeds))
     out.setdefault("layers", "all" if preset.layers == "all" else {"stride": preset.layers})
     out.setdefault("strengths", {kind: list(values) for kind, values in preset.strengths})
+    if "adaptive" not in out or isinstance(out["adaptive"], dict) and "enabled" not in out["adaptive"]:
+        out["adaptive"] = {**(out.get("adaptive") or {}), "enabled": preset.adaptive}
     if isinstance(out.get("zero_shot"), dict) and "limit" not in out["zero_shot"]:
         out["zero_shot"] = {**out["zero_shot"], "limit": preset.zero_shot_limit}
     return out

@@ -27,6 +27,7 @@ class Protocol:
     strengths: tuple[tuple[str, tuple[float, ...]], ...]  # (kind, strengths) for each kind swept
     seeds: tuple[int, ...]
     zero_shot_limit: int | None  # items per zero-shot task (None = all)
+    adaptive: bool = False  # adaptive token budgets (the token budget is the cap); see core/evaluation/sequential.py
 
     def __post_init__(self) -> None:
         if not (self.layers == "all" or (isinstance(self.layers, int) and self.layers >= 1)):
@@ -71,6 +72,7 @@ PROTOCOLS: dict[str, Protocol] = {
                    ("router", ROUTER_STRENGTHS)),  # fmt: skip
         seeds=SEEDS,
         zero_shot_limit=500,
+        adaptive=True,
     ),
     "extended": Protocol(
         name="extended",
@@ -83,6 +85,7 @@ PROTOCOLS: dict[str, Protocol] = {
                    ("sign_flip", WEIGHT_LEVEL_FRACTIONS), ("bit_flip", WEIGHT_LEVEL_FRACTIONS)),  # fmt: skip
         seeds=SEEDS,
         zero_shot_limit=None,
+        adaptive=True,
     ),
 }
 

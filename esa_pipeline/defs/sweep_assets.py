@@ -156,7 +156,8 @@ def sweep_partition(context: AssetExecutionContext, partition_key: str, experime
         f"on {plan.sweep_dataset} ({base.n_tokens} tokens, baseline token PPL {base.token_ppl:.3f})"
     )
     rows, windows = run_sweep(lm, base, specs, adapter=adapter, cache=prefix_cache(plan, plan.sweep_dataset),
-                              log=lambda line: context.log.info(f"{partition}: {line}"))  # fmt: skip
+                              log=lambda line: context.log.info(f"{partition}: {line}"),
+                              rule=plan.adaptive.rule())  # fmt: skip
     rows = with_model(
         rows, model
     )  # keyed now, not only on write: the partition's chart labels panels by model

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,12 @@ class PairedResult:
     elapsed_s: float
     windows: pd.DataFrame  # window_id, doc_id, nll_sum, n_tokens, delta_nll_sum
     notes: list[str] = field(default_factory=list)
+    # Token budget actually used (adaptive budgets stop early; see core/evaluation/adaptive.py).
+    batches_used: int | None = None
+    stop_reason: str = "fixed_budget"
+    cs_lower: float | None = None  # confidence-sequence bounds on the mean per-document ΔNLL (nats/token)
+    cs_upper: float | None = None
+    cs_documents: int | None = None  # documents that entered the sequence
 
     def to_row(self) -> dict[str, Any]:
         """The result and spec fields of one `sensitivity` row (the caller adds model/dataset/variant/...)."""
@@ -78,6 +85,8 @@ class PairedResult:
             "relative_change": self.relative_change, "changed_fraction": self.changed_fraction,
             "n_changed": self.n_changed, "restored": self.restored, "used_prefix_cache": self.used_prefix_cache,
             "tokens_per_s": self.tokens_per_s, "elapsed_s": self.elapsed_s,
+            "batches_used": self.batches_used, "stop_reason": self.stop_reason, "cs_lower": self.cs_lower,
+            "cs_upper": self.cs_upper, "cs_documents": self.cs_documents,
         }  # fmt: skip
 
 
@@ -89,12 +98,20 @@ def evaluate_against(
     adapter: Any = None,
     cache: PrefixCache | None = None,
     scores: list[torch.Tensor] | None = None,
+    rule: Any = None,
 ) -> PairedResult:
     """Evaluates `lm` with `p` applied on exactly `base`'s windows and pairs the result with `base`.
+
+    With a `rule` (`sequential.SequentialRule`), batches are scored in a seeded order and scoring stops once
+    the point's anytime-valid confidence sequence has decided it (`adaptive.evaluate_adaptive`).
 
     With a `cache` (built from this `base`), a perturbation confined to decoder layers >= L replays only
     layers L..N; anything else (embedding, disabled cache) runs full forwards.
     """
+    if rule is not None:
+        from esa_pipeline.core.evaluation.adaptive import evaluate_adaptive
+
+        return evaluate_adaptive(lm, base, p, rule, adapter=adapter, cache=cache, scores=scores)
     model, _, _ = unwrap(lm)
     if cache is not None and cache.base is not base:
         raise ValueError("the prefix cache was built for another baseline: build it from this `base`")
@@ -132,6 +149,7 @@ def evaluate_against(
         tokens_per_s=n_tokens / elapsed,
         elapsed_s=elapsed,
         notes=list(report.notes),
+        batches_used=len(batches),
         **result,
     )
 
@@ -143,23 +161,34 @@ def paired_scores(model: torch.nn.Module, adapter: Any, base: PerplexityResult, 
     with exact KL against `base`: full body forwards, or with `start_layer` a prefix-cache replay from that
     layer. originals: the head's original parameters when the perturbation touches the head
     (`scoring.touched_head_originals`, taken before perturbing)."""
+    parts = [scores for _, scores in iter_paired_batches(model, adapter, base, batches, cache=cache,
+                                                         start_layer=start_layer, originals=originals)]  # fmt: skip
+    return concat_scores(parts)
+
+
+def iter_paired_batches(model: torch.nn.Module, adapter: Any, base: PerplexityResult, batches: list, *,
+                        cache: PrefixCache | None = None, start_layer: int | None = None,
+                        originals: dict[str, torch.Tensor] | None = None,
+                        order: list[int] | None = None) -> Iterator[tuple[int, TokenScores]]:  # fmt: skip
+    """(batch index, per-token scores of that batch) for the batches in `order` (default: 0, 1, ...), so a
+    caller may stop early (adaptive budgets); the arguments are those of `paired_scores`."""
     if base.final_hidden is None:
         raise ValueError("the baseline kept no final hidden states: compute it with perplexity()")
     base_head = head_with(model, adapter, originals) if originals else None
-    parts: list[TokenScores] = []
-    offset = 0
-    for index, batch in enumerate(batches):
+    offsets = [0]
+    for batch in batches:
+        offsets.append(offsets[-1] + batch.n_scored)
+    for index in range(len(batches)) if order is None else order:
+        batch = batches[index]
         if start_layer is None:
             hidden = final_hidden_states(model, adapter, batch)  # [B, T, H]
         else:
             assert cache is not None
             hidden = cache.hidden_from(start_layer, index)  # [B, T, H]
-        base_hidden = base.final_hidden[offset : offset + batch.n_scored]  # [n, H]
-        parts.append(score_hidden(model, adapter, gather_scored(hidden, batch), scored_targets(batch),
-                                  base_hidden=base_hidden, base_head=base_head, kl_topk=base.kl_topk))  # fmt: skip
-        offset += batch.n_scored
+        base_hidden = base.final_hidden[offsets[index] : offsets[index + 1]]  # [n, H]
+        yield index, score_hidden(model, adapter, gather_scored(hidden, batch), scored_targets(batch),
+                                  base_hidden=base_hidden, base_head=base_head, kl_topk=base.kl_topk)  # fmt: skip
         del hidden
-    return concat_scores(parts)
 
 
 def paired_metrics(base: PerplexityResult, pert: TokenScores) -> dict[str, Any]:

@@ -20,6 +20,7 @@ SENSITIVITY_COLUMNS = [
     "top1_agreement", "token_ppl", "nll_sum",
     "n_tokens", "nonfinite", "relative_change", "changed_fraction", "n_changed", "restored",
     "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights", "also_perturbed",
+    "batches_used", "stop_reason", "cs_lower", "cs_upper", "cs_documents",
 ]  # fmt: skip
 SENSITIVITY_WINDOW_COLUMNS = [
     "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed", "mode", "selection",
@@ -40,9 +41,11 @@ def run_sweep(
     adapter: Any = None,
     cache: PrefixCache | None = None,
     log: Callable[[str], None] | None = None,
+    rule: Any = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(sensitivity rows, sensitivity_windows rows) for `specs`, ordered by layer. Builds the prefix cache
-    once unless one is given; `log` receives one progress line per layer."""
+    once unless one is given; `log` receives one progress line per layer. With a `rule`
+    (`sequential.SequentialRule`) every point stops scoring once its decision is made (adaptive budget)."""
     model, _, spec = unwrap(lm)
     if adapter is None:
         from esa_pipeline.core.models.adapters import adapter_for
@@ -61,7 +64,7 @@ def run_sweep(
     ordered = layer_order(specs)
     layer_started, layer_points = time.perf_counter(), 0
     for index, p in enumerate(ordered):
-        result = evaluate_against(lm, base, p, adapter=adapter, cache=cache)
+        result = evaluate_against(lm, base, p, adapter=adapter, cache=cache, rule=rule)
         # Tied embeddings: the embedding and the head are one tensor, so the row names the other one too.
         rows.append({**context, **result.to_row(), "also_perturbed": adapter.also_perturbed(p.component)
                      if p.kind not in ("layer_drop",) else None})

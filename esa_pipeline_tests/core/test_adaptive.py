@@ -1,0 +1,90 @@
+"""Adaptive token budgets on a real forward pass: stopped points pair exactly with the baseline's windows."""
+
+import math
+
+import pytest
+
+from esa_pipeline.core import Perturbation, evaluate_against, load_model, perplexity
+from esa_pipeline.core.evaluation.adaptive import batch_order
+from esa_pipeline.core.evaluation.sequential import STOP_BUDGET, STOP_NEGLIGIBLE, SequentialRule
+from esa_pipeline.core.evaluation.sweep import run_sweep
+from esa_pipeline.core.evaluation.text import load_texts
+
+
+@pytest.fixture(scope="module")
+def setup():
+    lm = load_model("tiny-llama")
+    base = perplexity(lm, load_texts("bundled"), window=32, max_tokens=32 * 75, batch_size=4)
+    return lm, base
+
+
+def test_with_no_early_stop_the_adaptive_point_equals_the_fixed_budget_point(setup):
+    lm, base = setup
+    p = Perturbation(kind="gaussian", component="ffn.down", layer=1, strength=0.5, seed=1)
+    fixed = evaluate_against(lm, base, p)
+    never = SequentialRule(min_units=base.n_documents + 1)
+    adaptive = evaluate_against(lm, base, p, rule=never)
+    assert adaptive.stop_reason == STOP_BUDGET and fixed.stop_reason == "fixed_budget"
+    assert adaptive.n_tokens == fixed.n_tokens == base.n_tokens
+    assert adaptive.batches_used == fixed.batches_used == math.ceil(base.n_windows / 4)
+    assert adaptive.delta_nll == pytest.approx(fixed.delta_nll, rel=1e-9, abs=1e-12)
+    assert adaptive.kl == pytest.approx(fixed.kl, rel=1e-9)
+    assert sorted(adaptive.windows["window_id"]) == sorted(fixed.windows["window_id"])
+    assert adaptive.cs_documents == base.n_documents
+
+
+def test_an_early_stop_scores_fewer_windows_and_stores_exactly_those(setup):
+    lm, base = setup
+    p = Perturbation(kind="gaussian", component="ffn.down", layer=1, strength=0.001, seed=1)
+    rule = SequentialRule(min_units=4, abs_tolerance=0.002)
+    fixed = evaluate_against(lm, base, p)
+    adaptive = evaluate_against(lm, base, p, rule=rule)
+    assert adaptive.stop_reason == STOP_NEGLIGIBLE
+    assert adaptive.n_tokens < base.n_tokens and adaptive.batches_used < fixed.batches_used
+    assert adaptive.restored is True
+    scored = adaptive.windows.set_index("window_id")
+    assert int(scored["n_tokens"].sum()) == adaptive.n_tokens
+    # the same windows carry the same paired differences as in the fixed run (exact pairing)
+    reference = fixed.windows.set_index("window_id").loc[scored.index]
+    assert scored["delta_nll_sum"].to_numpy() == pytest.approx(reference["delta_nll_sum"].to_numpy(), abs=1e-9)
+    assert adaptive.delta_nll == pytest.approx(scored["delta_nll_sum"].sum() / scored["n_tokens"].sum(), rel=1e-9)
+    assert adaptive.cs_lower <= adaptive.cs_upper and adaptive.cs_upper - adaptive.cs_lower <= 2 * 0.002
+    # batches are visited in the shared seeded order
+    first = set(batch_order(fixed.batches_used)[: adaptive.batches_used])
+    window_batches = {w.window_id: i // 4 for i, w in enumerate(base.token_windows)}
+    assert {window_batches[w] for w in scored.index} == first
+
+
+def test_run_sweep_records_the_budget_used_on_every_row(setup):
+    lm, base = setup
+    specs = [Perturbation(kind="gaussian", component="ffn.down", layer=layer, strength=0.001, seed=1)
+             for layer in (0, 1)]  # fmt: skip
+    rows, windows = run_sweep(lm, base, specs, rule=SequentialRule(min_units=4))
+    assert set(rows["stop_reason"]) <= {"effect_resolved", "practically_zero", "budget_spent"}
+    assert (rows["n_tokens"] <= base.n_tokens).all() and rows["batches_used"].notna().all()
+    per_point = windows.groupby("layer")["n_tokens"].sum()
+    assert per_point.to_dict() == dict(zip(rows["layer"], rows["n_tokens"], strict=True))
+
+
+def test_batch_order_is_a_seeded_permutation():
+    assert sorted(batch_order(10)) == list(range(10))
+    assert batch_order(10) == batch_order(10) != list(range(10))
+    assert batch_order(10, seed=1) != batch_order(10)
+
+
+def test_adaptive_budgets_come_from_yaml_and_are_on_in_standard(tmp_path):
+    from esa_pipeline.core.config import ConfigError, load_experiment, model_plan
+
+    standard = load_experiment("standard", check_models=False)
+    assert standard.adaptive.enabled and standard.adaptive.rule().min_units == 16
+    smoke = load_experiment("smoke", check_models=False)
+    assert smoke.adaptive.rule() is None
+    text = (tmp_path / "x.yaml")
+    raw = open(load_experiment.__globals__["experiment_path"]("smoke")).read()
+    text.write_text(raw + "\nadaptive: {enabled: true, rel_precision: 0.1, min_documents: 4}\n")
+    cfg = load_experiment(text, check_models=False)
+    rule = model_plan(cfg, "tiny-llama").adaptive.rule()
+    assert (rule.rel_precision, rule.min_units, rule.alpha) == (0.1, 4, 0.05)
+    text.write_text(raw + "\nadaptive: {enabled: true, min_documents: 1}\n")
+    with pytest.raises(ConfigError, match="adaptive.min_documents"):
+        load_experiment(text, check_models=False)
