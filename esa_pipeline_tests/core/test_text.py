@@ -78,3 +78,20 @@ def test_wikitext_lines_are_joined_into_articles():
     assert [d.doc_id for d in docs] == ["wikitext-103:Alpha", "wikitext-103:Beta"]
     assert docs[0].text == "".join(lines[:4])
     assert docs[1].text == "".join(lines[4:])
+
+
+def test_hub_document_sample_is_seeded_order_preserving_and_stable():
+    from esa_pipeline.core.evaluation.text import sample_documents
+
+    docs = [Document(f"wikitext-103:article {i}", f"text {i}") for i in range(50)]
+    chosen = sample_documents(docs, 10, seed=0)
+    assert len(chosen) == 10 and chosen == sample_documents(docs, 10, seed=0)
+    assert chosen != docs[:10]  # never simply the first articles
+    assert [docs.index(d) for d in chosen] == sorted(docs.index(d) for d in chosen)  # corpus order kept
+    assert sample_documents(docs, 10, seed=1) != chosen
+    # a document's rank depends only on (seed, its id): a corpus with more documents samples a superset's
+    # top ranks, so every document of the larger sample that was in the smaller corpus is also in its sample
+    more = docs + [Document(f"wikitext-103:article {i}", "x") for i in range(50, 60)]
+    bigger = {d.doc_id for d in sample_documents(more, 10, 0)}
+    assert {d.doc_id for d in docs if d.doc_id in bigger} <= {d.doc_id for d in chosen}
+    assert [d.doc_id for d in sample_documents(docs, None, 0)] == [d.doc_id for d in docs]

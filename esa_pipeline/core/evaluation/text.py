@@ -6,6 +6,7 @@ Nothing here sets global state: offline behaviour is governed by the caller's `H
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -16,6 +17,10 @@ BUNDLED_CORPUS_DIR = Path(__file__).resolve().parents[3] / "data" / "corpus"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Streamed sets are effectively unbounded: without max_docs we stop here rather than read for hours.
 DEFAULT_STREAMED_DOCS = 2000
+# Seed of the document sample drawn from a hub dataset when max_docs is set.
+DEFAULT_DOC_SEED = 0
+# Streamed sets cannot be ranked whole: they are read through a seeded shuffle buffer of this many rows.
+STREAM_SHUFFLE_BUFFER = 10_000
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,14 @@ HUB_SOURCES: dict[str, _HubSource] = {
 }
 
 
-def load_texts(source: str, *, max_docs: int | None = None) -> list[Document]:
+def load_texts(source: str, *, max_docs: int | None = None, seed: int = DEFAULT_DOC_SEED) -> list[Document]:
     """Documents from `source`: "bundled", a .txt/.jsonl/.parquet file or a directory of them, or a
-    dataset name in HUB_SOURCES. Order is deterministic (sorted files, dataset order)."""
+    dataset name in HUB_SOURCES. Order is deterministic (sorted files, dataset order).
+
+    max_docs on a local source keeps the first documents; on a hub dataset it draws a seeded sample
+    (`sample_documents`; streamed sets through a `seed`ed shuffle buffer of STREAM_SHUFFLE_BUFFER rows), so a
+    small budget measures the corpus, not its first articles. Every document keeps its id (recorded per window).
+    """
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs must be >= 1 or None, got {max_docs}")
     if source == "bundled":
@@ -54,7 +64,7 @@ def load_texts(source: str, *, max_docs: int | None = None) -> list[Document]:
             raise FileNotFoundError(f"bundled corpus is empty: no *.txt under {BUNDLED_CORPUS_DIR}")
         return docs
     if source in HUB_SOURCES:
-        return _load_hub(source, HUB_SOURCES[source], max_docs)
+        return _load_hub(source, HUB_SOURCES[source], max_docs, seed)
     path = Path(source).expanduser()
     if path.is_dir():
         docs = _load_directory(path, max_docs)
@@ -111,7 +121,21 @@ def _load_file(path: Path) -> Iterable[Document]:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
 
 
-def _load_hub(name: str, src: _HubSource, max_docs: int | None) -> list[Document]:
+def sample_documents(docs: Iterable[Document], max_docs: int | None, seed: int) -> list[Document]:
+    """A seeded sample of `max_docs` non-empty documents (all when None), kept in their original order.
+
+    Each document is ranked by sha256(seed, doc_id): the sample does not depend on library versions and a
+    document stays in (or out of) the sample when others are added to the corpus.
+    """
+    pool = _take(docs, None)
+    if max_docs is None or len(pool) <= max_docs:
+        return pool
+    ranked = sorted(range(len(pool)), key=lambda i: hashlib.sha256(repr((seed, pool[i].doc_id)).encode()).digest())
+    keep = set(ranked[:max_docs])
+    return [doc for i, doc in enumerate(pool) if i in keep]
+
+
+def _load_hub(name: str, src: _HubSource, max_docs: int | None, seed: int) -> list[Document]:
     fix = (
         f"run once online to fill the Hugging Face cache (datasets.load_dataset({src.path!r}, {src.config!r}, "
         f"split={src.split!r})), or point the experiment's dataset at a local .txt/.jsonl/.parquet file"
@@ -123,11 +147,12 @@ def _load_hub(name: str, src: _HubSource, max_docs: int | None) -> list[Document
     try:
         rows = datasets.load_dataset(src.path, src.config, split=src.split, streaming=src.streamed)
         if name == "wikitext-103":
-            docs = _wikitext_articles(row["text"] for row in rows)
-        else:
-            limit = max_docs if max_docs is not None else DEFAULT_STREAMED_DOCS
-            return _take((Document(f"{name}:{i}", row["text"]) for i, row in enumerate(rows)), limit)
-        return _take(docs, max_docs)
+            return sample_documents(_wikitext_articles(row["text"] for row in rows), max_docs, seed)
+        limit = max_docs if max_docs is not None else DEFAULT_STREAMED_DOCS
+        rows = rows.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+        # c4 rows carry their url: the document's id wherever it lands in the shuffled stream
+        return _take((Document(str(row.get("url") or f"{name}:seed{seed}:{i}"), row["text"])
+                      for i, row in enumerate(rows)), limit)  # fmt: skip
     except (ConnectionError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
         raise DatasetUnavailable(f"dataset {name!r} ({src.path}) is not available: {err}. Fix: {fix}") from err
 
