@@ -88,3 +88,18 @@ def test_adaptive_budgets_come_from_yaml_and_are_on_in_standard(tmp_path):
     text.write_text(raw + "\nadaptive: {enabled: true, min_documents: 1}\n")
     with pytest.raises(ConfigError, match="adaptive.min_documents"):
         load_experiment(text, check_models=False)
+
+
+def test_the_report_summarises_tokens_used_per_point():
+    import pandas as pd
+
+    from esa_pipeline.core.reporting.report import token_budget_summary
+
+    rows = pd.DataFrame({
+        "model": ["m"] * 4, "kind": ["gaussian"] * 4, "n_tokens": [1000, 400, 600, 1000],
+        "stop_reason": ["budget_spent", "practically_zero", "practically_zero", None],
+    })  # fmt: skip
+    out = token_budget_summary(rows).set_index("stop_reason")
+    assert out.loc["practically_zero", "points"] == 2 and out.loc["practically_zero", "tokens_median"] == 500
+    assert out.loc["practically_zero", "budget_fraction"] == 0.5
+    assert out.loc["fixed_budget", "tokens_max"] == 1000  # rows stored before adaptive budgets existed

@@ -171,6 +171,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
     for title, figures in _figures(_rows_of(tables, random_models, keep=False)):
         sections.append(_figure_section(title, figures, out_dir))
     sections.append(_zero_shot_under_perturbation_section(tables, out_dir))
+    sections.append(_token_budget_section(tables.get("sensitivity")))
     sections.append(_scaling_table_section(tables.get("scaling_fit")))
     sections.append(_group_comparison_section(tables.get("group_comparison")))
     sections.append(_super_weights_section(tables.get("super_weights")))
@@ -298,6 +299,37 @@ def _table_section(anchor: str, title: str, relation: str, frame: pd.DataFrame |
     if frame is None or frame.empty:
         return head + _empty(relation, why_empty) + "</section>"
     return head + _table(frame, {c: c for c in columns}) + "</section>"
+
+
+TOKEN_BUDGET_COLUMNS = ["model", "kind", "stop_reason", "points", "tokens_median", "tokens_min", "tokens_max",
+                        "budget_tokens", "budget_fraction"]  # fmt: skip
+
+
+def token_budget_summary(sensitivity: pd.DataFrame | None) -> pd.DataFrame:
+    """Tokens scored per sweep point, by model, kind and stop reason (adaptive budgets stop early; a fixed
+    budget scores every window: stop_reason `fixed_budget`). budget_tokens is the model's largest point."""
+    if sensitivity is None or sensitivity.empty or "n_tokens" not in sensitivity.columns:
+        return pd.DataFrame(columns=TOKEN_BUDGET_COLUMNS)
+    frame = sensitivity.assign(stop_reason=sensitivity.get("stop_reason", pd.Series(index=sensitivity.index,
+                                                                                   dtype=object)).fillna("fixed_budget"))
+    budget = frame.groupby("model")["n_tokens"].transform("max")
+    frame = frame.assign(budget_tokens=budget)
+    out = frame.groupby(["model", "kind", "stop_reason"], as_index=False).agg(
+        points=("n_tokens", "size"), tokens_median=("n_tokens", "median"), tokens_min=("n_tokens", "min"),
+        tokens_max=("n_tokens", "max"), budget_tokens=("budget_tokens", "max"),
+    )  # fmt: skip
+    out["budget_fraction"] = out["tokens_median"] / out["budget_tokens"]
+    return out[TOKEN_BUDGET_COLUMNS]
+
+
+def _token_budget_section(sensitivity: pd.DataFrame | None) -> str:
+    return _table_section(
+        "token-budget", "Tokens used per sweep point", "sensitivity", token_budget_summary(sensitivity),
+        TOKEN_BUDGET_COLUMNS, why_empty="no sweep points stored",
+        guide="With `adaptive` on, a point stops once its confidence sequence has decided it (effect_resolved / "
+              "practically_zero) or at the fixed budget (budget_spent); without it every point scores the whole "
+              "budget (fixed_budget).",
+    )  # fmt: skip
 
 
 def _zero_shot_under_perturbation_section(tables: dict[str, pd.DataFrame], out_dir: Path) -> str:
