@@ -223,6 +223,35 @@ class Adaptive(_Strict):
                               min_units=self.min_documents, design_units=self.design_documents)  # fmt: skip
 
 
+class Compression(_Strict):
+    """The compression study (issue 13, core/compression/study.py) for the listed models: quantize / prune /
+    layer_drop sweeps, Block Influence, and a bit and a sparsity recipe applied whole. Its rows are hashed
+    by `compression_hash` (this section + the model's plan), so editing it never invalidates the sweeps."""
+
+    models: list[str] = Field(min_length=1, description="models (keys of `models`) to study")
+    components: list[str] | None = Field(default=None, description="default: every attention/FFN matrix")
+    layers: LayerSelection = "all"
+    bits: list[Literal[8, 6, 4, 3, 2]] = Field(default_factory=lambda: [3, 4, 8], min_length=1)
+    scheme: Literal["symmetric", "asymmetric"] = "symmetric"
+    group_size: Literal[0, 32, 64, 128] = Field(default=32, description="inputs per scale group, 0 = per-channel")
+    sparsities: list[Fraction] = Field(default_factory=lambda: [0.25, 0.5, 0.75],
+                                       description="[] skips pruning and the sparsity recipe")
+    prune_method: Literal["magnitude", "wanda"] = "magnitude"
+    bit_budget: PositiveFloat = Field(default=4.0, description="average bits per weight of the recipe")
+    sparsity_target: Fraction = Field(default=0.5, description="average sparsity of the pruning recipe")
+    spans: list[Count] = Field(default_factory=lambda: [1], description="layer spans of Block Influence")
+    token_budget: Count | None = Field(default=None, description="tokens evaluated per point (default: global)")
+
+    @model_validator(mode="after")
+    def _budgets_are_measured(self) -> Compression:
+        if self.bit_budget not in self.bits:
+            raise ValueError(f"bit_budget {self.bit_budget} must be one of bits {self.bits}: the uniform baseline "
+                             "at the same average is a measured point")
+        if self.sparsities and self.sparsity_target not in self.sparsities:
+            raise ValueError(f"sparsity_target {self.sparsity_target} must be one of sparsities {self.sparsities}")
+        return self
+
+
 class ModelSection(_Strict):
     """One model of the experiment; every field but `source` is optional and overrides the global value."""
 
@@ -262,6 +291,7 @@ class ExperimentConfig(_Strict):
     importance: Importance = Field(default_factory=Importance)
     adaptive: Adaptive = Field(default_factory=Adaptive)
     models: dict[str, ModelSection | None] = Field(min_length=1)
+    compression: Compression | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -274,6 +304,14 @@ class ExperimentConfig(_Strict):
     def _sweep_dataset_is_listed(self) -> ExperimentConfig:
         if self.sweep_dataset is not None and self.sweep_dataset not in self.datasets:
             raise ValueError(f"sweep_dataset {self.sweep_dataset!r} must be one of datasets {self.datasets}")
+        return self
+
+    @model_validator(mode="after")
+    def _compression_models_are_listed(self) -> ExperimentConfig:
+        if self.compression is not None:
+            unknown = [m for m in self.compression.models if m not in self.models]
+            if unknown:
+                raise ValueError(f"compression.models {unknown} are not in models {sorted(self.models)}")
         return self
 
     def section(self, model: str) -> ModelSection:
@@ -387,6 +425,13 @@ def model_section_hash(cfg: ExperimentConfig, model: str) -> str:
 
 
 _LATER_DEFAULTS: dict[str, Any] = {"experts": "all", "adapter": None}
+
+
+def compression_hash(cfg: ExperimentConfig, model: str) -> str:
+    """Hash of the compression study's settings for `model`: its plan (as model_section_hash) + the section."""
+    plan = model_plan(cfg, model).model_dump(mode="json", exclude={"device"})
+    section = cfg.compression.model_dump(mode="json") if cfg.compression is not None else None
+    return stable_hash({"plan": plan, "compression": section})
 
 
 def experiment_hash(cfg: ExperimentConfig) -> str:
@@ -713,6 +758,13 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             problems.append("zero_shot.at: no tasks to score; set zero_shot.tasks, e.g. [esa_knowledge]")
         if at.grid is None and at.top_delta_nll == 0 and at.random_controls == 0:
             problems.append("zero_shot.at: no points; set grid, top_delta_nll and/or random_controls (or remove `at`)")
+    if cfg.compression is not None and cfg.compression.components is not None:
+        check_components("compression.components", cfg.compression.components)
+        problems.extend(f"compression.components: {c!r} is not a weight matrix (quantize/prune act on "
+                        "attention.* and ffn.* projections)" for c in cfg.compression.components
+                        if not c.startswith(("attention.", "ffn.")))  # fmt: skip
+    if cfg.compression is not None:
+        check_budget("compression.token_budget", cfg.compression.token_budget)
     if not any(getattr(cfg.strengths, kind) for kind in KINDS):
         problems.append("strengths: no strengths given; set at least strengths.gaussian: [0.01, ...]")
     for name, section in cfg.models.items():

@@ -6,6 +6,7 @@ from dagster import Definitions
 
 from esa_pipeline.defs.analysis_assets import critical_layers, moe_routing, significance, weight_importance
 from esa_pipeline.defs.automation import JOBS, SENSORS, nightly_schedules
+from esa_pipeline.defs.compression_assets import compression
 from esa_pipeline.defs.cross_model_assets import architecture_comparison, report, scaling_fit
 from esa_pipeline.defs.executors import executor_from_env
 from esa_pipeline.defs.model_assets import baseline, model_card
@@ -36,6 +37,7 @@ ASSETS = [
     moe_routing,
     architecture_comparison,
     scaling_fit,
+    compression,
     report,
 ]
 

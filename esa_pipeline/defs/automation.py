@@ -54,7 +54,7 @@ from esa_pipeline.defs.planning import (
 )
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 
-MODEL_STAGE_ASSETS = ["model_card", "baseline", "weight_importance", "moe_routing"]
+MODEL_STAGE_ASSETS = ["model_card", "baseline", "weight_importance", "moe_routing", "compression"]
 MODEL_ANALYSIS_ASSETS = ["significance", "critical_layers", "zero_shot_sensitivity"]
 CROSS_MODEL_ASSETS = ["architecture_comparison", "scaling_fit", "report"]
 

@@ -22,6 +22,7 @@ from esa_pipeline.defs.common import (
     store_rows,
     table_preview,
 )
+from esa_pipeline.defs.compression_assets import COMPRESSION_RELATIONS, compression, compression_rows
 from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sweep_assets import sensitivity
@@ -124,7 +125,7 @@ def scaling_fit(context: AssetExecutionContext, experiment: ExperimentResource, 
 
 @asset(
     deps=[baseline, significance, critical_layers, weight_importance, moe_routing, architecture_comparison,
-          scaling_fit, zero_shot_sensitivity],
+          scaling_fit, zero_shot_sensitivity, compression],
     group_name="report",
     automation_condition=EAGER_ACROSS_MODELS,
     description="Charts (PNG/HTML/JSON) and a self-contained HTML report under data/reports/.",
@@ -137,6 +138,9 @@ def report(context: AssetExecutionContext, experiment: ExperimentResource, store
     tables, missing = {}, []
     for relation in REPORT_RELATIONS:
         try:
+            if relation in COMPRESSION_RELATIONS.values():  # hashed by compression_hash, not the model's
+                tables[relation] = compression_rows(st, relation, cfg)
+                continue
             tables[relation] = (experiment_rows(st, relation, cfg) if relation not in CROSS_MODEL_RELATIONS
                                 else st.read(relation, UNPARTITIONED, config_hash=experiment_hash(cfg)))  # fmt: skip
         except FileNotFoundError:

@@ -72,6 +72,7 @@ UPSTREAM: dict[str, list[str]] = {
     "baseline": ["model_card"],
     "weight_importance": ["baseline"],
     "moe_routing": ["baseline"],
+    "compression": ["baseline"],
     "sensitivity": ["baseline"],
     "significance": ["sensitivity"],
     "critical_layers": ["significance", "model_card"],
@@ -79,7 +80,7 @@ UPSTREAM: dict[str, list[str]] = {
     "architecture_comparison": ["sensitivity", "model_card"],
     "scaling_fit": ["sensitivity", "model_card"],
     "report": ["baseline", "significance", "critical_layers", "weight_importance", "moe_routing",
-               "architecture_comparison", "scaling_fit", "zero_shot_sensitivity"],
+               "architecture_comparison", "scaling_fit", "zero_shot_sensitivity", "compression"],
 }  # fmt: skip
 
 

@@ -154,3 +154,46 @@ def _nll(model, batch) -> torch.Tensor:
     adapter = adapter_for(model)
     hidden = gather_scored(final_hidden_states(model, adapter, batch), batch)
     return score_hidden(model, adapter, hidden, scored_targets(batch)).nll.double()
+
+
+def test_compression_study_on_a_tiny_model_produces_every_relation(tiny):
+    from esa_pipeline.core.compression.study import compression_study
+
+    lm = tiny("tiny-pythia")
+    base = perplexity(lm, load_texts("bundled", max_docs=3), window=32, max_tokens=96, batch_size=3)
+    out = compression_study(lm, base, layers=[0, 1], components=["attention.query", "ffn.down"], bits=(2, 4, 8),
+                            sparsities=(0.25, 0.5), sparsity_target=0.5)
+    sens = out["sensitivity"]
+    assert sens.groupby("kind").size().to_dict() == {"quantize": 12, "prune": 8, "layer_drop": 6}
+    assert sens["restored"].all()
+    assert (sens[sens["kind"] == "quantize"]["group_size"] == 32).all()
+    assert sens[sens["kind"] == "layer_drop"]["used_prefix_cache"].all()
+    recipe = out["compression_recipe"].set_index(["kind", "allocation"])
+    assert recipe["restored"].all() and len(recipe) == 4
+    assert recipe.loc[("quantize", "recipe"), "achieved"] <= 4.0
+    # the ILP never predicts worse than the uniform assignment it could have chosen
+    assert recipe.loc[("quantize", "recipe"), "predicted_delta_nll"] <= recipe.loc[("quantize", "uniform"), "predicted_delta_nll"] + 1e-12
+    assert len(out["block_influence"]) == tiny("tiny-pythia").spec.n_layers
+    assert set(out["layer_drop_agreement"]["measure"]) == {"block_influence", "angular_distance"}
+
+
+def test_report_shows_recipes_top_quantize_units_and_block_influence_agreement(tmp_path):
+    from esa_pipeline.core.reporting.report import build_report
+
+    recipe = pd.DataFrame([{"model": "smollm2-135m", "kind": "quantize", "allocation": "recipe", "budget": 4.0,
+                            "achieved": 3.98, "predicted_delta_nll": 0.1, "measured_delta_nll": 0.13,
+                            "measured_kl": 0.12, "additivity_ratio": 1.3, "ratio_ci_low": 1.1, "ratio_ci_high": 1.6,
+                            "restored": True}])
+    sens = pd.DataFrame({"model": "smollm2-135m", "kind": "quantize", "layer": range(8), "component": "ffn.down",
+                         "strength": [3.0] * 7 + [8.0], "mode": "symmetric", "group_size": 32,
+                         "delta_nll": [0.01, 0.9, 0.02, 0.8, 0.03, 0.7, 0.6, 5.0], "kl": 0.0, "relative_change": 0.1})
+    agreement = pd.DataFrame([{"model": "smollm2-135m", "measure": "block_influence", "span": 1,
+                               "drop_component": "block", "spearman_rho": 0.75, "p_value": 0.01, "n_layers": 30,
+                               "note": ""}])
+    page = build_report({"compression_recipe": recipe, "compression_sensitivity": sens,
+                         "layer_drop_agreement": agreement}, tmp_path, experiment={"name": "c"}).read_text()
+    section = page[page.index('id="quantize-top"'):page.index('id="block-influence"')]
+    # the five largest 3-bit units (the 8-bit row is not a 3-bit unit, however large)
+    assert section.count("<tr>") - 1 == 5 and "5.0" not in section
+    assert "1.3" in page[page.index('id="compression-recipe"'):page.index('id="quantize-top"')]
+    assert "0.75" in page[page.index('id="block-influence"'):]

@@ -14,13 +14,15 @@ CONFIG_SOURCES = {"experiment_config", "baseline_config", "importance_config", "
 ASSET_KEYS = CONFIG_SOURCES | { "model_card", "baseline", "sensitivity", "significance",
     "critical_layers", "weight_importance", "moe_routing", "architecture_comparison", "scaling_fit", "report",
     "zero_shot_sensitivity",
+    "compression",
 }  # fmt: skip
 CHECK_KEYS = {
     ("baseline", "baseline_sanity"), ("baseline", "baseline_regression"), ("sensitivity", "every_row_restored"),
     ("significance", "significance_quality"), ("scaling_fit", "scaling_fit_quality"),
-    ("zero_shot_sensitivity", "every_point_restored"),
+    ("zero_shot_sensitivity", "every_point_restored"), ("compression", "compression_restored"),
 }  # fmt: skip
-GPU_ASSETS = {"model_card", "baseline", "sensitivity", "weight_importance", "moe_routing", "zero_shot_sensitivity"}
+GPU_ASSETS = {"model_card", "baseline", "sensitivity", "weight_importance", "moe_routing", "zero_shot_sensitivity",
+              "compression"}
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ def test_asset_graph_snapshot():
         if graph.get_check_spec(k).blocking
     }
     assert blocking == {("baseline", "baseline_sanity"), ("sensitivity", "every_row_restored"),
-                        ("zero_shot_sensitivity", "every_point_restored")}
+                        ("zero_shot_sensitivity", "every_point_restored"), ("compression", "compression_restored")}
     # one model's failed baseline check blocks only that model's partitions
     assert graph.get(AssetKey("baseline")).partitions_def == graph.get_check_spec(
         next(k for k in graph.asset_check_keys if k.name == "baseline_sanity")).partitions_def

@@ -42,10 +42,12 @@ def run_sweep(
     cache: PrefixCache | None = None,
     log: Callable[[str], None] | None = None,
     rule: Any = None,
+    scores: Callable[[Perturbation], list | None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(sensitivity rows, sensitivity_windows rows) for `specs`, ordered by layer. Builds the prefix cache
     once unless one is given; `log` receives one progress line per layer. With a `rule`
-    (`sequential.SequentialRule`) every point stops scoring once its decision is made (adaptive budget)."""
+    (`sequential.SequentialRule`) every point stops scoring once its decision is made (adaptive budget).
+    `scores(p)` gives a spec its `scores=` (e.g. Wanda's |W|·‖X‖ for prune mode "wanda"), None for most."""
     model, _, spec = unwrap(lm)
     if adapter is None:
         from esa_pipeline.core.models.adapters import adapter_for
@@ -64,7 +66,8 @@ def run_sweep(
     ordered = layer_order(specs)
     layer_started, layer_points = time.perf_counter(), 0
     for index, p in enumerate(ordered):
-        result = evaluate_against(lm, base, p, adapter=adapter, cache=cache, rule=rule)
+        result = evaluate_against(lm, base, p, adapter=adapter, cache=cache, rule=rule,
+                                  scores=None if scores is None else scores(p))
         # Tied embeddings: the embedding and the head are one tensor, so the row names the other one too.
         rows.append({**context, **result.to_row(), "also_perturbed": adapter.also_perturbed(p.component)
                      if p.kind not in ("layer_drop",) else None})
