@@ -102,6 +102,12 @@ def zero_shot_relations(sensitivity: pd.DataFrame, rng: np.random.Generator) -> 
     return summary, corr, points
 
 
+def compression_fixture(names: list[str]) -> dict[str, pd.DataFrame]:
+    from esa_pipeline_tests.core.test_compression_recipe import compression_fixture as build
+
+    return build(names)
+
+
 def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral")) -> dict[str, pd.DataFrame]:
     """Every relation the charts and the report read, for `names`, derived through the real analysis code."""
     names = list(names)
@@ -179,6 +185,7 @@ def fixture_relations(names: tuple[str, ...] = ("smollm2-135m", "tiny-mixtral"))
         "architecture_comparison": architecture, "group_comparison": groups, "super_weights": supers,
         "scaling_fit": analysis.scaling_fit(sensitivity, models), "moe_routing": routing,
         "weight_importance": importance, "importance_validation": validation, "prediction_check": prediction,
+        **compression_fixture(names),
     }  # fmt: skip
 
 

@@ -15,9 +15,10 @@ from esa_pipeline.core.evaluation.scoring import (
 )
 from esa_pipeline.core.evaluation.text import load_texts
 from esa_pipeline.core.models.adapters import adapter_for
-from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices
+from esa_pipeline.core.perturbation.perturb import Perturbation, input_axis, perturbed, resolve_slices
 from esa_pipeline.core.perturbation.prune import prune_mask
 from esa_pipeline.core.perturbation.quantize import fake_quantize
+from esa_pipeline_tests.conftest import ALL_TINY
 
 
 def t(rows):
@@ -120,13 +121,15 @@ def _param_snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("family", ALL_TINY)
 @pytest.mark.parametrize("component", ["attention.key", "ffn.up"])
-def test_quantize_writes_exactly_the_slice_and_restores(tiny_model, component):
-    model, adapter = tiny_model.model, adapter_for(tiny_model.model)
+def test_quantize_writes_exactly_the_slice_and_restores(tiny, family, component):
+    lm = tiny(family)
+    model, adapter = lm.model, adapter_for(lm.model)
     p = Perturbation("quantize", component, 1, 3, 0, mode="asymmetric", group_size=32)
     before = _param_snapshot(model)
     slices = resolve_slices(adapter, p)
-    expected = [fake_quantize(s.get(model), 3, 32, "asymmetric") for s in slices]
+    expected = [fake_quantize(s.get(model), 3, 32, "asymmetric", input_axis(model, s)) for s in slices]
     with perturbed(model, adapter, p) as report:
         after = _param_snapshot(model)
         for s, e in zip(slices, expected, strict=True):
@@ -181,8 +184,25 @@ def test_wanda_prune_needs_scores_and_uses_them(tiny):
         assert bool((w[:, : n_in // 4] == 0).all())  # the lowest scores are the first quarter of each row
 
 
-def test_layer_drop_block_makes_the_layer_an_identity(tiny_model):
-    model, adapter = tiny_model.model, adapter_for(tiny_model.model)
+def test_gpt2_conv1d_is_quantized_along_its_input_rows(tiny):
+    lm = tiny("tiny-gpt2")
+    model, adapter = lm.model, adapter_for(lm.model)
+    p = Perturbation("quantize", "attention.query", 0, 2, 0, mode="symmetric", group_size=0)
+    (s, _bias) = adapter.slices("attention.query", 0)
+    assert input_axis(model, s) == 0  # Conv1D [in, out]
+    w, bias = s.get(model).clone(), _bias.get(model).clone()  # [H_in, H_q], [H_q]
+    with perturbed(model, adapter, p):
+        got = s.get(model)
+        # per-channel = one scale per OUTPUT column, the absmax over its inputs (rows)
+        assert torch.equal(got, fake_quantize(w.T, 2, 0, "symmetric").T)
+        assert torch.equal(got.abs().amax(dim=0), w.abs().amax(dim=0))  # each column's absmax is a grid point
+        assert torch.equal(_bias.get(model), bias)  # weight-only: the bias keeps full precision
+
+
+@pytest.mark.parametrize("family", ALL_TINY)
+def test_layer_drop_block_makes_the_layer_an_identity(tiny, family):
+    lm = tiny(family)
+    model, adapter = lm.model, adapter_for(lm.model)
     layers = adapter.decoder_layers(model)
     seen = {}
     handles = [layers[1].register_forward_pre_hook(lambda m, a, k: seen.__setitem__("in", (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True),

@@ -197,3 +197,39 @@ def test_report_shows_recipes_top_quantize_units_and_block_influence_agreement(t
     assert section.count("<tr>") - 1 == 5 and "5.0" not in section
     assert "1.3" in page[page.index('id="compression-recipe"'):page.index('id="quantize-top"')]
     assert "0.75" in page[page.index('id="block-influence"'):]
+
+
+def compression_fixture(names: list[str]) -> dict[str, pd.DataFrame]:
+    """The compression relations the report reads, for `names`, derived through the real allocation /
+    additivity / agreement code from synthetic single-unit points (for the report and chart fixtures)."""
+    rng = np.random.default_rng(0)
+    sens, sims, recipes = [], [], []
+    for model in names:
+        q = pd.DataFrame([{"model": model, "kind": "quantize", "layer": layer, "component": comp, "strength": float(b),
+                           "mode": "symmetric", "group_size": 32, "delta_nll": float(rng.uniform(0, 1) / b**2),
+                           "kl": 0.01, "relative_change": 0.1}
+                          for layer in range(4) for comp in ("attention.query", "ffn.down") for b in (3, 4, 8)])
+        drops = pd.DataFrame({"model": model, "kind": "layer_drop", "component": "block", "layer": range(4),
+                              "delta_nll": [0.5, 0.1, 0.2, 0.3]})
+        sens += [q, drops]
+        sims.append(pd.DataFrame({"model": model, "layer": range(4), "span": 1,
+                                  "block_influence": [0.4, 0.05, 0.1, 0.2], "angular_distance": [0.3, 0.1, 0.05, 0.2]}))
+        points = q.rename(columns={"strength": "value"}).assign(n_params=100)
+        for allocation, chosen in (("recipe", choose_allocation(points, 4.0, kind="quantize")),
+                                   ("uniform", uniform_allocation(points, 4.0))):
+            unit_windows = pd.concat([chosen.assign(window_id=w, delta_nll_sum=chosen["delta_nll"] * 5)
+                                      for w in (0, 1)])
+            measured = pd.DataFrame({"window_id": [0, 1], "n_tokens": [10, 10],
+                                     "delta_nll_sum": [1.2 * chosen["delta_nll"].sum() * 5] * 2})
+            check = additivity(measured, unit_windows, chosen, {0: "a", 1: "b"})
+            recipes.append({"model": model, "kind": "quantize", "allocation": allocation, "budget": 4.0,
+                            "achieved": achieved(chosen), **check, "measured_kl": 0.02, "restored": True})
+    sens_frame = pd.concat(sens, ignore_index=True)
+    return {"compression_sensitivity": sens_frame, "block_influence": pd.concat(sims, ignore_index=True),
+            "layer_drop_agreement": layer_drop_agreement(pd.concat(sims, ignore_index=True), sens_frame),
+            "compression_recipe": pd.DataFrame(recipes)}
+
+
+def test_compression_fixture_ratios_are_the_built_in_factor():
+    recipe = compression_fixture(["m"])["compression_recipe"]
+    assert recipe["additivity_ratio"].tolist() == pytest.approx([1.2, 1.2])

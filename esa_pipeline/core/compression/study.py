@@ -85,7 +85,7 @@ def compression_study(
     agreement = layer_drop_agreement(similarity, sensitivity)
 
     doc_of_window = {w.window_id: w.doc_id for w in base.token_windows}
-    context = {"model": getattr(spec, "name", base.model), "dataset": base.dataset, "window": base.window,
+    context = {"model": getattr(spec, "name", base.model), "dataset": base.dataset, "window_tokens": base.window,
                "random_weights": getattr(spec, "random_weights", base.random_weights)}  # fmt: skip
     recipes = []
     for kind, budget, params in (("quantize", bit_budget, {"mode": scheme, "group_size": group_size}),

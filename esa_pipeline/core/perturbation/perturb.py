@@ -345,8 +345,17 @@ def _weight_level(view: torch.Tensor, p: Perturbation, score: torch.Tensor | Non
     return new
 
 
+def input_axis(model: torch.nn.Module, s: ParamSlice) -> int:
+    """The axis of slice `s` along which its module reads inputs: the last for nn.Linear-style [out, in]
+    storage (and its fused views / 3-D experts), 0 for transformers' Conv1D, which stores [in, out] (GPT-2)."""
+    owner = model.get_submodule(s.param_name.rsplit(".", 1)[0]) if "." in s.param_name else model
+    return 0 if type(owner).__name__ == "Conv1D" else -1
+
+
 def _new_values(p: Perturbation, slices: list[ParamSlice], views: list[torch.Tensor],
-                scores: list[torch.Tensor] | None, gen: torch.Generator) -> list[torch.Tensor]:
+                scores: list[torch.Tensor] | None, gen: torch.Generator,
+                axes: list[int] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    axes = axes or [-1] * len(views)
     if p.kind in ("gaussian", "router"):
         sigma = -p.strength if p.antithetic else p.strength
         return [_gaussian(v, sigma, gen, s.gain_offset) for s, v in zip(slices, views, strict=True)]
@@ -364,10 +373,12 @@ def _new_values(p: Perturbation, slices: list[ParamSlice], views: list[torch.Ten
         chosen = chosen.sort().values
         return [_neurons(v, s.neuron_axis, chosen, p, gen) for s, v in zip(slices, views, strict=True)]
     if p.kind == "quantize":
-        return [fake_quantize(v, int(p.strength), p.group_size, p.mode) for v in views]  # type: ignore[arg-type]
+        return [fake_quantize(v, int(p.strength), p.group_size, p.mode, a)  # type: ignore[arg-type]
+                for v, a in zip(views, axes, strict=True)]  # fmt: skip
     if p.kind == "prune":  # 2:4 and magnitude rank |W|; only wanda uses the scores
         ranks = [scores[i] if p.mode == "wanda" else None for i in range(len(views))]  # type: ignore[index]
-        return [v.masked_fill(prune_mask(v, p.mode, p.strength, r), 0) for v, r in zip(views, ranks, strict=True)]
+        return [v.masked_fill(prune_mask(v, p.mode, p.strength, r, a), 0)
+                for v, r, a in zip(views, ranks, axes, strict=True)]  # fmt: skip
     if p.kind == "layer_drop":
         return [torch.zeros_like(v) for v in views]
     return [_weight_level(v, p, None if scores is None else scores[i], gen) for i, v in enumerate(views)]
@@ -406,7 +417,8 @@ def perturbed(model: torch.nn.Module, adapter: Adapter, p: Perturbation,
     gen = torch.Generator(device="cpu").manual_seed(p.spec_seed())
     if p.kind == "neurons":
         scores = None if p.selection == "random" else [neuron_norms(model, adapter, p)]
-    new_values = _new_values(p, slices, views, scores, gen)  # computed before any write
+    axes = [input_axis(model, s) for s in slices]  # quantize/prune group and rank along the input axis
+    new_values = _new_values(p, slices, views, scores, gen, axes)  # computed before any write
     snapshots = [v.clone() for v in views]
     report = PerturbationReport(p, 0.0, 0.0, sum(v.numel() for v in views), 0, None, 0.0)
     if adapter.tied_embeddings and p.component in ("embedding", "lm_head"):

@@ -1,7 +1,7 @@
 """Pruning masks for one weight slice (DESIGN §4, kind "prune"): which elements are set to zero.
 
-`prune_mask(w, method, sparsity, scores)` returns a bool mask (True = pruned) of `w`'s shape [..., in]; the
-input dimension is the last axis of every slice the adapters return (see quantize.py).
+`prune_mask(w, method, sparsity, scores, input_axis)` returns a bool mask (True = pruned) of `w`'s shape; the
+input dimension is the last axis of Linear-style slices and axis 0 of GPT-2's Conv1D (see quantize.py).
 
 Methods (strength = sparsity s, the fraction of the slice's elements set to 0):
   magnitude  unstructured: the round(s·numel) elements of smallest |W| in the whole slice (layer-wise
@@ -41,8 +41,8 @@ def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def prune_mask(w: torch.Tensor, method: str, sparsity: float,
-               scores: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def prune_mask(w: torch.Tensor, method: str, sparsity: float, scores: torch.Tensor | None = None,
+               input_axis: int = -1) -> torch.Tensor:  # fmt: skip
     """Bool mask [w.shape], True where `method` prunes at `sparsity` (see the module docstring).
 
     Raises ValueError for an unknown method, a sparsity outside (0, 1), 2:4 at a sparsity other than 0.5, a
@@ -56,6 +56,9 @@ def prune_mask(w: torch.Tensor, method: str, sparsity: float,
         raise ValueError("wanda pruning ranks |W|·‖X‖: pass scores (importance metric 'activation') per slice")
     if scores is not None and tuple(scores.shape) != tuple(w.shape):
         raise ValueError(f"scores have shape {tuple(scores.shape)}, the slice {tuple(w.shape)}")
+    if input_axis not in (-1, w.dim() - 1):  # Conv1D [in, out]: rank along axis 0
+        moved = None if scores is None else scores.movedim(input_axis, -1)
+        return prune_mask(w.movedim(input_axis, -1), method, sparsity, moved).movedim(-1, input_axis)
     n_in = w.shape[-1]
     ranked = (w.detach().float().abs() if scores is None else scores.detach().float().abs()).cpu()
     rows = ranked.reshape(-1, n_in)  # [R, in]

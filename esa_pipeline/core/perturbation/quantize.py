@@ -3,9 +3,9 @@
 `fake_quantize(w, bits, group_size, scheme)` returns the dequantized values of `w` (same shape, fp32). The
 perturbation engine (`perturb.py`, kind "quantize") writes them back into the weight's stored dtype.
 
-Grouping runs along the INPUT dimension, which is the last axis of every weight slice the adapters return
+Grouping runs along the INPUT dimension: the last axis of every Linear-style slice the adapters return
 (Linear [out, in]; GPT-NeoX's fused QKV viewed [heads, 3, head_dim, in]; Mixtral's experts [E, 2I, H] and
-[E, H, I]): each row of `w.reshape(-1, in)` is cut into groups of `group_size` consecutive inputs, each with
+[E, H, I]) and axis 0 of transformers' Conv1D [in, out] (GPT-2; `input_axis=0`): each row of `w.reshape(-1, in)` is cut into groups of `group_size` consecutive inputs, each with
 its own scale (and zero point). `group_size=0` means one group per output row ("per-channel"). When `in` is
 not a multiple of the group size the last group of each row is shorter (SmolLM2's 576 inputs at group 128:
 four groups of 128 and one of 64).
@@ -56,8 +56,9 @@ def _quantize_groups(g: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
     return (q - zero) * scale
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int, scheme: str) -> torch.Tensor:
-    """RTN quantize-dequantize of `w` (any shape [..., in]) along its last axis; returns fp32, same shape.
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, scheme: str, input_axis: int = -1) -> torch.Tensor:
+    """RTN quantize-dequantize of `w` along its input axis (default last: [..., in]; 0 for GPT-2's Conv1D
+    [in, out]); returns fp32, same shape.
 
     Raises ValueError for bits/group_size/scheme outside QUANT_BITS/QUANT_GROUP_SIZES/QUANT_SCHEMES and for a
     tensor with fewer than 2 dimensions (norm gains and biases are not quantized: weight-only quantization).
@@ -65,6 +66,9 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, scheme: str) -> t
     validate_quantize(bits, group_size, scheme)
     if w.dim() < 2:
         raise ValueError(f"quantize needs a weight matrix [..., in], got shape {tuple(w.shape)}")
+    if input_axis not in (-1, w.dim() - 1):
+        moved = fake_quantize(w.movedim(input_axis, -1), bits, group_size, scheme)
+        return moved.movedim(-1, input_axis)
     bits = int(bits)
     n_in = w.shape[-1]
     rows = w.detach().float().reshape(-1, n_in)  # [R, in]
