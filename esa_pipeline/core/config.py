@@ -225,8 +225,8 @@ class Adaptive(_Strict):
 
 class Compression(_Strict):
     """The compression study (issue 13, core/compression/study.py) for the listed models: quantize / prune /
-    layer_drop sweeps, Block Influence, and a bit and a sparsity recipe applied whole. Its rows are hashed
-    by `compression_hash` (this section + the model's plan), so editing it never invalidates the sweeps."""
+    layer_drop sweeps, Block Influence, and a bit and a sparsity recipe applied whole. HASHED_ASSETS attributes
+    it to the `compression` asset alone, so editing it never invalidates the sweeps."""
 
     models: list[str] = Field(min_length=1, description="models (keys of `models`) to study")
     components: list[str] | None = Field(default=None, description="default: every attention/FFN matrix")
@@ -347,6 +347,7 @@ class ModelPlan(_Strict):
     adaptive: Adaptive = Field(default_factory=Adaptive)
     experts: ExpertSelection = "all"
     adapter: str | None = None
+    compression: Compression | None = None  # the experiment's compression section, for its listed models only
 
     def kinds_for(self, component: str) -> list[str]:
         """Kinds swept on a component: gaussian everywhere, the kind specific to its family, and the
@@ -409,6 +410,7 @@ def model_plan(cfg: ExperimentConfig, model: str) -> ModelPlan:
         adaptive=cfg.adaptive,
         experts=section.experts if section.experts is not None else "all",
         adapter=section.adapter,
+        compression=cfg.compression if cfg.compression is not None and model in cfg.compression.models else None,
     )
 
 
@@ -425,13 +427,6 @@ def model_section_hash(cfg: ExperimentConfig, model: str) -> str:
 
 
 _LATER_DEFAULTS: dict[str, Any] = {"experts": "all", "adapter": None}
-
-
-def compression_hash(cfg: ExperimentConfig, model: str) -> str:
-    """Hash of the compression study's settings for `model`: its plan (as model_section_hash) + the section."""
-    plan = model_plan(cfg, model).model_dump(mode="json", exclude={"device"})
-    section = cfg.compression.model_dump(mode="json") if cfg.compression is not None else None
-    return stable_hash({"plan": plan, "compression": section})
 
 
 def experiment_hash(cfg: ExperimentConfig) -> str:
@@ -477,6 +472,9 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
     "zero_shot_sensitivity": HashedAsset((*MODEL_IDENTITY, "sweep_dataset", "batch_size", "zero_shot", "seeds",
                                           "neuron_mode", "layers"), upstream=("sensitivity",)),
+    # quantize/prune/layer_drop sweeps, Block Influence and recipes (core/compression/study.py): its own
+    # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
+    "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression")),
 }
 # ModelPlan fields that change no stored row, with the reason (a test checks every field is attributed above
 # or listed here, so a new setting cannot silently miss the hash).
@@ -496,6 +494,8 @@ ASSET_RELATIONS: dict[str, tuple[str, ...]] = {
     "critical_layers": ("critical_layers",),
     "zero_shot_sensitivity": ("zero_shot_sensitivity", "zero_shot_significance", "task_vs_perplexity",
                               "task_vs_perplexity_points"),
+    "compression": ("compression_sensitivity", "compression_sensitivity_windows", "block_influence",
+                    "layer_drop_agreement", "compression_recipe"),
 }
 
 

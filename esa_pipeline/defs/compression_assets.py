@@ -1,8 +1,8 @@
 """The compression study (issue 13) as one per-model asset: core/compression/study.py does the work.
 
-Settings: the experiment's `compression:` section (core/config.py `Compression`), for the models it lists;
-other model partitions materialize without rows (metadata says why). Rows are hashed by `compression_hash`
-(the model's plan + that section), so editing the section re-runs only this asset and never the sweeps.
+Settings: the experiment's `compression:` section (core/config.py `Compression`, `ModelPlan.compression` for
+the models it lists); other model partitions materialize without rows (metadata says why). The partition hash
+comes from core/config.py HASHED_ASSETS["compression"], so editing the section re-runs only this asset.
 Relations written (README documents every column): compression_sensitivity, compression_sensitivity_windows
 (the `sensitivity` / `sensitivity_windows` columns, kinds quantize/prune/layer_drop), block_influence,
 layer_drop_agreement, compression_recipe.
@@ -11,36 +11,30 @@ layer_drop_agreement, compression_recipe.
 import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
-from esa_pipeline.core.config import ExperimentConfig, compression_hash, select_layers
+from esa_pipeline.core.config import ASSET_RELATIONS, ExperimentConfig, select_layers
 from esa_pipeline.core.storage import Store
 from esa_pipeline.defs.common import (
     PER_MODEL_ON_GPU,
+    current_model_rows,
     model_step,
     number,
-    store_rows,
     table_preview,
-    with_model,
 )
 from esa_pipeline.defs.loaded import baseline_result, forget_models
 from esa_pipeline.defs.model_assets import baseline
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 
-# study output key -> stored relation
-COMPRESSION_RELATIONS = {
-    "sensitivity": "compression_sensitivity",
-    "sensitivity_windows": "compression_sensitivity_windows",
-    "block_influence": "block_influence",
-    "layer_drop_agreement": "layer_drop_agreement",
-    "compression_recipe": "compression_recipe",
-}
+# study output key -> stored relation (the same relations as ASSET_RELATIONS["compression"])
+COMPRESSION_RELATIONS = dict(zip(
+    ("sensitivity", "sensitivity_windows", "block_influence", "layer_drop_agreement", "compression_recipe"),
+    ASSET_RELATIONS["compression"], strict=True,
+))
 
 
 def compression_rows(store: Store, relation: str, cfg: ExperimentConfig) -> pd.DataFrame:
-    """Rows of the studied models under their current compression settings (the report reads these)."""
-    if cfg.compression is None or not store.has(relation):
-        raise FileNotFoundError(f"no {relation} rows: add a `compression:` section and materialize `compression`")
-    frames = [store.read(relation, model=m, config_hash=compression_hash(cfg, m)) for m in cfg.compression.models]
-    frames = [f for f in frames if not f.empty]
+    """Current rows of `relation` for the studied models (raises FileNotFoundError when there are none)."""
+    models = cfg.compression.models if cfg.compression is not None else []
+    frames = [f for f in (current_model_rows(store, cfg, m, relation) for m in models) if not f.empty]
     if not frames:
         raise FileNotFoundError(f"no {relation} rows under the current compression settings")
     return pd.concat(frames, ignore_index=True)
@@ -58,11 +52,10 @@ def compression_rows(store: Store, relation: str, cfg: ExperimentConfig) -> pd.D
 def compression(context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource) -> MaterializeResult:
     from esa_pipeline.core.compression.study import compression_study
 
-    step = model_step(context.partition_key, experiment, store)
-    cfg = experiment.load()
-    section = cfg.compression
-    if section is None or step.model not in section.models:
-        why = "no compression section" if section is None else f"{step.model} is not in compression.models"
+    step = model_step(context.partition_key, experiment, store, "compression")
+    section = step.plan.compression
+    if section is None:
+        why = f"{step.model} is not in the experiment's compression.models (or there is no compression section)"
         return MaterializeResult(metadata={"skipped": why},
                                  check_results=[AssetCheckResult(check_name="compression_restored", passed=True,
                                                                  metadata={"skipped": why})])  # fmt: skip
@@ -87,13 +80,11 @@ def compression(context: AssetExecutionContext, experiment: ExperimentResource, 
     restored = bool(out["sensitivity"]["restored"].all() and out["compression_recipe"]["restored"].all())
     if not restored:
         forget_models()  # the cached weights are suspect
-    config_hash = compression_hash(cfg, step.model)
-    counts = {relation: store_rows(step.store, relation, step.model, with_model(out[key], step.model), config_hash)
-              for key, relation in COMPRESSION_RELATIONS.items()}  # fmt: skip
+    counts = {relation: step.write(relation, out[key]) for key, relation in COMPRESSION_RELATIONS.items()}
     recipe = out["compression_recipe"]
     return MaterializeResult(
         metadata={
-            "config_hash": config_hash, **{f"rows_{k}": v for k, v in counts.items()},
+            "config_hash": step.config_hash, **{f"rows_{k}": v for k, v in counts.items()},
             "recipes": table_preview(recipe, ["kind", "allocation", "budget", "achieved", "predicted_delta_nll",
                                               "measured_delta_nll", "additivity_ratio", "ratio_ci_low",
                                               "ratio_ci_high"]),

@@ -22,7 +22,7 @@ from esa_pipeline.defs.common import (
     store_rows,
     table_preview,
 )
-from esa_pipeline.defs.compression_assets import COMPRESSION_RELATIONS, compression, compression_rows
+from esa_pipeline.defs.compression_assets import compression
 from esa_pipeline.defs.model_assets import baseline, model_card
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sweep_assets import sensitivity
@@ -138,9 +138,6 @@ def report(context: AssetExecutionContext, experiment: ExperimentResource, store
     tables, missing = {}, []
     for relation in REPORT_RELATIONS:
         try:
-            if relation in COMPRESSION_RELATIONS.values():  # hashed by compression_hash, not the model's
-                tables[relation] = compression_rows(st, relation, cfg)
-                continue
             tables[relation] = (experiment_rows(st, relation, cfg) if relation not in CROSS_MODEL_RELATIONS
                                 else st.read(relation, UNPARTITIONED, config_hash=experiment_hash(cfg)))  # fmt: skip
         except FileNotFoundError:

@@ -4,7 +4,7 @@
 import pytest
 from dagster import DagsterInstance, materialize
 
-from esa_pipeline.core.config import ConfigError, compression_hash, load_experiment, model_section_hash
+from esa_pipeline.core.config import ConfigError, load_experiment, partition_hash
 from esa_pipeline.defs.compression_assets import COMPRESSION_RELATIONS, compression, compression_rows
 from esa_pipeline.defs.planning import partition_plan, register_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
@@ -27,11 +27,16 @@ def run(esa_env, model: str):
 
 
 def test_compression_partition_writes_every_relation_under_its_own_hash(esa_env):
+    before = load_experiment(esa_env.experiment)
     esa_env.experiment.write_text(esa_env.experiment.read_text() + SECTION)
     cfg = load_experiment(esa_env.experiment)
+    # the section changes only the compression asset's hash, never the baseline's or a sweep's
+    for asset in ("baseline", "weight_importance"):
+        assert partition_hash(cfg, "tiny-llama", asset) == partition_hash(before, "tiny-llama", asset)
+    assert partition_hash(cfg, "tiny-llama", "sensitivity", "ffn.gate__1") == partition_hash(
+        before, "tiny-llama", "sensitivity", "ffn.gate__1")
     assert run(esa_env, "tiny-llama").success
-    h = compression_hash(cfg, "tiny-llama")
-    assert h != model_section_hash(cfg, "tiny-llama")
+    h = partition_hash(cfg, "tiny-llama", "compression")
     for relation in COMPRESSION_RELATIONS.values():
         rows = compression_rows(esa_env.store, relation, cfg)
         assert len(rows) and (rows["config_hash"] == h).all() and (rows["model"] == "tiny-llama").all(), relation
