@@ -6,8 +6,9 @@ fence, `<!-- not-run: <reason> -->`; the reason shows in the test report.
 
 - Python: each block runs alone in a fresh interpreter, cwd = the repository, offline, with `ESA_STORE_DIR` /
   `ESA_DB_PATH` pointing at the fixture store below. Blocks may load SmolLM2 (`make test` builds its cache).
-- SQL: each block runs in DuckDB against the views of a store that `esa materialize` filled for one random-weight
-  tiny model (every asset), so relation and column names are checked against real rows.
+- SQL: each block runs in DuckDB against the views of a store that `esa materialize` filled for two random-weight
+  tiny models (tiny-llama, and tiny-mixtral for the MoE relations; every asset, zero-shot and three gaussian
+  strengths included), so relation and column names are checked against real rows.
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ datasets: [bundled]
 window: 32
 token_budget: 96
 batch_size: 2
+zero_shot: {tasks: [esa_mc], limit: 4}
 seeds: [1, 2]
-strengths: {gaussian: [0.1], neurons: [0.25], scale: [1.1]}
+strengths: {gaussian: [0.05, 0.1, 0.2], neurons: [0.25], scale: [1.1], router: [0.1]}
 components: [attention.query, ffn.down]
 layers: [0, 1]
-importance: {metrics: [magnitude], top_k: 2, token_budget: 32}
+importance: {metrics: [magnitude, grad_sq], top_k: 2, token_budget: 32}
 models:
   tiny-llama: {}
+  tiny-mixtral: {components: [moe.router], seeds: [1]}
 """
 
 
@@ -110,7 +113,7 @@ def test_collector_finds_blocks_markers_and_open_fences():
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory) -> dict[str, str]:
-    """A store and views database filled by `esa materialize` (every asset of the tiny-llama experiment)."""
+    """A store and views database filled by `esa materialize` (every asset of the fixture experiment)."""
     root = tmp_path_factory.mktemp("readme")
     experiment = root / "readme.yaml"
     experiment.write_text(FIXTURE_EXPERIMENT)
@@ -152,7 +155,31 @@ def test_readme_python_runs(block, demo_store):
             smollm2.ensure_cache()
         except smollm2.SmolLM2Unavailable as exc:
             pytest.skip(f"SmolLM2 unavailable: {exc}")
-    env = {**demo_store, "ESA_CACHE_DIR": str(smollm2.cache_root())}
-    done = subprocess.run([sys.executable, "-c", block.code], cwd=REPO, env=env, capture_output=True, text=True,
+    # the block sees the same environment (ESA_CACHE_DIR included) as this process, plus the fixture store
+    done = subprocess.run([sys.executable, "-c", block.code], cwd=REPO, env=demo_store, capture_output=True, text=True,
                           timeout=PYTHON_TIMEOUT_S)  # fmt: skip
     assert done.returncode == 0, f"{block.id} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
+PROVENANCE = {"config_hash", "code_version", "created_at"}
+
+
+def test_every_stored_relation_and_column_is_documented_in_the_readme(demo_store):
+    """The README's Relations table names every relation the pipeline stores and every column of it."""
+    import duckdb
+
+    rows = {}
+    for line in README.read_text().splitlines():
+        if match := re.match(r"^\| `([a-z_][a-z0-9_]*)` \|(.*)$", line):
+            rows.setdefault(match[1], match[2])
+    undocumented = {}
+    with duckdb.connect(demo_store["ESA_DB_PATH"], read_only=True) as con:
+        views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+        assert {"baselines", "sensitivity", "significance", "models", "zero_shot", "moe_routing"} <= set(views)
+        for view in views:
+            columns = [d[0] for d in con.sql(f'FROM "{view}" LIMIT 0').description]
+            named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rows.get(view, "")))
+            missing = [c for c in columns if c not in named | PROVENANCE]
+            if view not in rows or missing:
+                undocumented[view] = "relation not in the Relations table" if view not in rows else missing
+    assert not undocumented, f"document these in README.md (Relations) and docs/CONTRACTS.md: {undocumented}"
