@@ -136,10 +136,9 @@ def score_hidden(
             nll.append((lse - logits.gather(-1, tgt[:, None]).squeeze(-1)).cpu())
             argmax.append(logits.argmax(dim=-1).cpu())
             if base_hidden is not None:
-                q_log = logits.double().log_softmax(dim=-1)  # [c, V]
-                del logits
-                p_log = base_head(base_hidden[start:stop]).double().log_softmax(dim=-1)  # [c, V]
-                kl_chunk, bound_chunk = _kl_and_lower_bound(p_log, q_log, kl_topk)
+                base_logits = base_head(base_hidden[start:stop]).float()  # [c, V]
+                kl_chunk, bound_chunk = _kl_and_lower_bound(base_logits, logits, kl_topk)
+                del base_logits
                 kl.append(kl_chunk.cpu())
                 bound.append(bound_chunk.cpu())
     return TokenScores(
@@ -150,22 +149,32 @@ def score_hidden(
     )
 
 
-def _kl_and_lower_bound(p_log: torch.Tensor, q_log: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token exact KL(p || q) and KL of (top-k of p, rest) coarsenings; p_log, q_log: [c, V] fp64."""
-    p = p_log.exp()
-    # 0 * log(0 / q) = 0: a token the baseline gives no mass contributes nothing (also when q is 0 there).
-    terms = torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p))
-    exact = terms.sum(dim=-1)  # [c]
-    k = min(k, p_log.shape[-1])
-    top_p_log, ids = p_log.topk(k, dim=-1)  # [c, k]
-    top_q_log = q_log.gather(-1, ids)
-    top_terms = torch.where(top_p_log > -torch.inf, top_p_log.exp() * (top_p_log - top_q_log), 0.0).sum(-1)
-    if k == p_log.shape[-1]:
-        return exact, top_terms
-    rest_p_log = p_log.scatter(-1, ids, -torch.inf).logsumexp(dim=-1)  # [c] log of the tail mass
-    rest_q_log = q_log.scatter(-1, ids, -torch.inf).logsumexp(dim=-1)
-    rest = torch.where(rest_p_log > -torch.inf, rest_p_log.exp() * (rest_p_log - rest_q_log), 0.0)
-    return exact, top_terms + rest
+def _kl_and_lower_bound(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token exact KL(p || q) and the KL of the (top-k of p, rest) coarsenings, p = softmax(a), q = softmax(b).
+
+    a, b: [c, V] logits (or log-probs) of the baseline and the perturbed model. With x = b - a (the logit shift,
+    well conditioned in fp32) and p-weighted mean x̄:  KL = log Σ_j p_j exp(x_j - x̄). The sum is 1 + O(x²), so
+    the small KL of a small perturbation is not the difference of two large numbers; it runs in fp64.
+    """
+    p = a.double().softmax(dim=-1)  # [c, V]
+    x = (b.float() - a.float()).double()  # [c, V]
+    x_bar = (p * x).sum(dim=-1, keepdim=True)  # [c, 1]; -inf when q gives 0 where p does not
+    log_s = (p * (x - x_bar).exp()).sum(dim=-1).log()  # [c]
+    exact = log_s  # KL = -x̄ + log Σ p e^x = log Σ p e^(x - x̄)
+    exact = torch.where(torch.isinf(x_bar.squeeze(-1)) & (x_bar.squeeze(-1) < 0), torch.inf, exact)
+    k = min(k, a.shape[-1])
+    ids = a.float().topk(k, dim=-1).indices  # [c, k] the baseline's top-k tokens
+    p_top = p.gather(-1, ids)
+    # log q_j = log p_j + x_j - x̄ - log S
+    log_ratio = x_bar + log_s[:, None] - x.gather(-1, ids)  # [c, k] log(p_j / q_j)
+    top = (p_top * log_ratio).sum(dim=-1)
+    if k == a.shape[-1]:
+        return exact, top
+    q_top = p_top * (-log_ratio).exp()
+    p_rest = (1 - p_top.sum(dim=-1)).clamp_min(0)
+    q_rest = (1 - q_top.sum(dim=-1)).clamp_min(0)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.log() - q_rest.log()), torch.zeros_like(p_rest))
+    return exact, top + rest
 
 
 def head_with(model: torch.nn.Module, adapter: Any, originals: dict[str, torch.Tensor]
