@@ -16,7 +16,7 @@ TINY_FAMILIES = ("tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-pythia", "tiny
 ALL_TINY = TINY_FAMILIES + (
     "tiny-qwen2", "tiny-qwen3", "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-olmo", "tiny-olmo2", "tiny-phi",
     "tiny-gpt2", "tiny-stablelm", "tiny-granite", "tiny-starcoder2", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe",
-    "tiny-falcon",
+    "tiny-falcon", "tiny-gpt-oss",
 )
 
 

@@ -150,7 +150,9 @@ def test_query_and_mlp_input_slices_are_what_the_forward_uses(tiny, name):
     torch.testing.assert_close(zeroed("attention.query"), zeroed("attention.key"), rtol=1e-5, atol=1e-5)
     no_down = zeroed("ffn.down", weights_only=True, expert=expert)
     assert not torch.allclose(no_down, _logits(model))
-    for component in [c for c in ("ffn.gate", "ffn.up") if c in adapter.components()]:
+    # GPT-OSS computes (up + 1) * glu(gate): a zero up projection does not silence the MLP, a zero gate does.
+    inputs = ("ffn.gate",) if name == "tiny-gpt-oss" else ("ffn.gate", "ffn.up")
+    for component in [c for c in inputs if c in adapter.components()]:
         torch.testing.assert_close(zeroed(component, expert=expert), no_down, rtol=1e-5, atol=1e-5)
 
 
@@ -235,6 +237,24 @@ def test_tied_embedding_and_head_are_one_tensor_and_the_report_says_so(tiny):
         assert any("tied embeddings" in note for note in report.notes)
 
 
+def test_gpt_oss_gate_and_up_are_interleaved_columns(tiny):
+    lm = tiny("tiny-gpt-oss")
+    adapter = adapter_for(lm.model)
+    prefix = f"model.layers.{MIDDLE}.mlp.experts"
+    for component, first in (("ffn.gate", 0), ("ffn.up", 1)):
+        weight, bias = adapter.slices(component, MIDDLE, expert=2)
+        full = lm.model.get_parameter(f"{prefix}.gate_up_proj")[2]  # [H, 2I]
+        assert torch.equal(weight.get(lm.model), full[:, first::2]) and weight.neuron_axis == 1
+        assert torch.equal(bias.get(lm.model), lm.model.get_parameter(f"{prefix}.gate_up_proj_bias")[2, first::2])
+    # the module's own gating reads gate from the even and up from the odd columns: with up zeroed it is glu(gate)
+    experts = lm.model.model.layers[MIDDLE].mlp.experts
+    gate_up = torch.randn(3, experts.gate_up_proj.shape[-1])
+    up_zeroed = gate_up.clone()
+    up_zeroed[:, 1::2] = 0
+    gate = gate_up[:, 0::2].clamp(max=experts.limit)
+    torch.testing.assert_close(experts._apply_gate(up_zeroed), gate * torch.sigmoid(gate * experts.alpha))
+
+
 def test_sweep_rows_name_the_tied_partner(tiny):
     from esa_pipeline.core.evaluation.sweep import run_sweep
 
@@ -263,6 +283,7 @@ def test_gpt2_query_is_the_first_third_of_c_attn_columns(tiny):
     ("tiny-qwen3-moe", 4, 2, 0, 4 * (4 * 2 * 32 * 64 + 4 * 64 * 32)),
     ("tiny-olmoe", 4, 2, 0, 4 * (4 * 2 * 32 * 64 + 4 * 64 * 32)),
     ("tiny-mixtral", 4, 2, None, 4 * (4 * 2 * 128 * 64 + 4 * 64 * 128)),
+    ("tiny-gpt-oss", 4, 2, 0, 4 * (4 * 64 * 2 * 32 + 4 * 2 * 32 + 4 * 32 * 64 + 4 * 64)),  # biased experts
     ("tiny-gemma3", None, None, None, 0),
 ])
 def test_model_card_counts_experts_and_active_parameters(tiny, name, experts, top_k, shared, expert_numel):

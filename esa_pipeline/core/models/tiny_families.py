@@ -95,6 +95,17 @@ def _falcon() -> PreTrainedModel:
     return tf.FalconForCausalLM(config)  # the Falcon-7B layout: fused multi-query QKV, parallel block
 
 
+def _gpt_oss() -> PreTrainedModel:
+    config = tf.GptOssConfig(**{**_COMMON, "intermediate_size": 32}, **_GQA, head_dim=16, num_local_experts=4,
+                             num_experts_per_tok=2, sliding_window=8)
+    model = tf.GptOssForCausalLM(config)
+    with torch.no_grad():  # expert/router biases and sinks start at zero: make them visible to slice tests
+        for name, param in model.named_parameters():
+            if name.endswith(("_bias", "router.bias", "sinks")):
+                param.normal_(0.0, 0.02)
+    return model
+
+
 def _qwen2_moe() -> PreTrainedModel:
     config = tf.Qwen2MoeConfig(**_COMMON, **_GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                shared_expert_intermediate_size=96, decoder_sparse_step=1)
@@ -130,4 +141,5 @@ TINY_BUILDERS = {
     "tiny-qwen3-moe": _qwen3_moe,
     "tiny-olmoe": _olmoe,
     "tiny-falcon": _falcon,
+    "tiny-gpt-oss": _gpt_oss,
 }

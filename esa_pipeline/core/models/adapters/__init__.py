@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration side effect)
     gemma,
     gpt2,
     gpt_neox,
+    gpt_oss,
     llama,
     mixtral,
     olmo,

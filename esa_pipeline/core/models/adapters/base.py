@@ -144,7 +144,7 @@ class Adapter:
     aliases: dict[str, str | None] = ALIASES
     _components: dict[str, SliceBuilder] = {}
     lacks: dict[str, str] = {}
-    unmapped: tuple[str, ...] = ()  # parameters no role covers, on purpose (GPT-2's position embedding)
+    unmapped: tuple[str, ...] = ()  # name suffixes of parameters no role covers, on purpose (GPT-2's wpe)
 
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
@@ -363,7 +363,7 @@ class Adapter:
         # A parameter no role maps means the model has modules this family does not know (e.g. norm gains
         # where the family's norms are parameter-free): the forward would differ from the family's.
         problems += [f"parameter {name} is mapped by no role of the {self.family} family"
-                     for name in self._param_shapes if name not in covered]
+                     for name in self._param_shapes if name not in covered and not name.endswith(self.unmapped)]
         return problems
 
     def _slice_problem(self, role: str, s: ParamSlice) -> str | None:
