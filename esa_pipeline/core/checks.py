@@ -17,7 +17,7 @@ import math
 import numbers
 from typing import Annotated
 
-from pydantic import Field, Strict
+from pydantic import BeforeValidator, Field, Strict
 
 # ---- pydantic field types (config sections) -------------------------------------------------------------
 FiniteFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
@@ -34,6 +34,17 @@ Index = Annotated[int, Strict(), Field(ge=0)]
 """A 0-based index (layer, expert); its upper bound depends on the model and is checked against it."""
 Seed = Annotated[int, Strict()]
 """A random seed: any integer, never a bool."""
+
+
+def _refuse_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("true/false is not a number here: write the number itself")
+    return value
+
+
+NotBool = BeforeValidator(_refuse_bool)
+"""For numeric `Literal[...]` choices, which pydantic cannot make strict: `Annotated[Literal[0, 32], NotBool]`
+(otherwise YAML `false` is accepted as 0)."""
 
 
 # ---- plain checks (dataclasses, function arguments) -----------------------------------------------------

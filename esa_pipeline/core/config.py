@@ -36,6 +36,7 @@ from esa_pipeline.core.checks import (
     Index,
     NonNegativeFloat,
     NonNegativeInt,
+    NotBool,
     PositiveFloat,
     Seed,
 )
@@ -231,9 +232,10 @@ class Compression(_Strict):
     models: list[str] = Field(min_length=1, description="models (keys of `models`) to study")
     components: list[str] | None = Field(default=None, description="default: every attention/FFN matrix")
     layers: LayerSelection = "all"
-    bits: list[Literal[8, 6, 4, 3, 2]] = Field(default_factory=lambda: [3, 4, 8], min_length=1)
+    bits: list[Annotated[Literal[8, 6, 4, 3, 2], NotBool]] = Field(default_factory=lambda: [3, 4, 8], min_length=1)
     scheme: Literal["symmetric", "asymmetric"] = "symmetric"
-    group_size: Literal[0, 32, 64, 128] = Field(default=32, description="inputs per scale group, 0 = per-channel")
+    group_size: Annotated[Literal[0, 32, 64, 128], NotBool] = Field(default=32,
+                                                                   description="inputs per scale group, 0 = per-channel")
     sparsities: list[Fraction] = Field(default_factory=lambda: [0.25, 0.5, 0.75],
                                        description="[] skips pruning and the sparsity recipe")
     prune_method: Literal["magnitude", "wanda"] = "magnitude"

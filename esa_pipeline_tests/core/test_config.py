@@ -281,3 +281,12 @@ def test_neuron_sigma_and_selection_come_from_yaml_and_version_only_neuron_parti
         assert same is not changes, variant
     with pytest.raises(ConfigError, match="neuron_selection"):
         load_experiment(write(tmp_path, BASE + "neuron_selection: largest\n"))
+
+
+@pytest.mark.parametrize(("key", "value"), [("group_size", "false"), ("bits", "[4, true]")])
+def test_numeric_choices_refuse_bools(tmp_path, key, value):
+    # pydantic accepts false for Literal[0, ...]; compression's numeric choices must not
+    text = BASE.replace("models:", f"compression: {{models: [tiny-llama], bits: [4], {key}: {value}}}\nmodels:")
+    text = text.replace("bits: [4], bits:", "bits:")
+    message = error_for(tmp_path, text)
+    assert f"compression.{key}" in message and "true/false is not a number here" in message
