@@ -27,7 +27,7 @@ from esa_pipeline.defs.common import (
     table_preview,
     with_model,
 )
-from esa_pipeline.defs.loaded import baseline_result, forget_models, prefix_cache
+from esa_pipeline.defs.loaded import LOAD_COUNT, baseline_result, forget_models, prefix_cache
 from esa_pipeline.defs.model_assets import baseline
 from esa_pipeline.defs.partitions import split_sweep_key, sweep_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
@@ -96,6 +96,7 @@ def sensitivity(
     return MaterializeResult(
         metadata={
             "partitions": len(keys),
+            "process_model_loads": LOAD_COUNT["loads"],  # models this step's process loaded so far (all runs)
             "rows": sum(int(r.value if hasattr(r, "value") else r) for r in rows),
             "partition_hashes": MetadataValue.json(
                 {str(k): o.metadata["config_hash"] for k, o in zip(keys, outcomes, strict=True)}
@@ -108,6 +109,7 @@ def sensitivity(
                 severity=AssetCheckSeverity.ERROR,
                 metadata={
                     "partitions": len(keys),
+            "process_model_loads": LOAD_COUNT["loads"],  # models this step's process loaded so far (all runs)
                     "failed_partitions": ", ".join(str(k) for k, _ in failed) or "none",
                 },
             )
@@ -177,6 +179,7 @@ def sweep_partition(context: AssetExecutionContext, partition_key: str, experime
             "config_hash": config_hash,
             "rows": n_rows,
             "window_rows": len(windows),
+            "process_model_loads": LOAD_COUNT["loads"],
             "layers": len(layers),
             "max_delta_nll": number(rows["delta_nll"].max()),
             "max_ppl_ratio": number(rows["ppl_ratio"].max()),
