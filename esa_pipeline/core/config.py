@@ -270,6 +270,17 @@ class ModelSection(_Strict):
     strengths: StrengthsOverride | None = None
     token_budget: Count | None = None
     batch_size: Count | None = None
+    # Keys given here replace the global ones (the others are inherited): a big model can drop Hutchinson or
+    # score fewer zero-shot items without changing the other models' settings.
+    importance: Importance | None = None
+    zero_shot: ZeroShot | None = None
+
+
+def _merged(base: _Strict, override: _Strict | None) -> _Strict:
+    """`base` with the fields the user actually wrote in `override` (pydantic's model_fields_set)."""
+    if override is None:
+        return base
+    return base.model_copy(update={key: getattr(override, key) for key in override.model_fields_set})
 
 
 class ExperimentConfig(_Strict):
@@ -400,7 +411,7 @@ def model_plan(cfg: ExperimentConfig, model: str) -> ModelPlan:
         window=cfg.window,
         token_budget=section.token_budget or cfg.token_budget,
         batch_size=section.batch_size or cfg.batch_size,
-        zero_shot=cfg.zero_shot,
+        zero_shot=_merged(cfg.zero_shot, section.zero_shot),
         seeds=section.seeds or cfg.seeds,
         strengths=strengths,
         neuron_mode=cfg.neuron_mode,
@@ -408,7 +419,7 @@ def model_plan(cfg: ExperimentConfig, model: str) -> ModelPlan:
         neuron_selection=cfg.neuron_selection,
         components=section.components or cfg.components,
         layers=section.layers if section.layers is not None else cfg.layers,
-        importance=cfg.importance,
+        importance=_merged(cfg.importance, section.importance),
         adaptive=cfg.adaptive,
         experts=section.experts if section.experts is not None else "all",
         adapter=section.adapter,
@@ -774,6 +785,8 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
         if section.components is not None:
             check_components(f"models.{name}.components", section.components)
         check_budget(f"models.{name}.token_budget", section.token_budget)
+        if section.importance is not None and "token_budget" in section.importance.model_fields_set:
+            check_budget(f"models.{name}.importance.token_budget", section.importance.token_budget)
         if section.seeds is not None and len(set(section.seeds)) != len(section.seeds):
             problems.append(f"models.{name}.seeds: seeds repeat; list each seed once")
         if check_models:

@@ -53,7 +53,11 @@ def test_bundled_experiments_are_valid(name):
 
 def test_smoke_covers_every_architecture_and_the_seed_portfolio_is_in_standard():
     smoke, standard = load_experiment("smoke"), load_experiment("standard")
-    assert set(smoke.models) == {"smollm2-135m", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-pythia", "tiny-mixtral"}
+    assert set(smoke.models) == {"smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-mistral", "tiny-phi3",
+                                 "tiny-pythia", "tiny-mixtral"}  # fmt: skip
+    gemma = model_plan(smoke, "gemma3-270m")  # the second real family, kept cheap (README, smoke.yaml)
+    assert "hutchinson" not in gemma.importance.metrics and "grad_sq" in gemma.importance.metrics
+    assert gemma.zero_shot.at is None and gemma.zero_shot.tasks == smoke.zero_shot.tasks and gemma.seeds == [1337]
     assert set(standard.models) == {"llama-3.1-8b", "mistral-7b-v0.3", "phi-3-mini-4k-instruct", "pythia-1.4b",
                                     "mixtral-8x7b"}  # fmt: skip
     assert standard.seeds == [1337, 123, 999]
@@ -184,6 +188,24 @@ def test_plan_merges_overrides_over_globals(tmp_path):
     assert plan.variants(["attention.query", "norm.input"]) == [
         "attention.query__1", "attention.query__2", "norm.input__1", "norm.input__2"]  # fmt: skip
 
+
+
+def test_a_model_section_overrides_only_the_importance_and_zero_shot_keys_it_names(tmp_path):
+    text = BASE.replace("models:\n", "importance: {metrics: [grad_sq, hutchinson], top_k: 8}\n"
+                                      "zero_shot: {tasks: [esa_mc], limit: 20}\nmodels:\n")
+    text = text.replace("  tiny-llama: {}", "  tiny-llama: {importance: {metrics: [grad_sq]}, zero_shot: {limit: 5}}")
+    cfg = load_experiment(write(tmp_path, text))
+    llama, pythia = model_plan(cfg, "tiny-llama"), model_plan(cfg, "tiny-pythia")
+    assert (llama.importance.metrics, llama.importance.top_k) == (["grad_sq"], 8)  # top_k inherited
+    assert (llama.zero_shot.tasks, llama.zero_shot.limit) == (["esa_mc"], 5)
+    assert (pythia.importance.metrics, pythia.zero_shot.limit) == (["grad_sq", "hutchinson"], 20)
+    assert model_section_hash(cfg, "tiny-llama") != model_section_hash(
+        load_experiment(write(tmp_path, BASE)), "tiny-llama")
+
+
+def test_a_model_importance_budget_below_one_window_is_refused(tmp_path):
+    message = error_for(tmp_path, BASE.replace("  tiny-llama: {}", "  tiny-llama: {importance: {token_budget: 32}}"))
+    assert "models.tiny-llama.importance.token_budget: 32 tokens is less than one window (window: 64)" in message
 
 def test_layer_stride_always_measures_the_last_layer():
     assert select_layers(LayerStride(stride=6), 30) == [0, 6, 12, 18, 24, 29]
