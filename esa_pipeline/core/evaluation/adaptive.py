@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from esa_pipeline.core.evaluation.paired import PairedResult, iter_paired_batches, paired_metrics
-from esa_pipeline.core.evaluation.perplexity import PerplexityResult, per_window_sums, unwrap
+from esa_pipeline.core.evaluation.paired import PairedResult, iter_paired_batches, paired_metrics, point_setup
+from esa_pipeline.core.evaluation.perplexity import PerplexityResult, per_window_sums
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
 from esa_pipeline.core.evaluation.scoring import (
     TokenScores,
     concat_scores,
     model_device,
-    touched_head_originals,
 )
 from esa_pipeline.core.evaluation.sequential import (
     STOP_BUDGET,
@@ -35,7 +34,7 @@ from esa_pipeline.core.evaluation.sequential import (
     sequence_state,
     stop_reason,
 )
-from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, resolve_slices
+from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
 
 ORDER_SEED = 0
 
@@ -63,19 +62,7 @@ def evaluate_adaptive(
 
     Raises ValueError when `cache` belongs to another baseline or the baseline kept no final hidden states.
     """
-    model, _, _ = unwrap(lm)
-    if cache is not None and cache.base is not base:
-        raise ValueError("the prefix cache was built for another baseline: build it from this `base`")
-    if adapter is None:
-        if cache is not None:
-            adapter = cache.adapter
-        else:
-            from esa_pipeline.core.models.adapters import adapter_for
-
-            adapter = adapter_for(model)
-    batches = cache.batches if cache is not None else base.batches()
-    start_layer = cache.start_layer(p) if cache is not None and cache.enabled else None
-    originals = touched_head_originals(model, adapter, [s.param_name for s in resolve_slices(adapter, p)])
+    model, adapter, batches, start_layer, originals = point_setup(lm, base, p, adapter=adapter, cache=cache)
     windows = {w.window_id: w for w in base.token_windows}
     offsets = [0]
     for batch in batches:

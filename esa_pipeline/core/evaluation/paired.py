@@ -112,22 +112,7 @@ def evaluate_against(
         from esa_pipeline.core.evaluation.adaptive import evaluate_adaptive
 
         return evaluate_adaptive(lm, base, p, rule, adapter=adapter, cache=cache, scores=scores)
-    model, _, _ = unwrap(lm)
-    if cache is not None and cache.base is not base:
-        raise ValueError("the prefix cache was built for another baseline: build it from this `base`")
-    if adapter is None:
-        if cache is not None:
-            adapter = cache.adapter
-        else:
-            from esa_pipeline.core.models.adapters import adapter_for
-
-            adapter = adapter_for(model)
-    if base.final_hidden is None:
-        raise ValueError("the baseline kept no final hidden states: compute it with perplexity()")
-    batches = cache.batches if cache is not None else base.batches()
-    start_layer = cache.start_layer(p) if cache is not None and cache.enabled else None
-    # A perturbation of the head itself (tied embedding) needs the original head for the baseline's log-probs.
-    originals = touched_head_originals(model, adapter, [s.param_name for s in resolve_slices(adapter, p)])
+    model, adapter, batches, start_layer, originals = point_setup(lm, base, p, adapter=adapter, cache=cache)
 
     started = time.perf_counter()
     with perturbed(model, adapter, p, scores) as report:
@@ -152,6 +137,30 @@ def evaluate_against(
         batches_used=len(batches),
         **result,
     )
+
+
+def point_setup(lm: Any, base: PerplexityResult, p: Perturbation, *, adapter: Any = None,
+                cache: PrefixCache | None = None) -> tuple[torch.nn.Module, Any, list, int | None, dict]:
+    """(model, adapter, batches, start layer of the prefix-cache replay or None, the head's original parameters
+    when `p` touches the head) for one paired point. Raises ValueError when `cache` belongs to another baseline
+    or the baseline kept no final hidden states."""
+    model, _, _ = unwrap(lm)
+    if cache is not None and cache.base is not base:
+        raise ValueError("the prefix cache was built for another baseline: build it from this `base`")
+    if adapter is None:
+        if cache is not None:
+            adapter = cache.adapter
+        else:
+            from esa_pipeline.core.models.adapters import adapter_for
+
+            adapter = adapter_for(model)
+    if base.final_hidden is None:
+        raise ValueError("the baseline kept no final hidden states: compute it with perplexity()")
+    batches = cache.batches if cache is not None else base.batches()
+    start_layer = cache.start_layer(p) if cache is not None and cache.enabled else None
+    # A perturbation of the head itself (tied embedding) needs the original head for the baseline's log-probs.
+    originals = touched_head_originals(model, adapter, [s.param_name for s in resolve_slices(adapter, p)])
+    return model, adapter, batches, start_layer, originals
 
 
 def paired_scores(model: torch.nn.Module, adapter: Any, base: PerplexityResult, batches: list, *,
