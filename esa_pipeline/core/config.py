@@ -47,8 +47,10 @@ DEFAULT_EXPERIMENT = "smoke"
 KINDS = ("gaussian", "neurons", "scale", "router", "zero", "sign_flip", "bit_flip")
 WEIGHT_LEVEL_KINDS = ("zero", "sign_flip", "bit_flip")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Variant partition keys are "<component>__<seed>"; dagster partition keys must stay short and plain.
+# Variant partition keys are "<component>__<seed>" for stochastic kinds and "<component>__fixed" for the kinds
+# whose points do not depend on the seed (measured once); dagster partition keys must stay short and plain.
 VARIANT_SEPARATOR = "__"
+FIXED_VARIANT = "fixed"
 
 
 class ConfigError(ValueError):
@@ -375,20 +377,45 @@ class ModelPlan(_Strict):
         kinds.extend(WEIGHT_LEVEL_KINDS)
         return [k for k in kinds if getattr(self.strengths, k)]
 
+    def kinds_of_variant(self, component: str, seed: int | None) -> list[str]:
+        """Kinds measured in one variant: seed None (`<component>__fixed`) holds the kinds whose points do not
+        depend on the seed (perturb.seed_independent: norm scale, top/bottom neurons zeroed), measured once; a
+        seed variant holds the rest, measured once per seed."""
+        from esa_pipeline.core.perturbation.perturb import seed_independent
+
+        def fixed(kind: str) -> bool:
+            if kind == "neurons":
+                return seed_independent(kind, self.neuron_selection, self.neuron_mode)
+            return seed_independent(kind)  # the sweep measures the other kinds with random selection
+
+        return [k for k in self.kinds_for(component) if fixed(k) == (seed is None)]
+
     def variants(self, available: list[str] | None = None) -> list[str]:
-        """Variant partition keys; with the architecture's `available` components, only applicable ones."""
-        components = [c for c in self.components if available is None or c in available]
-        return [variant_key(c, s) for c in components for s in self.seeds]
+        """Variant partition keys; with the architecture's `available` components, only applicable ones. A
+        component gets `<component>__fixed` when it has seed-independent kinds and one variant per seed when it
+        has seeded kinds (gaussian always has a seed, so every component has its seed variants)."""
+        out = []
+        for c in (c for c in self.components if available is None or c in available):
+            if self.kinds_of_variant(c, None):
+                out.append(variant_key(c, None))
+            if self.kinds_of_variant(c, self.seeds[0]):
+                out.extend(variant_key(c, s) for s in self.seeds)
+        return out
 
 
-def variant_key(component: str, seed: int) -> str:
-    return f"{component}{VARIANT_SEPARATOR}{seed}"
+def variant_key(component: str, seed: int | None) -> str:
+    """`<component>__<seed>`, or `<component>__fixed` for seed None (seed-independent kinds)."""
+    return f"{component}{VARIANT_SEPARATOR}{FIXED_VARIANT if seed is None else seed}"
 
 
-def parse_variant(variant: str) -> tuple[str, int]:
+def parse_variant(variant: str) -> tuple[str, int | None]:
+    """(component, seed) of a variant key; seed None for `<component>__fixed`."""
     component, sep, seed = variant.rpartition(VARIANT_SEPARATOR)
+    if sep and seed == FIXED_VARIANT:
+        return component, None
     if not sep or not seed.lstrip("-").isdigit():
-        raise ConfigError(f"variant {variant!r} is not '<component>{VARIANT_SEPARATOR}<seed>'")
+        raise ConfigError(f"variant {variant!r} is not '<component>{VARIANT_SEPARATOR}<seed>' or "
+                          f"'<component>{VARIANT_SEPARATOR}{FIXED_VARIANT}'")
     return component, int(seed)
 
 
@@ -472,7 +499,7 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     # zero_shot rows come from lm-eval on the unperturbed model: `zero_shot.at` is not the baseline's
     "baseline": HashedAsset((*MODEL_IDENTITY, "datasets", "window", "token_budget", "batch_size", "zero_shot.tasks",
                              "zero_shot.limit", "zero_shot.num_fewshot")),
-    # one (component, seed) partition: kinds/strengths/neuron_mode narrowed to the component (PARTITION_SCOPE)
+    # one (component, seed|fixed) partition: kinds/strengths/neuron_mode narrowed to the variant (PARTITION_SCOPE)
     "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "neuron_sigma",
                                 "neuron_selection", "experts", "adaptive")),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
@@ -512,25 +539,30 @@ ASSET_RELATIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _scoped_strengths(plan: ModelPlan, component: str) -> dict[str, list[float]]:
-    return {kind: list(getattr(plan.strengths, kind)) for kind in plan.kinds_for(component)}
+def _scoped_strengths(plan: ModelPlan, variant: str) -> dict[str, list[float]]:
+    return {kind: list(getattr(plan.strengths, kind)) for kind in plan.kinds_of_variant(*parse_variant(variant))}
 
 
-def _scoped_experts(plan: ModelPlan, component: str) -> Any:
+def _scoped_experts(plan: ModelPlan, variant: str) -> Any:
     from esa_pipeline.core.models.adapters.base import EXPERT_COMPONENTS
 
     # expert selection repeats points on expert-level components only (ffn.*, moe.router)
-    return plan.model_dump(mode="json")["experts"] if component in EXPERT_COMPONENTS else None
+    return plan.model_dump(mode="json")["experts"] if parse_variant(variant)[0] in EXPERT_COMPONENTS else None
 
 
-# Settings a sweep partition sees only through its component: (plan, component) -> the part that matters.
+def _has_neurons(plan: ModelPlan, variant: str) -> bool:
+    return "neurons" in plan.kinds_of_variant(*parse_variant(variant))
+
+
+# Settings a sweep partition sees only through its variant (component, and seed or fixed: the kinds it holds):
+# (plan, variant) -> the part that matters. The seed list is no setting of a sweep partition: a seed variant's
+# seed is in its key, and `<component>__fixed` depends on no seed, so adding a seed adds partitions only.
 PARTITION_SCOPE: dict[str, Callable[[ModelPlan, str], Any]] = {
     "strengths": _scoped_strengths,
-    "neuron_mode": lambda plan, component: plan.neuron_mode if "neurons" in plan.kinds_for(component) else None,
-    "neuron_sigma": lambda plan, component: (
-        plan.neuron_sigma if "neurons" in plan.kinds_for(component) and plan.neuron_mode == "noise" else None),
-    "neuron_selection": lambda plan, component: (
-        plan.neuron_selection if "neurons" in plan.kinds_for(component) else None),
+    "neuron_mode": lambda plan, variant: plan.neuron_mode if _has_neurons(plan, variant) else None,
+    "neuron_sigma": lambda plan, variant: (
+        plan.neuron_sigma if _has_neurons(plan, variant) and plan.neuron_mode == "noise" else None),
+    "neuron_selection": lambda plan, variant: plan.neuron_selection if _has_neurons(plan, variant) else None,
     "experts": _scoped_experts,
 }
 
@@ -555,11 +587,10 @@ def partition_hash(cfg: ExperimentConfig, model: str, asset: str, variant: str |
     spec = HASHED_ASSETS[asset]
     plan = model_plan(cfg, model)
     dumped = plan.model_dump(mode="json")
-    component = parse_variant(variant)[0] if variant is not None else None
     settings = {}
     for name in spec.settings:
-        scope = PARTITION_SCOPE.get(name) if component is not None else None
-        settings[name] = scope(plan, component) if scope else _setting(dumped, name)
+        scope = PARTITION_SCOPE.get(name) if variant is not None else None
+        settings[name] = scope(plan, variant) if scope else _setting(dumped, name)
     upstream = {name: sorted(current_hashes(cfg, model, name)) for name in spec.upstream}
     return stable_hash({"asset": asset, "version": spec.version, "variant": variant, "settings": settings,
                         "upstream": upstream})  # fmt: skip

@@ -1,8 +1,9 @@
-"""The sensitivity sweep: one partition = one model x one `<component>__<seed>` variant.
+"""The sensitivity sweep: one partition = one model x one `<component>__<seed>` or `<component>__fixed` variant.
 
-Inside a partition every selected layer x every kind configured for the component x every strength is
-measured against the baseline of the same windows (gaussian everywhere; neurons for ffn.*, scale for norm.*,
-router for moe.router).
+Inside a partition every selected layer x every kind of the variant x every strength is measured against the
+baseline of the same windows (gaussian everywhere; neurons for ffn.*, scale for norm.*, router for moe.router).
+Kinds whose points do not depend on the seed (norm scale; top/bottom neurons zeroed) are measured once, in
+`<component>__fixed`, and stored with seed NULL; the seed variants hold the stochastic kinds.
 """
 
 import pandas as pd
@@ -34,25 +35,27 @@ from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sources import sweep_plan
 
 
-def sweep_specs(plan: ModelPlan, component: str, seed: int, layers: list[int | None],
+def sweep_specs(plan: ModelPlan, component: str, seed: int | None, layers: list[int | None],
                 experts: list[int | None] | None = None) -> list:
     """Perturbation specs of one partition, in layer order (the prefix cache resumes from each layer).
 
     `experts` (MoE, from the plan's `experts:`) repeats every point per expert on expert-level components
-    (ffn.gate/up/down, moe.router); None / [None] perturbs all experts at once."""
-    from esa_pipeline.core.perturbation.perturb import Perturbation
+    (ffn.gate/up/down, moe.router); None / [None] perturbs all experts at once. `seed` None: the
+    seed-independent kinds of `<component>__fixed` (ModelPlan.kinds_of_variant), with perturb.UNUSED_SEED (stored as seed NULL)."""
+    from esa_pipeline.core.perturbation.perturb import UNUSED_SEED, Perturbation
 
     per_expert = experts if experts is not None and component in EXPERT_COMPONENTS else [None]
     specs = []
     for layer in layers:
         for expert in per_expert:
-            for kind in plan.kinds_for(component):
+            for kind in plan.kinds_of_variant(component, seed):
                 neuron = kind == "neurons"
                 extra = dict(mode=plan.neuron_mode, noise_sigma=plan.neuron_sigma,
                              selection=plan.neuron_selection) if neuron else {}
                 for strength in getattr(plan.strengths, kind):
                     specs.append(Perturbation(kind=kind, component=component, layer=layer, strength=strength,
-                                              seed=seed, expert=expert, **extra))  # fmt: skip
+                                              seed=UNUSED_SEED if seed is None else seed,
+                                              expert=expert, **extra))  # fmt: skip
     return specs
 
 
@@ -76,7 +79,8 @@ SWEEP_PARTITIONS_PER_RUN = 64
             description="Every perturbed slice was restored bit-identical after its point",
         ),
     ],  # fmt: skip
-    description="ΔNLL, PPL ratio, KL, top-1 agreement per layer x kind x strength for one component and seed.",
+    description="ΔNLL, PPL ratio, KL, top-1 agreement per layer x kind x strength for one component and seed "
+    "(or, for seed-independent kinds, once: variant <component>__fixed, seed NULL).",
 )
 def sensitivity(
     context: AssetExecutionContext, experiment: ExperimentResource, store: StoreResource
@@ -129,13 +133,14 @@ def sweep_partition(context: AssetExecutionContext, partition_key: str, experime
     from esa_pipeline.core.evaluation.sweep import run_sweep
 
     lm, adapter = step.load()
-    if not adapter.accepts(component) or component not in plan.components:
+    if not adapter.accepts(component) or variant not in plan.variants():
         # Not requested by automation (sweep_plan is never observed for it); a manual run says so explicitly.
-        reason = (
-            f"{component} is not applicable to {adapter.architecture}"
-            if not adapter.accepts(component)
-            else f"{component} is not among {model}'s configured components"
-        )
+        if not adapter.accepts(component):
+            reason = f"{component} is not applicable to {adapter.architecture}"
+        elif component not in plan.components:
+            reason = f"{component} is not among {model}'s configured components"
+        else:
+            reason = f"{variant} holds none of {model}'s configured kinds on {component}"
         context.log.warning(f"{partition}: {reason}; nothing measured, stored rows left as they were")
         return MaterializeResult(
             metadata={"config_hash": config_hash, "rows": 0, "not_applicable": reason},
@@ -154,7 +159,7 @@ def sweep_partition(context: AssetExecutionContext, partition_key: str, experime
     specs = sweep_specs(plan, component, seed, layers, select_experts(plan.experts, adapter.n_experts))
     base = baseline_result(plan, plan.sweep_dataset)
     context.log.info(
-        f"{partition}: {len(specs)} points = {len(layers)} layers x kinds {plan.kinds_for(component)} "
+        f"{partition}: {len(specs)} points = {len(layers)} layers x kinds {plan.kinds_of_variant(component, seed)} "
         f"on {plan.sweep_dataset} ({base.n_tokens} tokens, baseline token PPL {base.token_ppl:.3f})"
     )
     rows, windows = run_sweep(lm, base, specs, adapter=adapter, cache=prefix_cache(plan, plan.sweep_dataset),
@@ -164,6 +169,9 @@ def sweep_partition(context: AssetExecutionContext, partition_key: str, experime
         rows, model
     )  # keyed now, not only on write: the partition's chart labels panels by model
     rows.insert(rows.columns.get_loc("kind"), "variant", variant)
+    if seed is None:  # the seed drew nothing: say so instead of storing the spec's placeholder seed
+        rows["seed"] = pd.array([pd.NA] * len(rows), dtype="Int64")
+        windows["seed"] = pd.array([pd.NA] * len(windows), dtype="Int64")
 
     unrestored = rows.loc[rows["restored"] != True]  # noqa: E712  (None/False both fail)
     if len(unrestored):

@@ -368,3 +368,17 @@ def test_deterministic_kinds_and_selections_are_never_across_draw_tested_and_set
     assert (result["test_used"] == TEST_DETERMINISTIC).all() and result["significant_bh"].notna().all()
     assert sorted(result.loc[result["kind"] == "quantize", "group_size"].tolist()) == [0, 128]
     assert one_row(result, kind="zero")["selection"] == "top"
+
+
+def test_noise_on_top_neurons_is_seeded_and_gets_the_across_draw_test() -> None:
+    # top/bottom neurons zeroed are seed-independent; noise on those neurons is drawn from the seed (two draws
+    # differ), so that cell is stochastic and gets the across-draw test (issue 10 item 5)
+    rng = np.random.default_rng(16)
+    noise = window_rows(rng.normal(0.3, 0.1, size=(2, 6)), kind="neurons", strength=0.25).assign(
+        selection="top", mode="noise")
+    zeroed = window_rows(rng.normal(0.3, 0.1, size=(1, 6)), kind="neurons", strength=0.5).assign(
+        selection="top", mode="zero")
+    zeroed["seed"] = pd.array([pd.NA] * len(zeroed), dtype="Int64")
+    result = significance(pd.concat([noise, zeroed], ignore_index=True))
+    assert one_row(result, strength=0.25)["test_used"] == TEST_ACROSS_DRAWS
+    assert one_row(result, strength=0.5)["test_used"] == TEST_DETERMINISTIC

@@ -185,8 +185,11 @@ def test_plan_merges_overrides_over_globals(tmp_path):
     assert plan.kinds_for("ffn.gate") == ["gaussian", "neurons"]
     assert plan.kinds_for("norm.input") == ["gaussian", "scale"]
     assert plan.kinds_for("moe.router") == ["gaussian"]  # no router strengths configured here
+    # norm scale does not depend on the seed: measured once, in norm.input__fixed; gaussian once per seed
     assert plan.variants(["attention.query", "norm.input"]) == [
-        "attention.query__1", "attention.query__2", "norm.input__1", "norm.input__2"]  # fmt: skip
+        "attention.query__1", "attention.query__2", "norm.input__fixed", "norm.input__1", "norm.input__2"]  # fmt: skip
+    assert plan.kinds_of_variant("norm.input", None) == ["scale"]
+    assert plan.kinds_of_variant("norm.input", 1) == ["gaussian"]
 
 
 

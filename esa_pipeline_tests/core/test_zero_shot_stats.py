@@ -148,3 +148,15 @@ def test_charts_draw_accuracy_and_disagreement(tmp_path) -> None:
                          "task_vs_perplexity_points": points}, tmp_path, experiment={"name": "t"}).read_text()  # fmt: skip
     assert "Task accuracy under perturbation" in page and "zero_shot__disagreement.png" in page
     assert (tmp_path / "zero_shot__accuracy.png").is_file()
+
+
+def test_task_vs_perplexity_joins_seed_independent_points_stored_with_seed_null() -> None:
+    # norm scale is measured once (seed NULL) in the sweep and in zero-shot: the NULL seeds join (issue 10 item 5)
+    lost = [0, 2, 4]
+    frame = pd.concat([items("m", "t", layer, 1.1, both=20 - n, lost=n, gained=0, neither=0)
+                       for layer, n in enumerate(lost)], ignore_index=True).assign(
+        kind="scale", component="norm.input", seed=pd.NA)  # fmt: skip
+    sens = _sensitivity("m", [0, 1, 2], [0.01, 0.02, 0.03]).assign(kind="scale", component="norm.input", seed=pd.NA,
+                                                                  strength=1.1)  # fmt: skip
+    corr, _ = task_vs_perplexity(zero_shot_summary(frame), sens)
+    assert corr.set_index("task").loc["t"].n_points == 3

@@ -223,3 +223,22 @@ def test_new_bundled_tasks_are_well_formed_and_balanced(task) -> None:
         assert all(c.strip() for c in item["choices"]) and 0 <= item["label"] < 4, item["id"]
     positions = Counter(i["label"] for i in items)
     assert max(positions.values()) - min(positions.values()) <= 1, positions
+
+
+def test_zero_shot_points_measure_a_seed_independent_kind_once_and_stored_fixed_points_resolve() -> None:
+    import pandas as pd
+
+    from esa_pipeline.core.config import ZeroShotAt, ZeroShotGrid
+    from esa_pipeline.core.evaluation.zeroshot_points import select_points
+    from esa_pipeline.core.perturbation.perturb import UNUSED_SEED
+
+    # norm scale on a grid with 2 seeds: one point per (layer, strength), not one per seed (issue 10 item 5)
+    at = ZeroShotAt(grid=ZeroShotGrid(kind="scale", components=["norm.input"], layers=[0, 1], strengths=[1.1]))
+    specs, _ = select_points(at, model="m", n_layers=2, seeds=[1, 2], sensitivity=None)
+    assert [(p.layer, p.seed) for p in specs] == [(0, UNUSED_SEED), (1, UNUSED_SEED)]
+    # a stored <component>__fixed row (seed NULL) is a valid top-ΔNLL pick
+    stored = pd.DataFrame({"kind": ["scale"], "component": ["norm.input"], "layer": [0], "expert": [None],
+                           "strength": [1.1], "seed": pd.array([pd.NA], dtype="Int64"), "mode": ["noise"],
+                           "selection": ["random"], "group_size": [None], "delta_nll": [0.5]})  # fmt: skip
+    picked, labels = select_points(ZeroShotAt(top_delta_nll=1), model="m", n_layers=2, seeds=[1, 2], sensitivity=stored)
+    assert [(p.kind, p.layer, p.seed) for p in picked] == [("scale", 0, UNUSED_SEED)]

@@ -82,3 +82,15 @@ def test_hash_is_per_partition_and_stable(esa_env):
     assert a == partition_hash(load_experiment(esa_env.experiment), "tiny-llama", "sensitivity", "ffn.gate__1")
     assert a != partition_hash(cfg, "tiny-llama", "sensitivity", "ffn.gate__2")
     assert a != partition_hash(cfg, "tiny-pythia", "sensitivity", "ffn.gate__1")
+
+
+def test_seed_independent_kinds_have_one_fixed_partition_that_adding_a_seed_leaves_alone(esa_env):
+    esa_env.edit("components: [attention.query, ffn.gate]", "components: [attention.query, norm.input]")
+    before = hashes(esa_env)
+    # norm scale does not depend on the seed: one norm.input__fixed partition, seeds hold gaussian only
+    assert {k[1] for k in before if k[0] == "tiny-llama" and "norm.input" in k[1]} == {
+        "sensitivity|norm.input__fixed", "sensitivity|norm.input__1", "sensitivity|norm.input__2"}  # fmt: skip
+    changed = changed_after(esa_env, "seeds: [1, 2]", "seeds: [1, 2, 999]")
+    assert ("tiny-llama", "sensitivity|norm.input__999") in changed
+    assert ("tiny-llama", "sensitivity|norm.input__fixed") not in changed
+    assert not {k for k in changed if k[1].startswith("sensitivity|") and not k[1].endswith("__999")}

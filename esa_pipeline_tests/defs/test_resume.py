@@ -156,3 +156,29 @@ def test_blocked_models_get_no_downstream_runs_and_one_root_cause_line(resume_en
     # no sweep partitions of either were attempted; tiny-llama's ran
     assert {p.split("|")[0] for p in env.store.partitions("sensitivity")} == {"tiny-llama"}
     assert "[tiny-llama|" in out and "[pythia-1.4b|" not in out and "[broken-llama|" not in out
+
+
+def test_seed_independent_points_are_stored_once_and_adding_a_seed_leaves_them(resume_env):
+    """Norm `scale` draws nothing from the seed (issue 10 item 5): with 2 seeds each scale point is stored once,
+    seed NULL, in norm.input__fixed; seed consistency leaves it out and significance tests it as deterministic."""
+    env = resume_env
+    env.edit("seeds: [1, 2, 3]", "seeds: [1, 2]")
+    env.edit("strengths: {gaussian: [0.01, 0.05, 0.1, 0.2, 0.3]}", "strengths: {gaussian: [0.1], scale: [0.9, 1.1]}")
+    env.edit("components: [attention.query, attention.output]", "components: [norm.input]")
+    assert not materialize(select=["significance"], log=lambda _: None).failed
+    with env.store.connect() as con:
+        points = con.execute("SELECT kind, variant, seed, layer, strength FROM sensitivity ORDER BY ALL").fetchall()
+        consistency_kinds = {k for (k,) in con.execute("SELECT DISTINCT kind FROM seed_consistency").fetchall()}
+        tests = dict(con.execute("SELECT kind, list(DISTINCT test_used) FROM significance GROUP BY kind").fetchall())
+    scale = [p for p in points if p[0] == "scale"]
+    assert scale == [("scale", "norm.input__fixed", None, layer, s) for layer in (0, 1) for s in (0.9, 1.1)]
+    assert sorted((p[1], p[2]) for p in points if p[0] == "gaussian") == [
+        ("norm.input__1", 1), ("norm.input__1", 1), ("norm.input__2", 2), ("norm.input__2", 2)]  # fmt: skip
+    assert "scale" not in consistency_kinds
+    assert tests["scale"] == ["clustered_deterministic"]
+
+    fixed = stored(env)["tiny-llama|norm.input__fixed"]
+    env.edit("seeds: [1, 2]", "seeds: [1, 2, 3]")
+    summary = materialize(select=["sensitivity"], log=lambda _: None)
+    assert sweep_runs(summary) == ["tiny-llama|norm.input__3"]
+    assert stored(env)["tiny-llama|norm.input__fixed"] == fixed

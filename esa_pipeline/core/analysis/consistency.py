@@ -86,7 +86,7 @@ def seed_consistency(sensitivity: pd.DataFrame) -> pd.DataFrame:
     """Spearman ρ between the layer profiles of every pair of seeds, per (model, kind, component, strength).
 
     Only stochastic settings: rows with seed NULL, `deterministic` true, a deterministic kind (norm `scale`,
-    compression kinds) or a top/bottom weight selection are left out: their profiles agree across seeds by
+    compression kinds) or a top/bottom selection (not noise on top/bottom neurons, still seeded) are left out: their profiles agree across seeds by
     construction (ρ = 1, a check that cannot fail).
 
     Only layers measured (non-NaN) in both seeds count; n_layers says how many. ρ is NaN with fewer than 3
@@ -95,11 +95,9 @@ def seed_consistency(sensitivity: pd.DataFrame) -> pd.DataFrame:
     require_columns(sensitivity, ["seed"], function="seed_consistency", relation="sensitivity")
     # deterministic kinds are measured once (seed NULL, or a true `deterministic` column): a rank correlation
     # of a profile with itself is 1 by construction, a check that cannot fail, so only stochastic rows count
-    from esa_pipeline.core.analysis.significance import DETERMINISTIC_KINDS, DETERMINISTIC_SELECTIONS
+    from esa_pipeline.core.perturbation.perturb import seed_independent_rows
 
-    stochastic = sensitivity["seed"].notna() & ~sensitivity["kind"].isin(DETERMINISTIC_KINDS)
-    if "selection" in sensitivity.columns:
-        stochastic &= ~sensitivity["selection"].isin(DETERMINISTIC_SELECTIONS)
+    stochastic = sensitivity["seed"].notna() & ~seed_independent_rows(sensitivity)
     if "deterministic" in sensitivity.columns:
         stochastic &= ~sensitivity["deterministic"].fillna(False).astype(bool)
     profiles = layer_profiles(sensitivity.loc[stochastic], per_seed=True, function="seed_consistency")

@@ -15,7 +15,8 @@ Two tests per cell (estimators and sources in `draws.py`):
   kind with >= 2 seeds, the across-draw test, a two-way seed × document random-effects analysis in which
   the seed is a random factor: "does this perturbation, drawn afresh, change the loss?". For a deterministic
   setting (seed NULL, a true `deterministic` column, a kind in DETERMINISTIC_KINDS — norm `scale` and the
-  compression kinds — or a top/bottom weight selection) there is no draw to vary, so the
+  compression kinds — or a top/bottom selection, except noise on top/bottom neurons, whose noise is still
+  seeded; `seed_independent_rows`, from perturb.seed_independent) there is no draw to vary, so the
   clustered test is the whole uncertainty and is the headline (`test_used` = "clustered_deterministic").
   A stochastic cell with one seed has no headline test: draw-to-draw variance cannot be estimated from one
   draw (NULL, with the reason in `note`; its conditional_* columns are still filled).
@@ -44,7 +45,7 @@ from statsmodels.stats.multitest import multipletests
 
 from esa_pipeline.core.analysis._common import as_nullable_int, check_unique, require_columns
 from esa_pipeline.core.analysis.draws import across_draws_test, clustered_ratio_test
-from esa_pipeline.core.perturbation.perturb import COMPRESSION_KINDS
+from esa_pipeline.core.perturbation.perturb import COMPRESSION_KINDS, seed_independent_rows
 
 BASE_KEYS = ["model", "kind", "component", "layer", "expert", "strength"]
 # settings that make two rows different experiments when present (neuron mode, weight selection, quantization
@@ -342,11 +343,7 @@ def _prepare_windows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             "window (or on none) so that clusters are well defined"
         )
     out["cluster"] = out["doc_id"].astype(str) if has_docs else out["window_id"].astype(str)
-    deterministic = (
-        out["seed"].isna()
-        | out["kind"].isin(DETERMINISTIC_KINDS)
-        | out["selection"].isin(DETERMINISTIC_SELECTIONS).fillna(False).astype(bool)
-    )
+    deterministic = out["seed"].isna() | seed_independent_rows(out)
     if "deterministic" in out.columns:
         deterministic |= out["deterministic"].fillna(False).astype(bool)
     out["_deterministic"] = deterministic.to_numpy(dtype=bool)

@@ -148,7 +148,7 @@ def _with_delta_nll(summary: pd.DataFrame, sensitivity: pd.DataFrame) -> pd.Data
         for column in ("layer", "expert", "group_size"):
             frame[column] = pd.to_numeric(frame[column]).astype("Int64")
         frame["strength"] = frame["strength"].astype(float)
-        frame["seed"] = frame["seed"].astype("int64")
+        frame["seed"] = pd.to_numeric(frame["seed"]).astype("Int64")  # NULL: a seed-independent point
     if sens.duplicated(["model", *SPEC_COLUMNS]).any():
         raise ValueError("task_vs_perplexity(): `sensitivity` has several rows per point (two datasets?): pass the "
                          "rows of the sweep dataset only")  # fmt: skip

@@ -29,7 +29,13 @@ from esa_pipeline.core.evaluation.mc_scoring import (
     score_requests,
 )
 from esa_pipeline.core.evaluation.perplexity import model_device, unwrap
-from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed
+from esa_pipeline.core.perturbation.perturb import (
+    UNUSED_SEED,
+    Perturbation,
+    perturbed,
+    seed_independent,
+    seed_independent_rows,
+)
 
 # The scorer that produced the rows: this module's evaluator, checked equal to lm-eval's per-item
 # log-likelihoods by esa_pipeline_tests/core/test_mc_scoring.py.
@@ -211,8 +217,10 @@ def zero_shot_points(suite: McSuite, specs: list[Perturbation], *, selected_by: 
             log(f"{p.kind} {p.component} L{p.layer} s={p.strength} seed={p.seed}: accuracy "
                 f"{base.correct.mean():.3f} -> {after.correct.mean():.3f} in {elapsed:.1f}s")  # fmt: skip
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ITEM_COLUMNS)
-    for column in ("layer", "expert", "group_size"):
+    for column in ("layer", "expert", "group_size", "seed"):
         out[column] = out[column].astype("Int64")
+    # the seed drew nothing for a seed-independent point: NULL, as in the sweep's <component>__fixed rows
+    out.loc[seed_independent_rows(out), "seed"] = pd.NA
     return out[ITEM_COLUMNS]
 
 
@@ -221,7 +229,7 @@ def _spec_from_row(row: Any) -> Perturbation:
         return None if pd.isna(value) else int(value)
 
     return Perturbation(kind=str(row.kind), component=str(row.component), layer=optional_int(row.layer),
-                        strength=float(row.strength), seed=int(row.seed), expert=optional_int(row.expert),
+                        strength=float(row.strength), seed=UNUSED_SEED if pd.isna(row.seed) else int(row.seed), expert=optional_int(row.expert),
                         mode=str(row.mode), selection=str(row.selection),
                         group_size=optional_int(getattr(row, "group_size", None)))  # fmt: skip
 
@@ -251,8 +259,9 @@ def select_points(at: Any, *, model: str, n_layers: int, seeds: list[int], sensi
         for component in grid.components:
             for layer in select_layers(grid.layers, n_layers):
                 for strength in grid.strengths:
-                    for seed in grid.seeds or seeds:
-                        mode = neuron_mode if grid.kind == "neurons" else "noise"
+                    mode = neuron_mode if grid.kind == "neurons" else "noise"
+                    # a seed-independent kind (norm scale) is one point, not one per seed (stored seed NULL)
+                    for seed in [UNUSED_SEED] if seed_independent(grid.kind, "random", mode) else grid.seeds or seeds:
                         add(Perturbation(kind=grid.kind, component=component, layer=layer, strength=strength,
                                          seed=seed, mode=mode), GRID)  # fmt: skip
     wanted = at.top_delta_nll + at.random_controls

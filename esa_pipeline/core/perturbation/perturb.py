@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 
 from esa_pipeline.core.checks import check_index, check_int, check_real
@@ -62,6 +63,37 @@ WEIGHT_LEVEL_KINDS: tuple[str, ...] = ("zero", "sign_flip", "bit_flip")
 COMPRESSION_KINDS: tuple[str, ...] = ("quantize", "prune", "layer_drop")
 MODES: tuple[str, ...] = ("noise", "zero")
 SELECTIONS: tuple[str, ...] = ("top", "random", "bottom")
+
+
+# The int seed a seed-independent spec carries (Perturbation requires one; such a point draws nothing from it).
+UNUSED_SEED = 0
+
+
+def seed_independent(kind: str, selection: str | None = "random", mode: str | None = "noise") -> bool:
+    """True when a point's perturbed weights do not depend on its seed (the seed draws nothing).
+
+    Norm `scale` multiplies gains by the strength; compression kinds are deterministic by construction; a
+    top/bottom selection picks elements by magnitude (zero/sign_flip/bit_flip) or neurons by norm — except
+    `neurons` in mode "noise", whose noise on those neurons is still drawn from the seed. Such points are
+    measured once (sweep variant `<component>__fixed`, seed NULL) and are left out of seed consistency.
+    """
+    if kind == "scale" or kind in COMPRESSION_KINDS:
+        return True
+    if selection in ("top", "bottom"):
+        return not (kind == "neurons" and mode == "noise")
+    return False
+
+
+def seed_independent_rows(df: pd.DataFrame) -> pd.Series:
+    """Per row of a frame with `kind` (and optionally `selection`, `mode`): seed_independent of its setting.
+
+    Top/bottom `neurons` in mode "noise" still draw their noise from the seed, so they stay stochastic."""
+    kind = df["kind"].astype(object)
+    selection = df["selection"].astype(object) if "selection" in df.columns else pd.Series(None, index=df.index)
+    mode = df["mode"].astype(object) if "mode" in df.columns else pd.Series(None, index=df.index)
+    return pd.Series([seed_independent(k, None if pd.isna(s) else s, None if pd.isna(m) else m)
+                      for k, s, m in zip(kind, selection, mode, strict=True)], index=df.index, dtype=bool)
+
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
              torch.float64: torch.int64}
 _EXPONENT_MSB = {torch.float32: 30, torch.bfloat16: 14, torch.float16: 14, torch.float64: 62}

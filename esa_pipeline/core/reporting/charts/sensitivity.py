@@ -214,7 +214,9 @@ def layer_profile_chart(sensitivity: pd.DataFrame, *, models: pd.DataFrame | Non
     df = _all_experts_rows(df)
     df["layer_label"] = layer_labels(df["layer"])
     df["panel"] = df["model"].astype(str) + " · " + df["component"].astype(str)
-    per_seed = df.groupby(["panel", "model", "component", "layer_label", "strength", "seed"], as_index=False)[
+    # dropna=False: a seed-independent point (variant <component>__fixed) is stored once with seed NULL
+    per_seed = df.groupby(["panel", "model", "component", "layer_label", "strength", "seed"], as_index=False,
+                          dropna=False)[
         "delta_nll"
     ].mean()
     mean = per_seed.groupby(["panel", "model", "component", "layer_label", "strength"], as_index=False)["delta_nll"].mean()
@@ -232,14 +234,15 @@ def layer_profile_chart(sensitivity: pd.DataFrame, *, models: pd.DataFrame | Non
         .transform_filter(alt.datum.role == "seed")
     )  # fmt: skip
     rule = alt.Chart().mark_rule(color="#888888", strokeDash=[3, 3]).encode(y=alt.datum(0))
-    seeds = sorted(int(s) for s in df["seed"].unique())
+    seeds = sorted(int(s) for s in df["seed"].dropna().unique())
     panels = alt.layer(rule, lines, dots, data=both).properties(width=280, height=180)
     faceted = (
         panels.facet(facet=alt.Facet("panel:N", title=None, header=alt.Header(labelFontWeight="bold")), columns=3)
         if df["panel"].nunique() > 1
         else panels
     )
-    notes = [f"line: mean over seeds {seeds}; dots: single seeds",
+    notes = [f"line: mean over seeds {seeds}; dots: single seeds" if seeds else
+             "seed-independent kind, measured once: line and dots are the one measurement",
              f"{n_dropped} row(s) with non-finite ΔNLL not shown" if n_dropped else None]  # fmt: skip
     return finish(
         faceted, title=f"ΔNLL per layer — {models_text(df['model'])}, {', '.join(sorted(df['component'].unique()))}, "
@@ -263,7 +266,7 @@ def _curves_from_significance(df: pd.DataFrame) -> pd.DataFrame:
 
 def _curves_from_sensitivity(df: pd.DataFrame) -> pd.DataFrame:
     df = _all_experts_rows(df)
-    per_seed = df.groupby(["model", "component", "strength", "seed"], as_index=False)["delta_nll"].mean()
+    per_seed = df.groupby(["model", "component", "strength", "seed"], as_index=False, dropna=False)["delta_nll"].mean()
     return per_seed.groupby(["model", "component", "strength"], as_index=False).agg(
         value=("delta_nll", "mean"), low=("delta_nll", "min"), high=("delta_nll", "max")
     )
