@@ -15,6 +15,7 @@ from dagster import (
 )
 
 from esa_pipeline.core.config import components_for_architecture
+from esa_pipeline.core.evaluation.sanity import PLAUSIBLE_TOKEN_PPL, baseline_problems
 from esa_pipeline.defs.common import (
     EAGER,
     PER_MODEL_ON_GPU,
@@ -28,9 +29,6 @@ from esa_pipeline.defs.partitions import model_partitions
 from esa_pipeline.defs.resources import ExperimentResource, StoreResource
 from esa_pipeline.defs.sources import baseline_config, experiment_config
 
-# A pretrained LM on natural English sits well inside this token-PPL range; outside it the load, tokenizer
-# or text is broken (below 2: repeated/memorised text, DESIGN §5). Random-weight tiny models are exempt.
-PLAUSIBLE_TOKEN_PPL = (2.0, 1000.0)
 # The baseline is deterministic: the same settings and code reproduce it to float precision, so a change
 # beyond this relative tolerance means the model, data or code changed underneath.
 REGRESSION_RTOL = 0.01
@@ -163,14 +161,7 @@ def _zero_shot(context: AssetExecutionContext, lm, plan) -> pd.DataFrame:
 def sanity_check(baselines: pd.DataFrame, *, random_weights: bool) -> AssetCheckResult:
     """Blocking: an implausible baseline would make every ratio against it meaningless."""
     low, high = PLAUSIBLE_TOKEN_PPL
-    problems = []
-    if baselines.empty:
-        problems.append("no baseline rows")
-    for row in baselines.itertuples():
-        if row.flags:
-            problems.append(f"{row.dataset}: flags {row.flags}")
-        if not random_weights and not low <= row.token_ppl <= high:
-            problems.append(f"{row.dataset}: token PPL {row.token_ppl:.3f} outside plausible [{low}, {high}]")
+    problems = baseline_problems(baselines, random_weights=random_weights)
     return AssetCheckResult(
         check_name="baseline_sanity",
         passed=not problems,

@@ -142,3 +142,27 @@ def test_super_weights_section_shows_confirmed_and_unconfirmed_candidates(report
     assert "<th>status</th>" in section and "<th>zero_delta_nll</th>" in section and "<th>control_p</th>" in section
     assert "<td>confirmed</td>" in section and "<td>candidate</td>" in section
     assert section.index("<td>confirmed</td>") < section.index("<td>candidate</td>")  # confirmed listed first
+
+
+def test_report_names_blocked_models_and_why(tmp_path):
+    # issue 10 item 13: the same rule as `esa materialize`'s BLOCKED lines — a flagged baseline blocks a model,
+    # an implausible PPL blocks a pretrained one, a configured model without a stored baseline is named too
+    from esa_pipeline.core.reporting.report import blocked_models
+
+    tables = fixture_relations()
+    experiment = {**EXPERIMENT, "models": {**EXPERIMENT["models"], "ghost-7b": None}}
+    blocked = blocked_models(tables, experiment)
+    assert blocked == {
+        "tiny-mixtral": "blocking check baseline_sanity failed: bundled: flags random_weights",
+        "ghost-7b": "no baseline stored under the current settings: its model stage failed or has not run "
+                    "(`esa materialize` prints the error)",
+    }  # fmt: skip
+    baselines = tables["baselines"].copy()
+    baselines.loc[baselines["model"] == "smollm2-135m", "token_ppl"] = 1.5  # pretrained: below the plausible range
+    assert blocked_models({**tables, "baselines": baselines}, experiment)["smollm2-135m"] == (
+        "blocking check baseline_sanity failed: bundled: token PPL 1.500 outside plausible [2.0, 1000.0]")
+    page = build_report(tables, tmp_path, experiment=experiment).read_text(encoding="utf-8")
+    section = page[page.index('<section id="blocked"'):]
+    section = section[: section.index("</section>")]
+    assert "<code>ghost-7b</code>" in section and "<code>tiny-mixtral</code>" in section
+    assert "smollm2-135m" not in section

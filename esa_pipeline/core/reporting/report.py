@@ -166,6 +166,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
     sections = [
         _setup_section(tables, experiment),
         _random_weights_section(tables),
+        _blocked_section(tables, experiment),
         _baselines_section(tables.get("baselines")),
         _zero_shot_section(tables.get("zero_shot")),
     ]
@@ -261,6 +262,39 @@ def _random_weights_section(tables: dict[str, pd.DataFrame]) -> str:
         f"“{html.escape(PLUMBING_NOTE)}”, and table rows from them are marked "
         "<span class='badge'>random weights</span>.</p></section>"
     )
+
+
+def blocked_models(tables: dict[str, pd.DataFrame], experiment: dict) -> dict[str, str]:
+    """Model -> why its sweeps, analysis and cross-model rows are missing: the same rule as `esa materialize`'s
+    `BLOCKED <model>: …` lines (core.evaluation.sanity.baseline_problems on the stored baselines; random-weight
+    models, from `models`, are exempt from the plausible-PPL range), or no stored baseline at all."""
+    from esa_pipeline.core.evaluation.sanity import baseline_problems
+
+    baselines, cards = tables.get("baselines"), tables.get("models")
+    out = {}
+    for model in experiment.get("models") or {}:
+        rows = baselines.loc[baselines["model"] == model] if baselines is not None and "model" in baselines else None
+        if rows is None or rows.empty:
+            out[model] = ("no baseline stored under the current settings: its model stage failed or has not run "
+                          "(`esa materialize` prints the error)")
+            continue
+        card = cards.loc[cards["model"] == model] if cards is not None and "model" in cards else None
+        random_weights = bool(card["random_weights"].fillna(False).iloc[0]) if card is not None and len(card) else False
+        problems = baseline_problems(rows, random_weights=random_weights)
+        if problems:
+            out[model] = "blocking check baseline_sanity failed: " + "; ".join(problems)
+    return out
+
+
+def _blocked_section(tables: dict[str, pd.DataFrame], experiment: dict) -> str:
+    blocked = blocked_models(tables, experiment)
+    if not blocked:
+        return ""
+    items = "".join(f"<li><code>{html.escape(m)}</code>: {html.escape(why)}</li>" for m, why in blocked.items())
+    return ('<section id="blocked" class="warning"><h2>Blocked models</h2><p>These models have no sweeps, '
+            "analysis or cross-model rows in this report: every ratio against a broken or missing baseline "
+            f"would be meaningless. Fix the model source (weights, tokenizer) or the dataset.</p><ul>{items}</ul>"
+            "</section>")
 
 
 def _baselines_section(baselines: pd.DataFrame | None) -> str:
