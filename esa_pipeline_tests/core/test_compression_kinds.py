@@ -199,6 +199,21 @@ def test_gpt2_conv1d_is_quantized_along_its_input_rows(tiny):
         assert torch.equal(_bias.get(model), bias)  # weight-only: the bias keeps full precision
 
 
+@pytest.mark.parametrize("component", ["ffn.up", "ffn.down"])
+def test_gpt_oss_experts_are_quantized_along_the_axis_they_read_inputs_from(tiny, component):
+    # GPT-OSS computes x @ gate_up_proj[e] ([E, H, 2I]) and x @ down_proj[e] ([E, I, H]): inputs are axis 1.
+    lm = tiny("tiny-gpt-oss")
+    model, adapter = lm.model, adapter_for(lm.model)
+    p = Perturbation("quantize", component, 0, 2, 0, mode="symmetric", group_size=0, expert=1)
+    s = adapter.slices(component, 0, expert=1)[0]
+    assert input_axis(model, s) == 0  # one expert's [H, I] / [I, H] view: the inputs are its rows
+    w = s.get(model).clone()
+    with perturbed(model, adapter, p):
+        assert torch.equal(s.get(model), fake_quantize(w.T, 2, 0, "symmetric").T)
+    every = adapter.slices(component, 0)[0]
+    assert every.get(model).dim() == 3 and input_axis(model, every) == 1
+
+
 @pytest.mark.parametrize("family", ALL_TINY)
 def test_layer_drop_block_makes_the_layer_an_identity(tiny, family):
     lm = tiny(family)

@@ -241,7 +241,7 @@ def resolve_slices(adapter: Adapter, p: Perturbation) -> list[ParamSlice]:
     if p.kind == "layer_drop":
         return layer_drop_slices(adapter, p.component, p.layer)
     if p.kind in ("quantize", "prune"):  # weight-only: biases keep full precision / stay dense
-        return [s for s in adapter.slices(p.component, p.layer, p.expert) if not s.param_name.endswith(".bias")]
+        return [s for s in adapter.slices(p.component, p.layer, p.expert) if not s.param_name.endswith("bias")]  # ".bias", GPT-OSS "_bias"
     if p.kind == "neurons":
         return _neuron_slices(adapter, p, FFN_COMPONENTS if p.component == NEURON_COMPONENT else (p.component,))
     slices = adapter.slices(p.component, p.layer, p.expert)
@@ -378,8 +378,11 @@ def _weight_level(view: torch.Tensor, p: Perturbation, score: torch.Tensor | Non
 
 
 def input_axis(model: torch.nn.Module, s: ParamSlice) -> int:
-    """The axis of slice `s` along which its module reads inputs: the last for nn.Linear-style [out, in]
-    storage (and its fused views / 3-D experts), 0 for transformers' Conv1D, which stores [in, out] (GPT-2)."""
+    """The axis of slice `s` along which its module reads inputs: what the adapter declares (`input_axis`, e.g.
+    GPT-OSS's [E, H, 2I] experts), else the last for nn.Linear-style [out, in] storage (and its fused views /
+    3-D experts), 0 for transformers' Conv1D, which stores [in, out] (GPT-2)."""
+    if s.input_axis is not None:
+        return s.input_axis
     owner = model.get_submodule(s.param_name.rsplit(".", 1)[0]) if "." in s.param_name else model
     return 0 if type(owner).__name__ == "Conv1D" else -1
 

@@ -86,6 +86,9 @@ class ParamSlice:
     # The norm computes with (stored + gain_offset): 1.0 for Gemma-family RMSNorms, whose forward is
     # x_normed * (1 + w). Gain scaling and noise act on that effective gain, not on the stored w.
     gain_offset: float = 0.0
+    # Axis of the sliced view along which the module reads its inputs (quantize groups and prune ranks along it);
+    # None = the last axis, as in nn.Linear's [out, in] and the usual fused 3-D experts [E, out, in].
+    input_axis: int | None = None
 
     def __post_init__(self) -> None:
         for item in self.index:

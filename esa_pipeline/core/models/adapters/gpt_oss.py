@@ -21,8 +21,10 @@ def _experts(expert: int | None) -> tuple:
 def _interleaved(half: int):
     def build(a: Adapter, layer: int, expert: int | None) -> list[ParamSlice]:
         cols = slice(half, None, 2)  # a strided view: still basic indexing
+        # x @ gate_up_proj[e]: stored [E, H, 2I], so the inputs (H) are axis 1 of [E, H, I] / axis 0 of [H, I]
         weight = ParamSlice(a.layer_param(layer, "mlp.experts.gate_up_proj"), None,
-                            (*_experts(expert), slice(None), cols), 2 if expert is None else 1)
+                            (*_experts(expert), slice(None), cols), 2 if expert is None else 1,
+                            input_axis=1 if expert is None else 0)
         bias = ParamSlice(a.layer_param(layer, "mlp.experts.gate_up_proj_bias"), None, (*_experts(expert), cols),
                           1 if expert is None else 0)
         return [weight, bias]
@@ -31,8 +33,9 @@ def _interleaved(half: int):
 
 
 def _down(a: Adapter, layer: int, expert: int | None) -> list[ParamSlice]:
+    # x @ down_proj[e]: stored [E, I, H], so the inputs (I) are axis 1 of [E, I, H] / axis 0 of [I, H]
     return [ParamSlice(a.layer_param(layer, "mlp.experts.down_proj"), None, _experts(expert), 1 if expert is None
-                       else 0),
+                       else 0, input_axis=1 if expert is None else 0),
             ParamSlice(a.layer_param(layer, "mlp.experts.down_proj_bias"), None, _experts(expert), None)]
 
 
