@@ -493,20 +493,22 @@ class HashedAsset:
     version: int = 1
 
 
+# version 2 of the assets that score sampled windows: the window sample fills the budget with full windows
+# before short document tails and skips (not stops at) a window that overflows (core/evaluation/perplexity.py).
 HASHED_ASSETS: dict[str, HashedAsset] = {
     # `components` decides the card's components_swept / components_not_applicable columns
     "model_card": HashedAsset((*MODEL_IDENTITY, "components")),
     # zero_shot rows come from lm-eval on the unperturbed model: `zero_shot.at` is not the baseline's
     "baseline": HashedAsset((*MODEL_IDENTITY, "datasets", "window", "token_budget", "batch_size", "zero_shot.tasks",
-                             "zero_shot.limit", "zero_shot.num_fewshot")),
+                             "zero_shot.limit", "zero_shot.num_fewshot"), version=2),
     # one (component, seed|fixed) partition: kinds/strengths/neuron_mode narrowed to the variant (PARTITION_SCOPE)
     "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "neuron_sigma",
-                                "neuron_selection", "experts", "adaptive")),
+                                "neuron_selection", "experts", "adaptive"), version=2),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
     "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
-                                      "strengths.gaussian")),
+                                      "strengths.gaussian"), version=2),
     "moe_routing": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "seeds", "strengths.router",
-                                "strengths.gaussian")),
+                                "strengths.gaussian"), version=2),
     "significance": HashedAsset((), upstream=("sensitivity",)),
     "critical_layers": HashedAsset((), upstream=("significance", "model_card")),
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
@@ -514,7 +516,7 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
                                           "neuron_mode", "layers"), upstream=("sensitivity",)),
     # quantize/prune/layer_drop sweeps, Block Influence and recipes (core/compression/study.py): its own
     # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
-    "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression")),
+    "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=2),
 }
 # ModelPlan fields that change no stored row, with the reason (a test checks every field is attributed above
 # or listed here, so a new setting cannot silently miss the hash).

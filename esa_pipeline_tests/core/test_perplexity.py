@@ -144,6 +144,26 @@ def test_sample_is_stratified_and_seeded():
     assert sample_windows([[10]], ["a"], max_tokens=1, seed=0) == [(0, 0)]  # at least one window
 
 
+def test_sample_fills_the_budget_with_full_windows_before_short_tails():
+    """The reported case: with 256-token windows, budgets of 512 and 256 held 277 and 21 tokens, because a
+    document's 21-token tail window was drawn first and the sample stopped at the first window that overflowed."""
+    from esa_pipeline.core.evaluation.perplexity import sample_windows
+
+    counts = [[256, 256, 21], [256, 256, 256, 40], [256, 21], [256, 256]]
+    ids = ["a", "b", "c", "d"]
+    for seed in range(20):
+        for budget, expected in ((256, 256), (512, 512), (1024, 1024)):
+            chosen = sample_windows(counts, ids, budget, seed)
+            assert sum(counts[d][w] for d, w in chosen) == expected, (seed, budget)
+        # a budget that full windows cannot fill is topped up until no remaining window fits
+        chosen = sample_windows(counts, ids, 1100, seed)
+        total = sum(counts[d][w] for d, w in chosen)
+        left = [n for d, c in enumerate(counts) for w, n in enumerate(c) if (d, w) not in chosen]
+        assert total <= 1100 and all(total + n > 1100 for n in left)
+        # every document gives a full window before any gives a second one
+        assert len({d for d, _ in sample_windows(counts, ids, 1024, seed)}) == 4
+
+
 def test_byte_count_when_the_budget_cuts_inside_a_character(tiny):
     """'h' + the first byte of 'é' are 2 bytes; decoding them shows 'h\\ufffd' (4 bytes)."""
     lm = tiny("tiny-llama")

@@ -225,12 +225,17 @@ def sample_windows(doc_windows: list[list[int]], doc_ids: list[str], max_tokens:
     """(document index, window index) pairs of a seeded sample stratified by document.
 
     doc_windows[d] lists the scored-token counts of document d's windows. Documents are visited in a seeded
-    order, each document's windows in a seeded order; round r takes the r-th window of every document that
-    has one, so every document contributes one window before any contributes two. Sampling stops at the
-    first window that would exceed `max_tokens` (at least one window is taken).
+    order, each document's full-length windows in a seeded order before its shorter ones (a document's last
+    window is usually a short tail: drawn first, it would spend a window's slot on a few tokens); round r takes
+    the r-th window of every document that has one, so every document contributes one window before any
+    contributes two. A window that would exceed `max_tokens` is skipped and the sample goes on with the ones
+    that still fit (stopping at the first misfit left budgets of 512 tokens holding 277). At least one window
+    is taken.
     """
+    full = max((n for counts in doc_windows for n in counts), default=0)
     docs = sorted(range(len(doc_windows)), key=lambda d: _rank(seed, doc_ids[d]))
-    orders = {d: sorted(range(len(doc_windows[d])), key=lambda w: _rank(seed, doc_ids[d], w)) for d in docs}
+    orders = {d: sorted(range(len(doc_windows[d])), key=lambda w: (doc_windows[d][w] < full, _rank(seed, doc_ids[d], w)))
+              for d in docs}  # fmt: skip
     chosen: list[tuple[int, int]] = []
     total = 0
     for r in range(max((len(o) for o in orders.values()), default=0)):
@@ -239,9 +244,11 @@ def sample_windows(doc_windows: list[list[int]], doc_ids: list[str], max_tokens:
                 continue
             w = orders[d][r]
             if chosen and total + doc_windows[d][w] > max_tokens:
-                return sorted(chosen)
+                continue
             chosen.append((d, w))
             total += doc_windows[d][w]
+            if total >= max_tokens:
+                return sorted(chosen)
     return sorted(chosen)
 
 
