@@ -518,6 +518,19 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
     "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=2),
 }
+# Per-model assets that do nothing unless the model's plan asks for them: asset -> (plan -> why not, or None).
+# The CLI skips them (nothing to store, so nothing would ever be "up to date"); a manual run records the reason.
+OPTIONAL_ASSETS: dict[str, Callable[[ModelPlan], str | None]] = {
+    "compression": lambda plan: None if plan.compression is not None else "not in the experiment's compression.models",
+}
+
+
+def not_configured(cfg: ExperimentConfig, model: str, asset: str) -> str | None:
+    """Why `asset` has nothing to do for `model` under `cfg` (OPTIONAL_ASSETS), or None when it applies."""
+    rule = OPTIONAL_ASSETS.get(asset)
+    return rule(model_plan(cfg, model)) if rule is not None else None
+
+
 # ModelPlan fields that change no stored row, with the reason (a test checks every field is attributed above
 # or listed here, so a new setting cannot silently miss the hash).
 UNHASHED_SETTINGS: dict[str, str] = {

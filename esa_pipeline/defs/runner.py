@@ -39,6 +39,7 @@ from esa_pipeline.core.config import (
     ExperimentConfig,
     experiment_hash,
     load_experiment,
+    not_configured,
     partition_hash,
 )
 from esa_pipeline.core.provenance import REPO_ROOT
@@ -367,6 +368,10 @@ class _Invocation:
         return ok
 
     def _stale_or_forced(self, asset: str, model: str, partition: str, config_hash: str) -> bool:
+        why_not = not_configured(self.cfg, model, asset)
+        if why_not is not None:
+            self.summary.skip(f"{asset}: {why_not}")
+            return False
         if self.force:
             return True
         if asset in MODEL_ANALYSIS_ASSETS and any((parent, model) in self.ran for parent in UPSTREAM[asset]):

@@ -315,3 +315,16 @@ def test_numeric_choices_refuse_bools(tmp_path, key, value):
     text = text.replace("bits: [4], bits:", "bits:")
     message = error_for(tmp_path, text)
     assert f"compression.{key}" in message and "true/false is not a number here" in message
+
+
+def test_optional_assets_say_why_they_do_not_apply():
+    """The smoke profile has no compression section: the CLI skips the compression asset instead of running a
+    step that stores nothing (and so would never count as up to date on the next `make demo`)."""
+    from esa_pipeline.core.config import not_configured
+
+    cfg = load_experiment("smoke", check_models=False)
+    assert "compression.models" in not_configured(cfg, "tiny-llama", "compression")
+    assert not_configured(cfg, "tiny-llama", "sensitivity") is None
+    compression = load_experiment("compression", check_models=False)
+    model = next(iter(compression.compression.models))
+    assert not_configured(compression, model, "compression") is None
