@@ -166,3 +166,17 @@ def test_report_names_blocked_models_and_why(tmp_path):
     section = section[: section.index("</section>")]
     assert "<code>ghost-7b</code>" in section and "<code>tiny-mixtral</code>" in section
     assert "smollm2-135m" not in section
+
+
+def test_zero_shot_charts_leave_random_weight_models_out_of_the_headline(tmp_path):
+    import pandas as pd
+
+    tables = fixture_relations()
+    for name in ("zero_shot_significance", "task_vs_perplexity", "task_vs_perplexity_points"):
+        frame = tables[name]
+        tables[name] = pd.concat([frame, frame.assign(model="tiny-mixtral")], ignore_index=True)
+    page = build_report(tables, tmp_path, experiment=EXPERIMENT).read_text(encoding="utf-8")
+    section = page.split('<section id="zero_shot"', 1)[1].split("</section>", 1)[0]
+    assert "smollm2-135m" in section and "tiny-mixtral" not in section
+    spec = json.loads((tmp_path / "zero_shot__disagreement.vl.json").read_text())
+    assert "tiny-mixtral" not in json.dumps(spec)

@@ -175,7 +175,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
     random_models = _random_models(tables)
     for title, figures in _figures(_rows_of(tables, random_models, keep=False)):
         sections.append(_figure_section(title, figures, out_dir))
-    sections.append(_zero_shot_under_perturbation_section(tables, out_dir))
+    sections.append(_zero_shot_under_perturbation_section(_rows_of(tables, random_models, keep=False), out_dir))
     sections.append(_token_budget_section(tables.get("sensitivity")))
     sections.append(_scaling_table_section(tables.get("scaling_fit")))
     sections.append(_group_comparison_section(tables.get("group_comparison")))
