@@ -506,9 +506,9 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
                                 "neuron_selection", "experts", "adaptive"), version=2),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
     "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
-                                      "strengths.gaussian"), version=2),
-    "moe_routing": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "seeds", "strengths.router",
-                                "strengths.gaussian"), version=2),
+                                      "strengths.prediction_sigmas"), version=2),
+    "moe_routing": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "seeds", "strengths.routing_strengths"),
+                               version=2),
     "significance": HashedAsset((), upstream=("sensitivity",)),
     "critical_layers": HashedAsset((), upstream=("significance", "model_card")),
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
@@ -518,6 +518,28 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
     "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=2),
 }
+# The small-σ expansion of the prediction check (core/importance/prediction.py) holds only up to here.
+PREDICTION_MAX_SIGMA = 0.05
+
+
+def prediction_sigmas(plan: ModelPlan) -> list[float]:
+    """The gaussian strengths the weight-importance asset's prediction check measures."""
+    return [s for s in plan.strengths.gaussian if s <= PREDICTION_MAX_SIGMA]
+
+
+def routing_strengths(plan: ModelPlan) -> list[float]:
+    """The strengths of the MoE routing sweep: the router's own, else the gaussian ones."""
+    return list(plan.strengths.router or plan.strengths.gaussian)
+
+
+# Settings an asset reads only through a function of the plan ("<field>.<what>", so the attribution test still
+# sees the field): adding σ = 0.2 to the sweeps must not re-run the prediction check, which skips σ > 0.05.
+DERIVED_SETTINGS: dict[str, Callable[[ModelPlan], Any]] = {
+    "strengths.prediction_sigmas": prediction_sigmas,
+    "strengths.routing_strengths": routing_strengths,
+}
+
+
 # Per-model assets that do nothing unless the model's plan asks for them: asset -> (plan -> why not, or None).
 # The CLI skips them (nothing to store, so nothing would ever be "up to date"); a manual run records the reason.
 OPTIONAL_ASSETS: dict[str, Callable[[ModelPlan], str | None]] = {
@@ -605,7 +627,8 @@ def partition_hash(cfg: ExperimentConfig, model: str, asset: str, variant: str |
     settings = {}
     for name in spec.settings:
         scope = PARTITION_SCOPE.get(name) if variant is not None else None
-        settings[name] = scope(plan, variant) if scope else _setting(dumped, name)
+        derived = DERIVED_SETTINGS.get(name)
+        settings[name] = scope(plan, variant) if scope else derived(plan) if derived else _setting(dumped, name)
     upstream = {name: sorted(current_hashes(cfg, model, name)) for name in spec.upstream}
     return stable_hash({"asset": asset, "version": spec.version, "variant": variant, "settings": settings,
                         "upstream": upstream})  # fmt: skip

@@ -15,7 +15,7 @@ from dagster import (
     asset,
 )
 
-from esa_pipeline.core.config import select_layers
+from esa_pipeline.core.config import prediction_sigmas, routing_strengths, select_layers
 from esa_pipeline.defs.common import (
     EAGER_AFTER_SWEEP,
     PER_MODEL_ON_GPU,
@@ -206,7 +206,7 @@ def weight_importance(context: AssetExecutionContext, experiment: ExperimentReso
     cache = PrefixCache.build(lm, base, adapter)
     metadata = validate_and_find_super_weights(context, step, lm, adapter, base, result, cache)
     curvature = next((c for c in ("grad_sq", "hutchinson") if c in metrics), None)
-    small_sigmas = [s for s in plan.strengths.gaussian if s <= 0.05]  # the expansion holds for small sigma only
+    small_sigmas = prediction_sigmas(plan)  # the expansion holds for small sigma only
     if curvature and small_sigmas:
         from esa_pipeline.core.importance.prediction import prediction_check
 
@@ -254,8 +254,7 @@ def moe_routing(context: AssetExecutionContext, experiment: ExperimentResource, 
 
     base = baseline_result(plan, plan.sweep_dataset)
     layers = select_layers(plan.layers, adapter.num_layers)
-    strengths = plan.strengths.router or plan.strengths.gaussian
-    rows = routing_sweep(lm, base, list(strengths), list(plan.seeds), layers=layers, adapter=adapter)
+    rows = routing_sweep(lm, base, routing_strengths(plan), list(plan.seeds), layers=layers, adapter=adapter)
     n_rows = step.write("moe_routing", rows)
     return MaterializeResult(
         metadata={

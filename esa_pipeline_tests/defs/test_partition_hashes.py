@@ -94,3 +94,13 @@ def test_seed_independent_kinds_have_one_fixed_partition_that_adding_a_seed_leav
     assert ("tiny-llama", "sensitivity|norm.input__999") in changed
     assert ("tiny-llama", "sensitivity|norm.input__fixed") not in changed
     assert not {k for k in changed if k[1].startswith("sensitivity|") and not k[1].endswith("__999")}
+
+
+def test_a_large_sigma_reversions_the_sweeps_but_not_the_prediction_check(esa_env):
+    # the prediction check measures gaussian σ <= 0.05 only: σ = 0.2 adds sweep points, not prediction points
+    # (the smoke demo re-ran SmolLM2's whole weight-importance stage for it, 170 s)
+    changed = changed_after(esa_env, "gaussian: [0.1]", "gaussian: [0.1, 0.2]")
+    assert "weight_importance" not in {asset for _, asset in changed}
+    assert any(asset.startswith("sensitivity|") for _, asset in changed)
+    changed = changed_after(esa_env, "gaussian: [0.1, 0.2]", "gaussian: [0.02, 0.1, 0.2]")
+    assert {asset for _, asset in changed} >= {"weight_importance"}
