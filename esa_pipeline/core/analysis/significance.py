@@ -14,7 +14,7 @@ Two tests per cell (estimators and sources in `draws.py`):
 - the headline columns (ci_low, ci_high, t_stat, dof, p_value, p_holm, p_bh, significant_*): for a stochastic
   kind with >= 2 seeds, the across-draw test, a two-way seed × document random-effects analysis in which
   the seed is a random factor: "does this perturbation, drawn afresh, change the loss?". For a deterministic
-  setting (seed NULL, a true `deterministic` column, a kind in DETERMINISTIC_KINDS — norm `scale` and the
+  setting (seed NULL, a true `deterministic` column, a seed-independent kind — norm `scale` and the
   compression kinds — or a top/bottom selection, except noise on top/bottom neurons, whose noise is still
   seeded; `seed_independent_rows`, from perturb.seed_independent) there is no draw to vary, so the
   clustered test is the whole uncertainty and is the headline (`test_used` = "clustered_deterministic").
@@ -45,7 +45,7 @@ from statsmodels.stats.multitest import multipletests
 
 from esa_pipeline.core.analysis._common import as_nullable_int, check_unique, require_columns
 from esa_pipeline.core.analysis.draws import across_draws_test, clustered_ratio_test
-from esa_pipeline.core.perturbation.perturb import COMPRESSION_KINDS, seed_independent_rows
+from esa_pipeline.core.perturbation.perturb import seed_independent_rows
 
 BASE_KEYS = ["model", "kind", "component", "layer", "expert", "strength"]
 # settings that make two rows different experiments when present (neuron mode, weight selection, quantization
@@ -53,9 +53,6 @@ BASE_KEYS = ["model", "kind", "component", "layer", "expert", "strength"]
 SETTING_KEYS = ["mode", "selection", "group_size"]
 CELL_KEYS = [*BASE_KEYS, *SETTING_KEYS]
 WINDOW_COLUMNS = [*BASE_KEYS, "seed", "window_id", "n_tokens", "delta_nll_sum"]
-# kinds (and weight selections) whose perturbation does not depend on the seed: one draw, no draw variance
-DETERMINISTIC_KINDS = ("scale", *COMPRESSION_KINDS)
-DETERMINISTIC_SELECTIONS = ("top", "bottom")
 
 SIGNIFICANCE_COLUMNS = [
     "model",
