@@ -12,6 +12,7 @@ import pytest
 
 from esa_pipeline.core import analysis
 from esa_pipeline.core.reporting import charts
+from esa_pipeline.core.reporting.charts.sensitivity import SIGNIFICANT_LABEL, UNTESTED_LABEL
 
 MODELS = {
     # name: (family, is_moe, n_layers, params_total, params_active, vocab, random_weights)
@@ -348,7 +349,26 @@ def test_heatmap_marks_exactly_the_bh_significant_cells(relations):
     assert 0 < plotted["significant"].sum() < len(plotted)
     dots = [n for n in walk(spec) if n.get("mark", {}) == {"type": "point", "filled": True, "size": 28,
                                                               "color": "black"}]  # fmt: skip
-    assert dots and dots[0]["transform"] == [{"filter": "datum.significant"}]
+    assert dots and dots[0]["transform"] == [{"filter": "(datum.marker_label !== '')"}]
+    assert set(plotted.loc[plotted["significant"], "marker_label"]) == {SIGNIFICANT_LABEL}
+
+
+def test_heatmap_marks_untestable_cells_apart_from_not_significant(relations):
+    """'Not significant' is never a stand-in for 'could not test': a NULL flag gets its own mark."""
+    significance = relations["significance"].copy()
+    pretrained = significance["model"] == "smollm2-135m"
+    untestable = significance.index[pretrained & ~significance["significant_bh"].astype(bool)][:3]
+    tested_not_significant = significance.index[pretrained & ~significance["significant_bh"].astype(bool)][3:]
+    significance["significant_bh"] = significance["significant_bh"].astype(object)
+    significance.loc[untestable, "significant_bh"] = None
+    spec = charts.sensitivity_heatmap(significance).to_dict()
+    plotted = pd.DataFrame(next(iter(spec["datasets"].values())))
+    assert (plotted["marker_label"] == UNTESTED_LABEL).sum() == 3
+    assert (plotted["marker_label"] == "").sum() == len(tested_not_significant) + int(
+        (~pretrained & ~relations["significance"]["significant_bh"].astype(bool)).sum())
+    shapes = [n["encoding"]["shape"]["scale"] for n in walk(spec) if "shape" in n.get("encoding", {})]
+    assert {"domain": [SIGNIFICANT_LABEL, UNTESTED_LABEL], "range": ["circle", "cross"]} in shapes
+    charts.to_png(charts.sensitivity_heatmap(significance))  # renders (vl-convert) with both marks
 
 
 def test_moe_single_expert_rows_do_not_double_the_cells(relations):

@@ -69,8 +69,8 @@ READING_GUIDES = {
         "unperturbed model, blue = better. A dot marks cells whose test survives Benjamini–Hochberg correction "
         "across the model's whole sweep: the across-draw test, whose uncertainty includes both the choice of "
         "noise draw (seed) and of text (documents, clustered), or for deterministic kinds the document-clustered "
-        "test. Cells that could not be tested (e.g. an overflowed loss, one seed) carry no dot and a reason in "
-        "the significance table; they are not 'not significant'. Compare rows (layers) within a column to "
+        "test. Cells that could not be tested (e.g. an overflowed loss, one seed) carry a cross and a reason in "
+        "the significance table; an unmarked cell was tested and is not significant. Compare rows (layers) within a column to "
         "find sensitive depths, and columns to rank components; compare panels left to right to see how the "
         "pattern scales with perturbation strength."
     ),

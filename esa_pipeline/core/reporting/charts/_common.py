@@ -116,11 +116,14 @@ def select_strength(
     return df.loc[matches].copy(), float(strength)
 
 
-def collapse_expert_cells(df: pd.DataFrame, keys: list[str], value: str, flag: str | None = None) -> pd.DataFrame:
+def collapse_expert_cells(
+    df: pd.DataFrame, keys: list[str], value: str, flag: str | None = None, all_flag: str | None = None
+) -> pd.DataFrame:
     """One row per `keys` cell for MoE relations that hold all-experts rows (expert NULL) and single-expert rows.
 
     The all-experts row is the component's measurement; a cell measured only per expert shows the mean over
-    experts (and `flag` true when any expert's flag is). Dense relations pass through unchanged.
+    experts, `flag` true when any expert's flag is and `all_flag` true when every expert's is. Dense relations
+    pass through unchanged.
     """
     if "expert" not in df.columns or df["expert"].isna().all():
         return df
@@ -130,7 +133,7 @@ def collapse_expert_cells(df: pd.DataFrame, keys: list[str], value: str, flag: s
     per_expert = df.loc[~has_all_row]
     if per_expert.empty:
         return kept.copy()
-    aggregations = {value: "mean", **({flag: "any"} if flag else {})}
+    aggregations = {value: "mean", **({flag: "any"} if flag else {}), **({all_flag: "all"} if all_flag else {})}
     averaged = per_expert.groupby(keys, dropna=False, as_index=False).agg(aggregations)
     return pd.concat([kept, averaged], ignore_index=True)
 

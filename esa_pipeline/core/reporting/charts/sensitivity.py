@@ -35,6 +35,7 @@ from esa_pipeline.core.reporting.charts._common import (
 SIGNIFICANCE_NEEDED = ["model", "kind", "component", "layer", "strength", "mean_delta_nll"]
 SENSITIVITY_NEEDED = ["model", "kind", "component", "layer", "strength", "seed", "delta_nll"]
 SIGNIFICANT_LABEL = "BH-significant (q < 0.05)"
+UNTESTED_LABEL = "not testable (reason in the significance table)"
 
 
 def sensitivity_heatmap(
@@ -46,23 +47,27 @@ def sensitivity_heatmap(
 ) -> alt.VConcatChart:
     """Mean ΔNLL per layer (y) × component (x); one row of panels per model, one panel per strength.
 
-    Cells whose headline test survives Benjamini–Hochberg (`marker` column, default significant_bh) get a dot;
-    untested cells (NULL flag) get none.
+    Cells whose headline test survives Benjamini–Hochberg (`marker` column, default significant_bh) get a black
+    dot; cells that could not be tested (NULL flag: one seed of a stochastic kind, an overflowed loss) get a grey
+    cross, so "not significant" (no mark) is never shown for "could not test".
     The colour scale is symmetric-log and diverging around 0: ΔNLL spans orders of magnitude across
     strengths, and a negative ΔNLL (perturbation helped) must not look like "no effect".
     """
     chart = "sensitivity_heatmap"
     df = require_rows(significance, [*SIGNIFICANCE_NEEDED, marker], chart=chart, relation="significance")
     df, kind = select_kind(df, kind, chart=chart, relation="significance")
-    df = collapse_expert_cells(df.assign(**{marker: df[marker].fillna(False).astype(bool)}),
-                               ["model", "component", "layer", "strength"], "mean_delta_nll", marker)  # fmt: skip
+    df = collapse_expert_cells(df.assign(untested=df[marker].isna(), **{marker: df[marker].eq(True)}),
+                               ["model", "component", "layer", "strength"], "mean_delta_nll", marker,
+                               all_flag="untested")  # fmt: skip
     df, n_dropped = drop_nonfinite(df, "mean_delta_nll", chart=chart, relation="significance")
     df["layer_label"] = layer_labels(df["layer"])
     df["strength_label"] = df["strength"].map(lambda s: f"{STRENGTH_SYMBOLS.get(kind, 'strength')} = {float(s):g}")
     df["significant"] = df[marker].fillna(False).astype(bool)
-    df["marker_label"] = SIGNIFICANT_LABEL
+    df["untested"] = df["untested"].astype(bool) & ~df["significant"]
+    df["marker_label"] = np.select([df["significant"], df["untested"]], [SIGNIFICANT_LABEL, UNTESTED_LABEL], "")
     df = df[["model", "component", "layer", "layer_label", "strength", "strength_label", "mean_delta_nll",
-             "significant", "marker_label"] + [c for c in ("ci_low", "ci_high", "p_bh") if c in df.columns]]  # fmt: skip
+             "significant", "untested", "marker_label"]
+            + [c for c in ("ci_low", "ci_high", "p_bh") if c in df.columns]]  # fmt: skip
 
     strengths = sorted(df["strength"].unique())
     random_models = random_weight_models(df, models)
@@ -77,7 +82,7 @@ def sensitivity_heatmap(
     )
     notes = [
         f"dot = {SIGNIFICANT_LABEL}: across-draw test (seed × document; deterministic kinds: clustered by document); "
-        "no dot = not significant or untested (see the significance table's note)" if marker == "significant_bh"
+        f"grey cross = {UNTESTED_LABEL}; no mark = tested, not significant" if marker == "significant_bh"
         else f"dot = cells where {marker} is true",
         "colour scale per model (symmetric log, centred on 0)",
         f"{n_dropped} cell(s) with non-finite ΔNLL not shown" if n_dropped else None,
@@ -103,21 +108,26 @@ def _heatmap_row(
         legend=alt.Legend(orient="right", gradientLength=120),
     )  # fmt: skip
     tooltip = [c for c in ("model", "component", "layer_label", "strength", "mean_delta_nll", "ci_low", "ci_high",
-                           "p_bh", "significant") if c in own.columns]  # fmt: skip
+                           "p_bh", "significant", "untested") if c in own.columns]  # fmt: skip
     base = alt.Chart().encode(
         x=alt.X("component:N", title="component", sort=sorted(own["component"].unique()),
                 axis=alt.Axis(labelAngle=-40)),
         y=alt.Y("layer_label:O", title="layer", sort=layer_sort_order(own["layer_label"])),
     )  # fmt: skip
     cells = base.mark_rect(stroke="white", strokeWidth=0.5).encode(color=color, tooltip=tooltip)
-    dots = (
+    # dot = significant, cross = could not be tested; an unmarked cell was tested and is not significant
+    present = [(label, shape) for label, shape in ((SIGNIFICANT_LABEL, "circle"), (UNTESTED_LABEL, "cross"))
+               if (own["marker_label"] == label).any()]  # fmt: skip
+    marks = (
         base.mark_point(filled=True, size=28, color="black")
-        .encode(shape=alt.Shape("marker_label:N", title=None, legend=alt.Legend(orient="right")))
-        .transform_filter(alt.datum.significant)
-    )
+        .encode(shape=alt.Shape("marker_label:N", title=None, legend=alt.Legend(orient="right"),
+                                scale=alt.Scale(domain=[label for label, _ in present],
+                                                range=[shape for _, shape in present])))
+        .transform_filter(alt.datum.marker_label != "")
+    )  # fmt: skip
     # A shape legend over a filtered-empty layer makes vl-convert fail ("SVG has an invalid size"): draw the
-    # dots layer only when some cell of this model is significant; the caption still says what a dot means.
-    layers = (cells, dots) if own["significant"].any() else (cells,)
+    # marks layer only when some cell of this model is marked; the caption still says what each mark means.
+    layers = (cells, marks) if present else (cells,)
     panels = (
         alt.layer(*layers)
         .transform_filter(alt.datum.model == model)
