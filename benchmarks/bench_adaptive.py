@@ -2,23 +2,31 @@
 
     python benchmarks/bench_adaptive.py [--model smollm2-135m] [--layer-stride 1] [--tokens 6400] [--window 128]
                                         [--components attention.query ffn.down norm.attn_in]
-                                        [--strengths 0.001 0.01 0.05 0.1 0.2] [--seed 1337]
+                                        [--strengths 0.001 0.01 0.05 0.1 0.2] [--seed 1337] [--csv PATH]
+    python benchmarks/bench_adaptive.py --summarise PATH     # the table again from a (possibly partial) CSV
 
 Defaults are issue 14's grid: all layers x {attention.query, ffn.down, norm.attn_in} x σ ∈ {0.001, 0.01, 0.05,
 0.1, 0.2}, one seed, on the bundled corpus (25 documents; `--tokens` / `--window` windows sampled across them).
-Both sweeps share one baseline and one prefix cache; their points are interleaved (fixed then adaptive for each
-spec) so load from other processes hits them alike. Printed:
+Both sweeps share one baseline; the fixed points use its prefix cache, the adaptive points the prefix cache of its
+visit order (`adaptive.visit_ordered`: the windows in a seeded random order, batches of consecutive windows of it).
+Their points are interleaved (fixed then adaptive for each spec) so load from other processes hits them alike.
+Printed:
 - wall time of each sweep and the ratio; tokens per point (median and quartiles) under the adaptive rule;
-- agreement of the significant / not decisions: fixed = document-clustered z-test of ΔNLL ≠ 0 at 5 % over all
-  windows (the `ppl_ratio_se` delta method); adaptive = the confidence sequence excludes 0 when the point stopped;
+- agreement of the significant / not decisions with the fixed budget's: fixed = the pipeline's document-clustered
+  t-test of ΔNLL ≠ 0 at 5 % (`analysis.draws.clustered_ratio_test`, the conditional test of `significance`) over
+  all windows; adaptive (i) = the sequence's own decision (it excludes 0 when the point stopped), adaptive (ii) =
+  the same clustered t-test on the windows the adaptive point scored (what the pipeline reports downstream);
 - Spearman correlation of the layer rankings (by ΔNLL) per (component, σ), and the largest |ΔNLL| difference;
-- the false-stop rate of the rule on simulated null streams (true mean 0), checked after every document: ≤ α.
+- the false-stop rate of the rule on simulated null streams (true mean 0), checked after every window: ≤ α;
+- the permutation check: each fixed point's real per-window observations replayed in 2000 random visit orders,
+  checked after every batch as the rule does; the fraction of orders on which the sequence ever excluded the
+  full-budget mean (must be ≤ α).
+One CSV row per point is appended as it is measured (`--csv`), so an interrupted run can still be summarised.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -29,14 +37,31 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from esa_pipeline.core.evaluation.paired import evaluate_against  # noqa: E402
+from esa_pipeline.core.analysis.draws import clustered_ratio_test  # noqa: E402
+from esa_pipeline.core.evaluation.adaptive import visit_ordered  # noqa: E402
+from esa_pipeline.core.evaluation.paired import PairedResult, evaluate_against  # noqa: E402
 from esa_pipeline.core.evaluation.perplexity import perplexity  # noqa: E402
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache  # noqa: E402
-from esa_pipeline.core.evaluation.sequential import SequentialRule, simulate_false_stops  # noqa: E402
+from esa_pipeline.core.evaluation.sequential import (  # noqa: E402
+    SequentialRule,
+    random_orders,
+    simulate_false_stops,
+    window_observations,
+    wor_misses,
+)
 from esa_pipeline.core.evaluation.text import load_texts  # noqa: E402
 from esa_pipeline.core.models.adapters import adapter_for  # noqa: E402
 from esa_pipeline.core.models.registry import load_model  # noqa: E402
 from esa_pipeline.core.perturbation.perturb import Perturbation  # noqa: E402
+
+
+def clustered_significant(result: PairedResult, alpha: float = 0.05) -> bool | None:
+    """The pipeline's conditional test on a point's scored windows: document-clustered t-test of ΔNLL ≠ 0
+    (None when it cannot be tested: fewer than two documents, or a non-finite loss)."""
+    w = result.windows
+    per_doc = w.groupby("doc_id", as_index=False).agg(d=("delta_nll_sum", "sum"), t=("n_tokens", "sum"))
+    test = clustered_ratio_test(per_doc.assign(_cell=0), alpha).iloc[0]
+    return None if not np.isfinite(test["p_value"]) else bool(test["p_value"] < alpha)
 
 
 def main() -> None:
@@ -49,49 +74,77 @@ def main() -> None:
     parser.add_argument("--components", nargs="+", default=["attention.query", "ffn.down", "norm.attn_in"])
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.001, 0.01, 0.05, 0.1, 0.2])
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--csv", default="/tmp/bench_adaptive_points.csv", help="per-point rows, appended live")
+    parser.add_argument("--summarise", metavar="CSV", help="print the table from a CSV of an earlier run")
     args = parser.parse_args()
-
     rule = SequentialRule()
+    if args.summarise:
+        summarise(pd.read_csv(args.summarise), rule)
+        return
+
     lm = load_model(args.model)
     adapter = adapter_for(lm.model)
     base = perplexity(lm, load_texts("bundled"), window=args.window, max_tokens=args.tokens,
                       batch_size=args.batch_size)  # fmt: skip
     cache = PrefixCache.build(lm, base, adapter)
+    visit_cache = PrefixCache.build(lm, visit_ordered(base), adapter)
     layers = sorted(set(range(0, adapter.num_layers, args.layer_stride)) | {adapter.num_layers - 1})
-    print(f"{args.model}: {base.n_tokens} tokens in {base.n_windows} windows of {base.n_documents} documents; "
-          f"{len(layers)} layers x {len(args.components)} components x {len(args.strengths)} strengths; {rule}")  # fmt: skip
+    print(f"{args.model}: {base.n_tokens} tokens in {base.n_windows} windows of {base.n_documents} documents, "
+          f"batches of {args.batch_size}; {len(layers)} layers x {len(args.components)} components x "
+          f"{len(args.strengths)} strengths; {rule}", flush=True)  # fmt: skip
 
-    rows = []
-    time_fixed = time_adaptive = 0.0
+    mean_tokens = base.n_tokens / base.n_windows
+    if os.path.exists(args.csv):
+        os.remove(args.csv)
     for layer in layers:
         for component in args.components:
             for strength in args.strengths:
                 p = Perturbation(kind="gaussian", component=component, layer=layer, strength=strength, seed=args.seed)
                 started = time.perf_counter()
                 fixed = evaluate_against(lm, base, p, adapter=adapter, cache=cache)
-                time_fixed += time.perf_counter() - started
+                time_fixed = time.perf_counter() - started
                 started = time.perf_counter()
-                adaptive = evaluate_against(lm, base, p, adapter=adapter, cache=cache, rule=rule)
-                time_adaptive += time.perf_counter() - started
-                se = fixed.ppl_ratio_se / fixed.ppl_ratio if fixed.ppl_ratio else math.nan  # SE of ΔNLL
-                rows.append({
+                adaptive = evaluate_against(lm, base, p, adapter=adapter, cache=visit_cache, rule=rule)
+                time_adaptive = time.perf_counter() - started
+                row = pd.DataFrame([{
                     "component": component, "layer": layer, "strength": strength,
                     "fixed_delta": fixed.delta_nll, "adaptive_delta": adaptive.delta_nll,
-                    "fixed_significant": bool(abs(fixed.delta_nll) > 1.96 * se) if se == se else None,
-                    "adaptive_significant": bool(adaptive.cs_lower > 0 or adaptive.cs_upper < 0),
-                    "tokens": adaptive.n_tokens, "stop_reason": adaptive.stop_reason,
-                })  # fmt: skip
-    frame = pd.DataFrame(rows)
+                    "fixed_significant": clustered_significant(fixed),
+                    "sequence_significant": bool(adaptive.cs_lower > 0 or adaptive.cs_upper < 0),
+                    "downstream_significant": clustered_significant(adaptive),
+                    "tokens": adaptive.n_tokens, "budget_tokens": base.n_tokens, "stop_reason": adaptive.stop_reason,
+                    "time_fixed_s": time_fixed, "time_adaptive_s": time_adaptive, "batch_size": args.batch_size,
+                    "window_observations": " ".join(f"{v:.9g}" for v in window_observations(
+                        fixed.windows["delta_nll_sum"].tolist(), mean_tokens)),
+                }])  # fmt: skip
+                row.to_csv(args.csv, mode="a", header=not os.path.exists(args.csv), index=False)
+        print(f"layer {layer} done", flush=True)
+    print(f"per-point rows (with each fixed point's window observations in window order): {args.csv}")
+    summarise(pd.read_csv(args.csv), rule)
 
+
+def summarise(frame: pd.DataFrame, rule: SequentialRule) -> None:
+    """The benchmark table from the per-point rows."""
+    budget = int(frame["budget_tokens"].max())
+    time_fixed, time_adaptive = frame["time_fixed_s"].sum(), frame["time_adaptive_s"].sum()
+    print(f"{len(frame)} points")
     print(f"\n{'':44}{'fixed':>12}{'adaptive':>12}{'ratio':>9}")
     print(f"{'sweep wall time (s)':44}{time_fixed:12.1f}{time_adaptive:12.1f}{time_adaptive / time_fixed:9.3f}")
     q = frame["tokens"].quantile([0.25, 0.5, 0.75])
-    print(f"{'tokens per point (median)':44}{base.n_tokens:12d}{q[0.5]:12.0f}{q[0.5] / base.n_tokens:9.3f}")
+    print(f"{'tokens per point (median)':44}{budget:12d}{q[0.5]:12.0f}{q[0.5] / budget:9.3f}")
+    print(f"{'tokens per point (mean)':44}{budget:12d}{frame['tokens'].mean():12.0f}"
+          f"{frame['tokens'].mean() / budget:9.3f}")  # fmt: skip
     print(f"{'tokens per point (quartiles)':44}{'':12}{f'{q[0.25]:.0f}-{q[0.75]:.0f}':>12}")
     print("stop reasons: " + ", ".join(f"{k} {v}" for k, v in frame["stop_reason"].value_counts().items()))
-    decided = frame.dropna(subset=["fixed_significant"])
-    agreement = (decided["fixed_significant"] == decided["adaptive_significant"]).mean()
-    print(f"{'significant/not decisions agree':44}{agreement:12.3f}   ({len(decided)} points; target ≥ 0.95)")
+    fixed_sig = frame["fixed_significant"]
+    print(f"{'points fixed decides significant':60}{int((fixed_sig == True).sum()):8d} of {len(frame)}")  # noqa: E712
+    for column, label in (("sequence_significant", "(i) the sequence's own decision"),
+                          ("downstream_significant", "(ii) clustered test on the scored windows")):
+        decided = frame.dropna(subset=["fixed_significant", column])
+        agree = decided["fixed_significant"].astype(bool) == decided[column].astype(bool)
+        lost = int((decided["fixed_significant"].astype(bool) & ~agree).sum())
+        print(f"{'agreement with fixed: ' + label:60}{agree.mean():8.3f}   ({len(decided)} points; target ≥ 0.95)")
+        print(f"    fixed significant / adaptive not: {lost}, fixed not / adaptive significant: {int((~agree).sum()) - lost}")
     rhos = []
     for (component, strength), cell in frame.groupby(["component", "strength"]):
         if len(cell) >= 3:
@@ -101,9 +154,20 @@ def main() -> None:
     if rhos:
         print(f"{'layer-ranking Spearman (min / median)':44}{min(rhos):12.3f}{float(np.median(rhos)):12.3f}"
               "   (target ≥ 0.95)")  # fmt: skip
-    print(f"{'largest |ΔNLL difference| (nats/token)':44}{(frame['fixed_delta'] - frame['adaptive_delta']).abs().max():12.2e}")
+    diff = (frame["fixed_delta"] - frame["adaptive_delta"]).abs()
+    print(f"{'largest |ΔNLL difference| (nats/token)':44}{diff.max():12.2e}")
     null = simulate_false_stops(rule, n_streams=2000, max_units=200, seed=0)
     print(f"{'false-stop rate on simulated nulls':44}{null:12.4f}   (α = {rule.alpha})")
+    populations = [np.array([float(v) for v in str(x).split()]) for x in frame["window_observations"]]
+    orders = random_orders(len(populations[0]), 2000, seed=0)
+    rates = np.array([wor_misses(x, orders, rule, batch_size=int(b)) if np.isfinite(x).all() else np.nan
+                      for x, b in zip(populations, frame["batch_size"], strict=True)])  # fmt: skip
+    print(f"{'permutation check on real windows: miss rate mean / max':58}{np.nanmean(rates):8.4f}{np.nanmax(rates):8.4f}"
+          f"   ({int((rates > rule.alpha).sum())} of {int(np.isfinite(rates).sum())} points above α = {rule.alpha})")
+    worst = frame.assign(miss_rate=rates).nlargest(5, "miss_rate")
+    for _, r in worst.iterrows():
+        print(f"    {r['component']:18} layer {r['layer']:>2} σ={r['strength']:<6} ΔNLL {r['fixed_delta']:.4f}: "
+              f"{r['miss_rate']:.4f}")
 
 
 if __name__ == "__main__":

@@ -204,17 +204,18 @@ class Importance(_Strict):
 
 
 class Adaptive(_Strict):
-    """Adaptive token budgets (core/evaluation/sequential.py): each sweep point scores batches in a seeded order
-    and stops once an anytime-valid confidence sequence on its mean per-token ΔNLL has decided it; the token
-    budget is the cap. Units: nats per token; documents are the sequence's observations."""
+    """Adaptive token budgets (core/evaluation/sequential.py): each sweep point scores the budget's windows in a
+    seeded random order, batch by batch, and stops once an anytime-valid confidence sequence on the budget's mean
+    per-token ΔNLL has decided it; the token budget is the cap. Units: nats per token; windows are the
+    sequence's observations (`min_documents`/`design_documents` of earlier versions counted documents)."""
 
     enabled: bool = False
     alpha: Fraction = Field(default=0.05, description="error rate of the confidence sequence")
     rel_precision: PositiveFloat = Field(default=0.25, description="stop when the sequence excludes 0 and its "
                                          "half-width <= rel_precision x |estimate|")  # fmt: skip
     abs_tolerance: NonNegativeFloat = Field(default=0.002, description="stop when the half-width <= this")
-    min_documents: Annotated[int, Field(ge=2, strict=True)] = Field(default=16, description="documents before any stop")
-    design_documents: Count = Field(default=32, description="documents at which the sequence is tightest")
+    min_windows: Annotated[int, Field(ge=2, strict=True)] = Field(default=16, description="windows before any stop")
+    design_windows: Count = Field(default=32, description="windows at which the sequence is tightest")
 
     def rule(self) -> Any:
         """The `SequentialRule`, or None when adaptive budgets are off."""
@@ -223,7 +224,7 @@ class Adaptive(_Strict):
         from esa_pipeline.core.evaluation.sequential import SequentialRule
 
         return SequentialRule(alpha=self.alpha, rel_precision=self.rel_precision, abs_tolerance=self.abs_tolerance,
-                              min_units=self.min_documents, design_units=self.design_documents)  # fmt: skip
+                              min_units=self.min_windows, design_units=self.design_windows)  # fmt: skip
 
 
 class Compression(_Strict):

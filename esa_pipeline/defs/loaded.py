@@ -64,21 +64,25 @@ def baseline_result(plan: ModelPlan, dataset: str, token_budget: int | None = No
 def _prefix_cache(
     source: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool,
     dataset: str, window: int, token_budget: int, batch_size: int, adapter: str | None = None,
+    visit_order: bool = False,
 ) -> PrefixCache:  # fmt: skip
+    from esa_pipeline.core.evaluation.adaptive import visit_ordered
     from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
     from esa_pipeline.core.models.adapters import adapter_for
 
     lm = _load(source, revision, dtype, device, trust_remote_code, adapter)
     base = _baseline(source, revision, dtype, device, trust_remote_code, dataset, window, token_budget, batch_size,
                      adapter)  # fmt: skip
-    return PrefixCache.build(lm, base, adapter_for(lm.model, adapter))
+    return PrefixCache.build(lm, visit_ordered(base) if visit_order else base, adapter_for(lm.model, adapter))
 
 
 def prefix_cache(plan: ModelPlan, dataset: str) -> PrefixCache:
-    """The prefix cache of `baseline_result(plan, dataset)`: every sweep partition of a run shares one build."""
+    """The prefix cache of `baseline_result(plan, dataset)` for the plan's sweep points: every sweep partition of
+    a run shares one build. With adaptive budgets it is built from the baseline's visit order
+    (`adaptive.visit_ordered`), whose batches adaptive points score."""
     return _prefix_cache(
         plan.source, plan.revision, plan.dtype, plan.device, plan.trust_remote_code,
-        dataset, plan.window, plan.token_budget, plan.batch_size, plan.adapter,
+        dataset, plan.window, plan.token_budget, plan.batch_size, plan.adapter, plan.adaptive.enabled,
     )  # fmt: skip
 
 

@@ -9,20 +9,23 @@ from scipy import stats
 from esa_pipeline.core.evaluation.sequential import (
     STOP_NEGLIGIBLE,
     STOP_RESOLVED,
-    DocumentAccumulator,
     SequentialRule,
     mixture_half_width,
+    random_orders,
     running_states,
     sequence_state,
     simulate_false_stops,
+    simulate_misses,
     stop_reason,
+    window_observations,
+    wor_misses,
 )
 
 RULE = SequentialRule(alpha=0.05, rel_precision=0.25, abs_tolerance=0.002, min_units=16, design_units=32)
 
 
 def test_false_stop_rate_under_optional_stopping_stays_below_alpha():
-    # Null streams, checked after every document: declaring an effect is a false stop.
+    # Null streams, checked after every window: declaring an effect is a false stop.
     rate = simulate_false_stops(RULE, n_streams=2000, max_units=200, seed=0)
     assert rate <= RULE.alpha
 
@@ -92,15 +95,60 @@ def test_half_width_matches_the_closed_form_by_hand():
         assert mixture_half_width(n, 1.0, 0.05, 32) > 1.96 / math.sqrt(n)
 
 
-def test_documents_enter_the_sequence_only_when_complete():
-    acc = DocumentAccumulator({"d1": 2, "d2": 1})
-    acc.add("d1", 1.0, 100)
-    assert acc.units == []
-    acc.add("d2", 0.5, 50)
-    acc.add("d1", 3.0, 100)
-    assert acc.unit_docs == ["d2", "d1"] and acc.units == [0.01, 0.02]
-    with pytest.raises(KeyError, match="d9"):
-        acc.add("d9", 0.0, 1)
+def test_window_observations_average_to_the_token_weighted_mean():
+    # windows of 512, 512 and a 100-token tail: the per-window means would weight the tail like a full window
+    sums, tokens = [51.2, 25.6, 50.0], [512, 512, 100]
+    y = window_observations(sums, sum(tokens) / len(tokens))
+    assert np.mean(y) == pytest.approx(sum(sums) / sum(tokens), rel=1e-12)
+    assert np.mean(np.divide(sums, tokens)) != pytest.approx(sum(sums) / sum(tokens), rel=1e-3)
+    with pytest.raises(ValueError, match="mean_tokens"):
+        window_observations(sums, 0.0)
+
+
+def test_the_default_min_units_is_the_smallest_simulated_one_with_coverage():
+    # The docstring's table: checked after every observation, 16 keeps both Gaussian and t5 streams under alpha,
+    # 8 does not (t5 misses more often than alpha): the variance estimate needs a few observations first.
+    for df in (None, 5):
+        assert simulate_misses(RULE, n_streams=2000, max_units=200, seed=0, df=df) <= RULE.alpha
+    assert simulate_misses(SequentialRule(min_units=8), n_streams=2000, max_units=200, seed=0, df=5) > RULE.alpha
+
+
+def clustered_population(n_docs: int = 25, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """64 windows of 25 documents (14 with 3 windows, 11 with 2) whose values share a strong document effect
+    (sd 1) plus small window noise (sd 0.2): within-document correlation ~0.96. Returns (values, doc index)."""
+    rng = np.random.default_rng(seed)
+    docs = np.repeat(np.arange(n_docs), [3] * 14 + [2] * 11)  # [64]
+    return rng.standard_normal(n_docs)[docs] + 0.2 * rng.standard_normal(len(docs)), docs
+
+
+def test_a_random_visit_order_covers_the_fixed_budget_mean_of_a_clustered_population():
+    # Sampling windows without replacement in a uniformly random order needs no independence between windows of a
+    # document: the sequence, checked after every batch of 8, covers the population (fixed-budget) mean.
+    values, _ = clustered_population()
+    rate = wor_misses(values, random_orders(len(values), 2000, seed=0), RULE, batch_size=8)
+    assert rate <= RULE.alpha
+
+
+def test_a_document_ordered_visit_breaks_coverage():
+    # The same population visited document by document (documents in random order, each one's windows together):
+    # early batches hold few documents, the within-document correlation hides the spread, and the sequence
+    # excludes the population mean far more often than alpha. Without a random window order the rule is invalid.
+    values, docs = clustered_population()
+    rng = np.random.default_rng(2)
+    orders = np.array([np.concatenate([np.flatnonzero(docs == d) for d in rng.permutation(25)])
+                       for _ in range(2000)])  # fmt: skip
+    assert wor_misses(values, orders, RULE, batch_size=8) > 2 * RULE.alpha
+
+
+def test_without_replacement_the_with_replacement_sequence_is_conservative():
+    # i.i.d. Gaussian and t5 populations of 64 windows, 200 of each, 100 random orders each: the miss rate under
+    # sampling without replacement stays below that of i.i.d. streams of the same length (and below alpha).
+    rng = np.random.default_rng(3)
+    for df in (None, 5):
+        pops = [rng.standard_normal(64) if df is None else rng.standard_t(df, size=64) for _ in range(200)]
+        wor = np.mean([wor_misses(x, random_orders(64, 100, seed=k), RULE, batch_size=1) for k, x in enumerate(pops)])
+        iid = simulate_misses(RULE, n_streams=2000, max_units=64, seed=4, df=df)
+        assert wor <= iid and wor <= RULE.alpha
 
 
 @pytest.mark.parametrize(

@@ -68,9 +68,9 @@ class PairedResult:
     # Token budget actually used (adaptive budgets stop early; see core/evaluation/adaptive.py).
     batches_used: int | None = None
     stop_reason: str = "fixed_budget"
-    cs_lower: float | None = None  # confidence-sequence bounds on the mean per-document ΔNLL (nats/token)
+    cs_lower: float | None = None  # confidence-sequence bounds on the budget's mean per-token ΔNLL (nats/token)
     cs_upper: float | None = None
-    cs_documents: int | None = None  # documents that entered the sequence
+    cs_windows: int | None = None  # windows that entered the sequence (all the scored windows)
 
     def to_row(self) -> dict[str, Any]:
         """The result and spec fields of one `sensitivity` row (the caller adds model/dataset/variant/...)."""
@@ -86,7 +86,7 @@ class PairedResult:
             "n_changed": self.n_changed, "restored": self.restored, "used_prefix_cache": self.used_prefix_cache,
             "tokens_per_s": self.tokens_per_s, "elapsed_s": self.elapsed_s,
             "batches_used": self.batches_used, "stop_reason": self.stop_reason, "cs_lower": self.cs_lower,
-            "cs_upper": self.cs_upper, "cs_documents": self.cs_documents,
+            "cs_upper": self.cs_upper, "cs_windows": self.cs_windows,
         }  # fmt: skip
 
 
@@ -102,8 +102,9 @@ def evaluate_against(
 ) -> PairedResult:
     """Evaluates `lm` with `p` applied on exactly `base`'s windows and pairs the result with `base`.
 
-    With a `rule` (`sequential.SequentialRule`), batches are scored in a seeded order and scoring stops once
-    the point's anytime-valid confidence sequence has decided it (`adaptive.evaluate_adaptive`).
+    With a `rule` (`sequential.SequentialRule`), windows are scored in a seeded random order, batch by batch, and
+    scoring stops once the point's anytime-valid confidence sequence has decided it (`adaptive.evaluate_adaptive`;
+    a `cache` must then be built from `adaptive.visit_ordered(base)`).
 
     With a `cache` (built from this `base`), a perturbation confined to decoder layers >= L replays only
     layers L..N; anything else (embedding, disabled cache) runs full forwards.

@@ -86,6 +86,9 @@ class PerplexityResult:
     n_documents: int = 0  # documents with at least one scored window
     kl_topk: int = DEFAULT_KL_TOPK
     flags: list[str] = field(default_factory=list)
+    # Seed of the visit order when token_windows are in a seeded uniformly random order (adaptive budgets:
+    # `adaptive.visit_ordered`); None in document order, as `perplexity()` returns them.
+    visit_seed: int | None = None
 
     def batches(self, batch_size: int | None = None) -> list[WindowBatch]:
         return make_batches(self.token_windows, batch_size or self.batch_size, self.pad_id)

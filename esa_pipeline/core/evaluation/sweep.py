@@ -20,7 +20,7 @@ SENSITIVITY_COLUMNS = [
     "top1_agreement", "token_ppl", "nll_sum",
     "n_tokens", "nonfinite", "relative_change", "changed_fraction", "n_changed", "restored",
     "used_prefix_cache", "tokens_per_s", "elapsed_s", "random_weights", "also_perturbed",
-    "batches_used", "stop_reason", "cs_lower", "cs_upper", "cs_documents",
+    "batches_used", "stop_reason", "cs_lower", "cs_upper", "cs_windows",
 ]  # fmt: skip
 SENSITIVITY_WINDOW_COLUMNS = [
     "model", "dataset", "kind", "component", "layer", "expert", "strength", "seed", "mode", "selection",
@@ -46,13 +46,22 @@ def run_sweep(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(sensitivity rows, sensitivity_windows rows) for `specs`, ordered by layer. Builds the prefix cache
     once unless one is given; `log` receives one progress line per layer. With a `rule`
-    (`sequential.SequentialRule`) every point stops scoring once its decision is made (adaptive budget).
+    (`sequential.SequentialRule`) every point visits the windows in the seeded random order of
+    `adaptive.visit_ordered(base)` and stops scoring once its decision is made (adaptive budget); a given `cache`
+    must then be built from that visit-ordered baseline (ValueError otherwise).
     `scores(p)` gives a spec its `scores=` (e.g. Wanda's |W|·‖X‖ for prune mode "wanda"), None for most."""
     model, _, spec = unwrap(lm)
     if adapter is None:
         from esa_pipeline.core.models.adapters import adapter_for
 
         adapter = adapter_for(model)
+    if rule is not None:
+        from esa_pipeline.core.evaluation.adaptive import visit_base
+
+        base = visit_base(base, cache)
+        if cache is not None and cache.base is not base:
+            raise ValueError("adaptive sweeps need the prefix cache of the visit-ordered baseline: build it with "
+                             "PrefixCache.build(lm, adaptive.visit_ordered(base), adapter)")
     if cache is None:
         cache = PrefixCache.build(lm, base, adapter)
         if log is not None:
