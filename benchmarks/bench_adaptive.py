@@ -55,6 +55,13 @@ from esa_pipeline.core.models.registry import load_model  # noqa: E402
 from esa_pipeline.core.perturbation.perturb import Perturbation  # noqa: E402
 
 
+def spread_order(layers: list[int]) -> list[int]:
+    """`layers` in bit-reversed index order (0, 16, 8, 24, 4, ... for 32): any prefix of a run spans the depth
+    evenly, so an interrupted run still compares layer rankings across the whole model."""
+    bits = max(1, (len(layers) - 1).bit_length())
+    return [layers[i] for i in sorted(range(len(layers)), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))]
+
+
 def clustered_significant(result: PairedResult, alpha: float = 0.05) -> bool | None:
     """The pipeline's conditional test on a point's scored windows: document-clustered t-test of ΔNLL ≠ 0
     (None when it cannot be tested: fewer than two documents, or a non-finite loss)."""
@@ -96,7 +103,7 @@ def main() -> None:
     mean_tokens = base.n_tokens / base.n_windows
     if os.path.exists(args.csv):
         os.remove(args.csv)
-    for layer in layers:
+    for layer in spread_order(layers):
         for component in args.components:
             for strength in args.strengths:
                 p = Perturbation(kind="gaussian", component=component, layer=layer, strength=strength, seed=args.seed)
