@@ -47,8 +47,8 @@ replaying random visit orders of finite populations (`wor_misses`; 64 windows, c
 
 A random order is what makes the rule valid (the document-ordered visit breaks it); strongly skewed populations
 dominated by a few documents are the asymptotic sequence's weak point (its variance estimate from the first
-windows misses the rare extreme ones): the real-data check below says how far real points are from that.
-REAL_DATA_CHECK
+windows misses the rare extreme ones). On real points, `benchmarks/bench_adaptive.py` runs the same check on every
+fixed point's per-window ΔNLL (its "permutation check" line: 2000 random visit orders per point).
 Generalising beyond the sampled documents stays the job of the downstream document-clustered significance
 analysis (`core/analysis/significance.py`), which uses the stored windows that were scored.
 """
