@@ -19,6 +19,7 @@ from esa_pipeline.core.evaluation.sequential import (
     stop_reason,
     window_observations,
     wor_misses,
+    wor_stop_errors,
 )
 
 RULE = SequentialRule(alpha=0.05, rel_precision=0.25, abs_tolerance=0.002, min_units=16, design_units=32)
@@ -166,3 +167,19 @@ def test_running_states_equal_the_one_shot_state_at_every_n():
     for n in (2, 8, 30):
         state = sequence_state(x[:n], RULE)
         assert (est[n - 1], lo[n - 1], hi[n - 1]) == pytest.approx((state.estimate, state.lower, state.upper))
+
+
+def test_replaying_the_rule_reports_misses_ever_at_stop_and_beyond_tolerance():
+    # A population whose mean is dominated by one extreme window: until that window is drawn, the estimated
+    # variance cannot see it, so the sequence can exclude the population mean (by far less than abs_tolerance).
+    population = np.full(50, 1e-5)
+    population[::2] = -1e-5
+    population[7] = 2e-3
+    orders = random_orders(50, 500, seed=0)
+    errors = wor_stop_errors(population, orders, RULE, batch_size=4)
+    assert errors["ever"] > RULE.alpha and errors["ever"] >= errors["at_stop"] and errors["beyond_tolerance"] == 0
+    assert errors["mean_stop_fraction"] == pytest.approx(16 / 50)  # negligible at the first allowed check
+    assert errors["ever"] == pytest.approx(wor_misses(population, orders, RULE, batch_size=4))
+    # a well-behaved population: no misses of any kind
+    calm = np.random.default_rng(0).normal(0.01, 0.001, size=50)
+    assert wor_stop_errors(calm, orders, RULE, batch_size=4)["ever"] <= RULE.alpha

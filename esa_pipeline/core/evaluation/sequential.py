@@ -241,3 +241,34 @@ def wor_misses(population: np.ndarray, orders: np.ndarray, rule: SequentialRule,
     without-replacement coverage failure rate of the adaptive rule. A random order must keep it ≤ α."""
     population = np.asarray(population, dtype=np.float64)  # [N]
     return float(misses(population[orders], float(population.mean()), rule, batch_size=batch_size).mean())
+
+
+def wor_stop_errors(population: np.ndarray, orders: np.ndarray, rule: SequentialRule, *,
+                    batch_size: int) -> dict[str, float]:  # fmt: skip
+    """The adaptive rule replayed on visit `orders` [n_orders, N] of a finite `population` [N] of window
+    observations, checked after every batch. Fractions of orders on which, with μ the population (fixed-budget)
+    mean:
+    - "ever": the sequence excluded μ at some check (the time-uniform guarantee; `wor_misses`);
+    - "at_stop": the sequence excluded μ when the rule stopped (the guarantee optional stopping relies on);
+    - "beyond_tolerance": at the stop, μ lay more than `rule.abs_tolerance` outside the sequence (an error large
+      enough to matter for either stop reason);
+    plus "mean_stop_fraction", the mean fraction of the population scored."""
+    population = np.asarray(population, dtype=np.float64)  # [N]
+    mu = float(population.mean())
+    n = len(population)
+    index = np.arange(1, n + 1)
+    checked = ((index % batch_size == 0) | (index == n)) & (index >= rule.min_units)  # [N]
+    ever = at_stop = beyond = 0
+    used = 0.0
+    for order in orders:
+        est, lo, hi = running_states(population[order], rule)
+        half = (hi - lo) / 2
+        resolved = ((lo > 0) | (hi < 0)) & (half <= rule.rel_precision * np.abs(est))
+        stops = checked & (resolved | (half <= rule.abs_tolerance))
+        stop = int(np.argmax(stops)) if stops.any() else n - 1
+        ever += bool(((lo > mu) | (hi < mu))[checked].any())
+        at_stop += bool(lo[stop] > mu or hi[stop] < mu)
+        beyond += bool(lo[stop] - mu > rule.abs_tolerance or mu - hi[stop] > rule.abs_tolerance)
+        used += (stop + 1) / n
+    k = len(orders)
+    return {"ever": ever / k, "at_stop": at_stop / k, "beyond_tolerance": beyond / k, "mean_stop_fraction": used / k}
