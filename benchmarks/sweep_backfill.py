@@ -6,6 +6,9 @@ BackfillPolicy.multi_run) vs one run over the model's range of partitions (now).
 Uses the smoke experiment's settings for the model, a temporary store and a temporary Dagster instance; the
 model stage is not run (sweep partitions compute their own baseline). Loads are counted by the step processes
 themselves (`process_model_loads` metadata): with the multiprocess executor each run's step is a new process.
+Each line also splits the wall time into the points' own evaluation time (sum of the stored rows' `elapsed_s`)
+and the rest (process start, model loads, baselines, prefix caches, Dagster): on a shared machine the point time
+moves with the load, while the rest is what one run per model saves.
 """
 
 from __future__ import annotations
@@ -61,10 +64,12 @@ def main() -> None:
                 assert ok, error
             seconds = time.perf_counter() - started
             loads, cursor = loads_since(cursor)
+            point_s = float(Store().read("sensitivity", model=args.model)["elapsed_s"].sum())
             if args.executor == "in_process":
                 loads = f"{loads} (cumulative in this process)"
             print(f"{args.model} [{args.executor}] {label}: {len(plan.variants)} partitions, {len(runs)} runs, "
-                  f"model loads {loads}, {seconds:.1f} s", flush=True)
+                  f"model loads {loads}, {seconds:.1f} s = points {point_s:.1f} s + rest {seconds - point_s:.1f} s, "
+                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
