@@ -180,3 +180,30 @@ def test_zero_shot_charts_leave_random_weight_models_out_of_the_headline(tmp_pat
     assert "smollm2-135m" in section and "tiny-mixtral" not in section
     spec = json.loads((tmp_path / "zero_shot__disagreement.vl.json").read_text())
     assert "tiny-mixtral" not in json.dumps(spec)
+
+
+def test_zero_shot_charts_draw_a_second_pretrained_model_with_too_few_points_for_rho(tmp_path):
+    # The demo scores Gemma-3 at 2 points (1 top-ΔNLL + 1 control, smoke.yaml): both pretrained models are drawn,
+    # and Gemma's panel states why it has no Spearman ρ instead of dropping the model.
+    import pandas as pd
+
+    from esa_pipeline.core.analysis.zero_shot_stats import task_vs_perplexity
+
+    tables = fixture_relations()
+    point = ["kind", "component", "layer", "strength", "seed"]
+    smol = tables["zero_shot_significance"].loc[lambda f: f["model"] == "smollm2-135m"]
+    gemma = smol.loc[smol.set_index(point).index.isin(smol[point].drop_duplicates().head(2).set_index(point).index)]
+    gemma = gemma.assign(model="gemma3-270m")
+    sens = tables["sensitivity"].loc[lambda f: f["model"] == "smollm2-135m"].assign(model="gemma3-270m")
+    corr, points = task_vs_perplexity(gemma, sens)
+    assert corr["spearman_rho"].isna().all() and len(points.loc[points["task"] == "all"]) == 2
+    for name, extra in (("zero_shot_significance", gemma), ("task_vs_perplexity", corr),
+                        ("task_vs_perplexity_points", points)):  # fmt: skip
+        tables[name] = pd.concat([tables[name], extra], ignore_index=True)
+    page = build_report(tables, tmp_path, experiment=EXPERIMENT).read_text(encoding="utf-8")
+    section = page.split('<section id="zero_shot"', 1)[1].split("</section>", 1)[0]
+    assert "smollm2-135m" in section and "gemma3-270m" in section
+    accuracy = json.dumps(json.loads((tmp_path / "zero_shot__accuracy.vl.json").read_text()))
+    disagreement = json.dumps(json.loads((tmp_path / "zero_shot__disagreement.vl.json").read_text()))
+    assert "gemma3-270m" in accuracy and "gemma3-270m" in disagreement and "not computed" in disagreement
+    assert (tmp_path / "zero_shot__accuracy.png").is_file() and (tmp_path / "zero_shot__disagreement.png").is_file()
