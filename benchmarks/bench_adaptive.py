@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--csv", default="/tmp/bench_adaptive_points.csv", help="per-point rows, appended live")
     parser.add_argument("--summarise", metavar="CSV", help="print the table from a CSV of an earlier run")
+    parser.add_argument("--resume", action="store_true", help="keep --csv's rows and measure only the missing points")
     args = parser.parse_args()
     rule = SequentialRule()
     if args.summarise:
@@ -102,11 +103,19 @@ def main() -> None:
           f"{len(args.strengths)} strengths; {rule}", flush=True)  # fmt: skip
 
     mean_tokens = base.n_tokens / base.n_windows
-    if os.path.exists(args.csv):
+    done = set()
+    if os.path.exists(args.csv) and args.resume:
+        kept = pd.read_csv(args.csv)
+        if set(kept["budget_tokens"]) != {base.n_tokens} or set(kept["batch_size"]) != {args.batch_size}:
+            raise SystemExit(f"--resume: {args.csv} was measured with another budget or batch size")
+        done = set(zip(kept["component"], kept["layer"], kept["strength"], strict=True))
+    elif os.path.exists(args.csv):
         os.remove(args.csv)
     for layer in spread_order(layers):
         for component in args.components:
             for strength in args.strengths:
+                if (component, layer, strength) in done:
+                    continue
                 p = Perturbation(kind="gaussian", component=component, layer=layer, strength=strength, seed=args.seed)
                 started = time.perf_counter()
                 fixed = evaluate_against(lm, base, p, adapter=adapter, cache=cache)
