@@ -158,3 +158,27 @@ def test_an_adapter_whose_head_differs_from_the_model_is_refused(tiny, monkeypat
     monkeypatch.setattr(adapter, "head_logits", lambda model, h: model.lm_head(h) / 4.0)
     with pytest.raises(HeadMismatch, match="override head_logits"):
         perplexity(lm, ["some text"], window=8, adapter=adapter)
+
+
+def test_kept_baseline_logits_give_the_same_kl_and_respect_their_budget(tiny):
+    """A sweep keeps the baseline's head logits between points: identical KL to recomputing them, and never
+    more batches than the budget holds."""
+    lm = tiny("tiny-llama")
+    adapter = adapter_for(lm.model)
+    base = perplexity(lm, load_texts("bundled")[:3], window=64, max_tokens=640, batch_size=2)
+    specs = [Perturbation("gaussian", "ffn.down", 1, 0.5, seed) for seed in (1, 2)]
+    vocab = adapter.lm_head(lm.model).weight.shape[0]
+    recomputed = PrefixCache.build(lm, base, adapter, baseline_logits_bytes=0)
+    kept = PrefixCache.build(lm, base, adapter)
+    one_batch = PrefixCache.build(lm, base, adapter, baseline_logits_bytes=recomputed.batches[0].n_scored * vocab * 4)
+    for p in specs:
+        want = evaluate_against(lm, base, p, adapter=adapter, cache=recomputed)
+        for cache in (kept, one_batch):
+            got = evaluate_against(lm, base, p, adapter=adapter, cache=cache)
+            assert got.kl == want.kl and got.kl_lower_bound_topk == want.kl_lower_bound_topk
+            assert got.delta_nll == want.delta_nll
+    assert len(recomputed.baseline_logits) == 0
+    assert len(kept.baseline_logits) == len(kept.batches) > 1
+    assert len(one_batch.baseline_logits) == 1 and one_batch.baseline_logits.nbytes <= one_batch.baseline_logits.budget_bytes
+    with pytest.raises(ValueError, match="budget_bytes"):
+        PrefixCache.build(lm, base, adapter, baseline_logits_bytes=-1)

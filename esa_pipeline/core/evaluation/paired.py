@@ -196,8 +196,17 @@ def iter_paired_batches(model: torch.nn.Module, adapter: Any, base: PerplexityRe
             assert cache is not None
             hidden = cache.hidden_from(start_layer, index)  # [B, T, H]
         base_hidden = base.final_hidden[offsets[index] : offsets[index + 1]]  # [n, H]
-        yield index, score_hidden(model, adapter, gather_scored(hidden, batch), scored_targets(batch),
-                                  base_hidden=base_hidden, base_head=base_head, kl_topk=base.kl_topk)  # fmt: skip
+        kept = cache.baseline_logits if cache is not None else None
+        base_logits = kept.get(index) if kept is not None else None
+        collect: list[torch.Tensor] | None = None
+        if kept is not None and base_logits is None and kept.fits(batch.n_scored, adapter.lm_head(model).weight.shape[0]):
+            collect = []
+        scores = score_hidden(model, adapter, gather_scored(hidden, batch), scored_targets(batch),
+                              base_hidden=base_hidden, base_head=base_head, kl_topk=base.kl_topk,
+                              base_logits=base_logits, collect_base_logits=collect)  # fmt: skip
+        if collect:
+            kept.keep(index, torch.cat(collect))  # type: ignore[union-attr]
+        yield index, scores
         del hidden
 
 

@@ -22,6 +22,8 @@ import torch
 
 from esa_pipeline.core.evaluation.perplexity import PerplexityResult, unwrap
 from esa_pipeline.core.evaluation.scoring import (
+    DEFAULT_BASELINE_LOGITS_BYTES,
+    BaselineLogits,
     final_hidden_states,
     gather_scored,
     model_device,
@@ -82,13 +84,16 @@ class PrefixCache:
     """Captured decoder-layer calls for every batch of a baseline's windows.
 
     `enabled` is False when the capture would exceed the memory budget (then every point uses full forwards
-    and records `used_prefix_cache=False`); `reason` says why.
+    and records `used_prefix_cache=False`); `reason` says why. `baseline_logits` keeps the baseline's head
+    logits per batch for the points' exact KL (its own budget; kept whether or not the capture is enabled).
     """
 
     def __init__(self, model: torch.nn.Module, adapter: Any, base: PerplexityResult,
                  batches: list[WindowBatch], calls: list[list[_LayerCall]] | None, reason: str,
-                 captured_bytes: int, build_s: float) -> None:  # fmt: skip
+                 captured_bytes: int, build_s: float,
+                 baseline_logits_bytes: int = DEFAULT_BASELINE_LOGITS_BYTES) -> None:  # fmt: skip
         self.model, self.adapter, self.base, self.batches = model, adapter, base, batches
+        self.baseline_logits = BaselineLogits(baseline_logits_bytes)
         self._calls = calls
         self.reason = reason
         self.captured_bytes = captured_bytes
@@ -106,8 +111,10 @@ class PrefixCache:
 
     @classmethod
     def build(cls, lm: Any, base: PerplexityResult, adapter: Any, *,
-              memory_budget_bytes: int | None = None) -> PrefixCache:  # fmt: skip
-        """One baseline forward per batch with capture hooks; checks it reproduces `base`'s NLL."""
+              memory_budget_bytes: int | None = None,
+              baseline_logits_bytes: int = DEFAULT_BASELINE_LOGITS_BYTES) -> PrefixCache:  # fmt: skip
+        """One baseline forward per batch with capture hooks; checks it reproduces `base`'s NLL.
+        baseline_logits_bytes: budget of the kept baseline logits (`scoring.BaselineLogits`; 0 keeps none)."""
         model, _, _ = unwrap(lm)
         start = time.perf_counter()
         batches = base.batches()
@@ -119,7 +126,8 @@ class PrefixCache:
         estimate = sum(b.input_ids.numel() for b in batches) * hidden * itemsize * len(layers)
         if estimate > budget:
             reason = f"captured hidden states ({estimate / 2**20:.0f} MiB) exceed the budget ({budget / 2**20:.0f} MiB)"
-            return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start)
+            return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start,
+                       baseline_logits_bytes)
 
         all_calls: list[list[_LayerCall]] = []
         for batch_index, batch in enumerate(batches):
@@ -127,12 +135,14 @@ class PrefixCache:
             nll = _check_reproduces_baseline(model, adapter, base, batch, batch_index, batches, hidden)  # [n]
             if batch_index == 0 and not _replay_matches(model, adapter, layers, calls, batch, nll):
                 reason = "replaying the last layer did not reproduce the model's logits"
-                return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start)
+                return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start,
+                       baseline_logits_bytes)
             all_calls.append(calls)  # type: ignore[arg-type]
 
         seen: set[int] = set()
         captured = sum(_tensor_bytes((c.args, c.kwargs), seen) for calls in all_calls for c in calls)
-        return cls(model, adapter, base, batches, all_calls, "", captured, time.perf_counter() - start)
+        return cls(model, adapter, base, batches, all_calls, "", captured, time.perf_counter() - start,
+                       baseline_logits_bytes)
 
     def start_layer(self, p: Any) -> int | None:
         """First decoder layer whose parameters perturbation `p` touches; None when it touches anything

@@ -6,8 +6,8 @@ final norm), only the scored positions are gathered ([n, H]), and `adapter.head_
 over `chunk_tokens` of them at a time, so at most [chunk, V] logits exist at once.
 
 KL(baseline || perturbed) is exact over the full vocabulary: the baseline keeps its final normalised hidden
-states [N, H], and each chunk recomputes the baseline's log-probs with the (unperturbed) head beside the
-perturbed ones. `kl_lower_bound_topk` coarsens both distributions to the baseline's top-k tokens plus one
+states [N, H], and each chunk recomputes the baseline's logits with the (unperturbed) head beside the
+perturbed ones, unless a sweep keeps them (`BaselineLogits`: the same numbers, computed once per batch). `kl_lower_bound_topk` coarsens both distributions to the baseline's top-k tokens plus one
 "rest" bucket; by the data-processing inequality (Cover & Thomas, Elements of Information Theory, Thm 2.8.1 /
 the log-sum inequality) a KL of a coarsening never exceeds the KL of the full distributions.
 """
@@ -28,6 +28,44 @@ DEFAULT_HEAD_BUDGET_BYTES = 256 * 2**20
 # fp64 log-probs of both models, their difference and p (4 x 8).
 _BYTES_PER_VOCAB_ENTRY = 8
 _BYTES_PER_VOCAB_ENTRY_KL = 8 + 32
+
+
+# Baseline logits a sweep may keep between points (`BaselineLogits`): SmolLM2's smoke budget needs 0.2 GB,
+# Gemma-3's (262,144-token head) 0.5 GB; beyond the budget, batches are recomputed per point as before.
+DEFAULT_BASELINE_LOGITS_BYTES = 2**30
+
+
+class BaselineLogits:
+    """The baseline's fp32 head logits [n, V] per batch, kept between the points of a sweep while they fit.
+
+    Every paired point needs the baseline's full distribution for its exact KL; recomputing it costs one head
+    pass per point (about a quarter of a Gemma-3-270M point on CPU, where the head is ~84 % of a forward). The
+    kept tensors are the chunks `score_hidden` computed the first time, so later points see identical numbers.
+    budget_bytes: 0 keeps nothing. Raises ValueError on a negative budget.
+    """
+
+    def __init__(self, budget_bytes: int = DEFAULT_BASELINE_LOGITS_BYTES) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"BaselineLogits: budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self._kept: dict[int, torch.Tensor] = {}
+
+    def get(self, batch_index: int) -> torch.Tensor | None:
+        return self._kept.get(batch_index)
+
+    def fits(self, n_tokens: int, vocab: int) -> bool:
+        return self.nbytes + n_tokens * vocab * 4 <= self.budget_bytes
+
+    def keep(self, batch_index: int, logits: torch.Tensor) -> None:
+        """Keep `logits` [n, V] fp32 for `batch_index` when they fit the budget (else drop them)."""
+        size = logits.numel() * logits.element_size()
+        if batch_index not in self._kept and self.nbytes + size <= self.budget_bytes:
+            self._kept[batch_index] = logits
+            self.nbytes += size
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 @dataclass
@@ -110,6 +148,8 @@ def score_hidden(
     base_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     kl_topk: int = 32,
     chunk_tokens: int | None = None,
+    base_logits: torch.Tensor | None = None,
+    collect_base_logits: list[torch.Tensor] | None = None,
 ) -> TokenScores:
     """Per-token NLL, argmax and (with `base_hidden`) exact KL of scored hidden states, chunk by chunk.
 
@@ -118,6 +158,9 @@ def score_hidden(
       `base_head(base_hidden)` (default `adapter.head_logits(model, ·)`; pass the unperturbed head when the
       perturbation touches the head itself).
     kl_topk: k of the top-k + rest lower bound. chunk_tokens: tokens per chunk (default from the budget).
+    base_logits: [n, V] fp32 the baseline's logits at these positions, kept from an earlier call (`BaselineLogits`),
+      used instead of `base_head(base_hidden)`; collect_base_logits: a list to which each chunk's computed
+      baseline logits are appended (to keep them).
     Log-softmax runs in fp32 and KL in fp64, whatever the model dtype.
     """
     head = lambda h: adapter.head_logits(model, h)  # noqa: E731
@@ -136,9 +179,14 @@ def score_hidden(
             nll.append((lse - logits.gather(-1, tgt[:, None]).squeeze(-1)).cpu())
             argmax.append(logits.argmax(dim=-1).cpu())
             if base_hidden is not None:
-                base_logits = base_head(base_hidden[start:stop]).float()  # [c, V]
-                kl_chunk, bound_chunk = _kl_and_lower_bound(base_logits, logits, kl_topk)
-                del base_logits
+                if base_logits is not None:
+                    base_chunk = base_logits[start:stop]  # [c, V]
+                else:
+                    base_chunk = base_head(base_hidden[start:stop]).float()  # [c, V]
+                    if collect_base_logits is not None:
+                        collect_base_logits.append(base_chunk)
+                kl_chunk, bound_chunk = _kl_and_lower_bound(base_chunk, logits, kl_topk)
+                del base_chunk
                 kl.append(kl_chunk.cpu())
                 bound.append(bound_chunk.cpu())
     return TokenScores(
