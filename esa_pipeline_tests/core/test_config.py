@@ -57,7 +57,9 @@ def test_smoke_covers_every_architecture_and_the_seed_portfolio_is_in_standard()
                                  "tiny-pythia", "tiny-mixtral"}  # fmt: skip
     gemma = model_plan(smoke, "gemma3-270m")  # the second real family, kept cheap (README, smoke.yaml)
     assert "hutchinson" not in gemma.importance.metrics and "grad_sq" in gemma.importance.metrics
-    assert gemma.zero_shot.at is None and gemma.zero_shot.tasks == smoke.zero_shot.tasks and gemma.seeds == [1337]
+    assert gemma.zero_shot.tasks == smoke.zero_shot.tasks and gemma.seeds == [1337] and gemma.zero_shot.limit == 3
+    # Gemma is scored under perturbation too (issue 12): its top-ΔNLL point and one random control
+    assert (gemma.zero_shot.at.top_delta_nll, gemma.zero_shot.at.random_controls) == (1, 1)
     assert set(standard.models) == {"llama-3.1-8b", "mistral-7b-v0.3", "phi-3-mini-4k-instruct", "pythia-1.4b",
                                     "mixtral-8x7b"}  # fmt: skip
     assert standard.seeds == [1337, 123, 999]

@@ -137,3 +137,31 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_the_head_runs_only_at_answer_positions_with_the_full_forwards_values(tiny) -> None:
+    # A full [B, T, V] head over every context position was most of Gemma-3's (262k-token head) scoring time.
+    import torch
+
+    from esa_pipeline.core.models.adapters import adapter_for
+
+    lm = tiny("tiny-llama")
+    adapter = adapter_for(lm.model)
+    tokenization = LmEvalTokenization(lm.tokenizer, lm.model)
+    _, raw = task_items(load_tasks(["esa_reading"]), limit=4)
+    requests = [tokenization.encode_request(*r) for r in raw]
+    batches = RequestBatches.build(requests, tokenization.max_length, 4, tokenization.prefix_token_id)
+    head_rows = []
+    head = adapter.head_logits
+    adapter.head_logits = lambda model, hidden: (head_rows.append(hidden.shape[0]), head(model, hidden))[1]
+    scores = score_requests(lm.model, batches, adapter=adapter)
+    assert sum(head_rows) == sum(len(w.target_ids) for w in batches.windows) == sum(len(r.continuation_enc) for r in requests)
+    assert sum(head_rows) * 5 < sum(len(w.input_ids) for w in batches.windows)
+    # the values of the model's own full forward, request by request
+    expected = []
+    with torch.inference_mode():
+        for r in requests:
+            logits = lm.model(input_ids=torch.tensor([r.context_enc + r.continuation_enc[:-1]])).logits[0].float()
+            logprobs = torch.log_softmax(logits[-len(r.continuation_enc) :], dim=-1)
+            expected.append(float(logprobs.gather(-1, torch.tensor(r.continuation_enc)[:, None]).sum()))
+    np.testing.assert_allclose(scores.loglikelihood, expected, rtol=1e-5, atol=1e-6)

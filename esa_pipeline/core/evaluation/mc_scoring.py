@@ -4,7 +4,7 @@ Why not lm-eval per perturbation point: `evaluate` pays ~4-5 s of per-call overh
 is keyed by request text, not weights. This module scores the same (context, continuation) requests that an
 lm-eval Task builds, with lm-eval 0.4.13 HFLM's tokenization and truncation rules (`TemplateLM.loglikelihood`,
 `_encode_pair`, `_loglikelihood_tokens`): the continuation's log-likelihood is the sum of the log-softmax of
-the scored positions, computed in fp32. Requests become `TokenWindow`s, so they batch with `make_batches` and
+the scored positions, computed in fp32, with the head applied only at those positions. Requests become `TokenWindow`s, so they batch with `make_batches` and
 replay through the sweep's `PrefixCache` (a perturbation in layer L re-runs only layers L..N).
 `esa_pipeline_tests/core/test_mc_scoring.py` checks every bundled task's tokenization against HFLM's and the
 log-likelihoods against `HFLM.loglikelihood` (1e-5 relative).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esa_pipeline.core.evaluation.perplexity import TokenScores, concat_scores, full_forward, score_batch
+from esa_pipeline.core.evaluation.scoring import TokenScores, final_hidden_states
 from esa_pipeline.core.evaluation.windows import TokenWindow, WindowBatch, make_batches
 
 # HFLM's fallback when neither the config nor the tokenizer gives a usable maximum length.
@@ -170,34 +170,58 @@ def score_requests(
     model: torch.nn.Module,
     batches: RequestBatches,
     forward: Callable[[int, WindowBatch], torch.Tensor] | None = None,
+    *,
+    adapter: Any = None,
 ) -> RequestScores:
-    """Log-likelihood per request. `forward(batch_index, batch)` returns logits [B, T, V] (default: a full
-    forward of `model`; a prefix-cache replay for perturbed points)."""
+    """Log-likelihood per request. `forward(batch_index, batch)` returns the final normalised hidden states
+    [B, T, H] (default: the model's body, `scoring.final_hidden_states`; `PrefixCache.hidden_from` for a
+    perturbed point). `adapter` (default `adapter_for(model)`) supplies the head.
+
+    The head runs only at the positions that predict a continuation ([n, V] per row), never over the whole
+    [B, T, V]: a request's context is tens of tokens and its answer a few, and Gemma-3's 262,144-token head is
+    ~63 % of its forward, so full logits cost Gemma most of its scoring time for positions nobody reads.
+    """
+    if adapter is None:
+        from esa_pipeline.core.models.adapters import adapter_for
+
+        adapter = adapter_for(model)
     users: dict[int, list[int]] = {}
     for request, row in enumerate(batches.rows):
         users.setdefault(row, []).append(request)
     ll = np.full(len(batches.requests), np.nan, dtype=np.float64)
     greedy = np.zeros(len(batches.requests), dtype=bool)
-    parts = []
+    nll_parts: list[torch.Tensor] = []
+    argmax_parts: list[torch.Tensor] = []
     row = 0
     for index, batch in enumerate(batches.batches()):
-        logits = full_forward(model, batch) if forward is None else forward(index, batch)  # [B, T, V]
-        parts.append(score_batch(logits, batch))
+        hidden = final_hidden_states(model, adapter, batch) if forward is None else forward(index, batch)  # [B, T, H]
         with torch.inference_mode():
-            for b in range(logits.shape[0]):
+            for b in range(hidden.shape[0]):
                 length = len(batches.windows[row].input_ids)
-                for request in users[row]:
-                    target = batches.requests[request].continuation_enc[-batches.max_length :]
-                    positions = slice(length - len(target), length)
-                    # lm-eval's arithmetic: fp32 log_softmax (not logits - logsumexp: they differ by up to
-                    # 1.5e-5 per token on SmolLM2), gather, fp32 sum.
-                    logprobs = F.log_softmax(logits[b, positions].float(), dim=-1)  # [n, V]
-                    ids = torch.tensor(target, device=logprobs.device)  # [n]
-                    ll[request] = float(logprobs.gather(-1, ids[:, None]).squeeze(-1).sum())
-                    greedy[request] = bool((logprobs.argmax(dim=-1) == ids).all())
+                targets = {r: batches.requests[r].continuation_enc[-batches.max_length :] for r in users[row]}
+                start, stop = batch.spans[b]  # the window's own scored positions; stop == length
+                first = min(start, *(length - len(t) for t in targets.values()))
+                # lm-eval's arithmetic: fp32 log_softmax (not logits - logsumexp: they differ by up to
+                # 1.5e-5 per token on SmolLM2), gather, fp32 sum.
+                logits = adapter.head_logits(model, hidden[b, first:length]).float()  # [n, V]
+                logprobs = F.log_softmax(logits, dim=-1)  # [n, V]
+                for request, target in targets.items():
+                    ids = torch.tensor(target, device=logprobs.device)  # [t]
+                    scored = logprobs[length - len(target) - first :]  # [t, V]
+                    ll[request] = float(scored.gather(-1, ids[:, None]).squeeze(-1).sum())
+                    greedy[request] = bool((scored.argmax(dim=-1) == ids).all())
+                # the window's per-token NLL as perplexity.score_batch computes it (PrefixCache.build's check)
+                own = logits[start - first :]  # [s, V]
+                own_targets = batch.target_ids[b, start:stop].to(own.device)  # [s]
+                lse = torch.logsumexp(own, dim=-1)  # [s]
+                nll_parts.append((lse - own.gather(-1, own_targets[:, None]).squeeze(-1)).cpu())
+                argmax_parts.append(own.argmax(dim=-1).cpu())
+                del logits, logprobs, own
                 row += 1
-        del logits
-    return RequestScores(ll, greedy, concat_scores(parts))
+        del hidden
+    tokens = TokenScores(nll=torch.cat(nll_parts) if nll_parts else torch.zeros(0),
+                         argmax=torch.cat(argmax_parts) if argmax_parts else torch.zeros(0, dtype=torch.long))  # fmt: skip
+    return RequestScores(ll, greedy, tokens)
 
 
 @dataclass

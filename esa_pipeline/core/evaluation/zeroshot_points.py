@@ -138,12 +138,12 @@ class McSuite:
         tokenization = LmEvalTokenization(tokenizer, model)
         requests = [tokenization.encode_request(*r) for r in raw]
         batches = RequestBatches.build(requests, tokenization.max_length, batch_size, tokenization.prefix_token_id)
-        result = score_requests(model, batches)
-        baseline = RequestBaseline(batches, result.tokens, result)
         if adapter is None:
             from esa_pipeline.core.models.adapters import adapter_for
 
             adapter = adapter_for(model)
+        result = score_requests(model, batches, adapter=adapter)
+        baseline = RequestBaseline(batches, result.tokens, result)
         cache = None
         if use_prefix_cache:
             from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
@@ -188,10 +188,10 @@ def zero_shot_points(suite: McSuite, specs: list[Perturbation], *, selected_by: 
     frames = []
     for p, label in zip(specs, labels, strict=True):
         start_layer = cache.start_layer(p) if cache is not None else None
-        forward = None if start_layer is None else (lambda index, _batch, L=start_layer: cache.forward_from(L, index))
+        forward = None if start_layer is None else (lambda index, _batch, L=start_layer: cache.hidden_from(L, index))
         started = time.perf_counter()
         with perturbed(model, suite.adapter, p) as report:
-            scores = score_requests(model, suite.baseline.requests, forward)
+            scores = score_requests(model, suite.baseline.requests, forward, adapter=suite.adapter)
         if model_device(model).type == "cuda":
             import torch
 
