@@ -160,3 +160,31 @@ def test_task_vs_perplexity_joins_seed_independent_points_stored_with_seed_null(
                                                                   strength=1.1)  # fmt: skip
     corr, _ = task_vs_perplexity(zero_shot_summary(frame), sens)
     assert corr.set_index("task").loc["t"].n_points == 3
+
+
+def test_accuracy_chart_panels_draw_only_their_own_tasks_rows() -> None:
+    # Layers that carried their own data were not split by the task facet: every task's panel drew every task's
+    # points (a real Gemma-3 run showed esa_reading's +0.33 in the esa_commonsense panel too).
+    from esa_pipeline.core.reporting.charts.zero_shot import zero_shot_accuracy_chart
+
+    frame = pd.concat([items("m", "t_lost", 0, 0.1, both=10, lost=8, gained=0, neither=2),
+                       items("m", "t_same", 0, 0.1, both=10, lost=0, gained=0, neither=10)], ignore_index=True)  # fmt: skip
+    spec = zero_shot_accuracy_chart(zero_shot_summary(frame)).to_dict()
+    facets = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if "facet" in node and "spec" in node:
+                facets.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec)
+    assert len(facets) == 1 and facets[0]["facet"]["column"]["field"] == "task"
+    # every layer inherits the faceted rows (its own data would be drawn unsplit in every panel)
+    assert [layer.get("data") for layer in facets[0]["spec"]["layer"]] == [None, None, None]
+    (rows,) = [rows for rows in spec["datasets"].values() if rows and "task" in rows[0]]
+    assert sorted((r["task"], r["delta_accuracy"]) for r in rows) == [("t_lost", -0.4), ("t_same", 0.0)]

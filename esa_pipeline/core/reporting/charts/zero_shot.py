@@ -42,7 +42,9 @@ def zero_shot_accuracy_chart(summary: pd.DataFrame, *, models: pd.DataFrame | No
     rows = []
     for model in pretrained_first(df["model"], random_models):
         part = df.loc[df["model"] == model]
-        base = alt.Chart(part).encode(
+        # The layers carry no data of their own: they inherit the facet's, so each task's panel draws that
+        # task's rows only (a layer with its own data is not split by the facet: every panel drew every task).
+        base = alt.Chart().encode(
             y=alt.Y("point:N", title=None, sort=alt.EncodingSortField("delta_accuracy", order="ascending")))
         bars = base.mark_rule().encode(x=alt.X("ci_low:Q", title="Δ accuracy (after − before)"), x2="ci_high:Q")
         dots = base.mark_point(filled=True, size=60).encode(
@@ -51,7 +53,7 @@ def zero_shot_accuracy_chart(summary: pd.DataFrame, *, models: pd.DataFrame | No
                           title="McNemar significant"),
             tooltip=["task", "point", "delta_accuracy", "ci_low", "ci_high", "significant"],
         )  # fmt: skip
-        zero = alt.Chart(pd.DataFrame({"x": [0.0]})).mark_rule(strokeDash=[4, 3], color="#888").encode(x="x:Q")
+        zero = alt.Chart().mark_rule(strokeDash=[4, 3], color="#888").encode(x=alt.datum(0.0))
         panel = alt.layer(zero, bars, dots).properties(width=260, height=max(60, 16 * part["point"].nunique()))
         rows.append(panel.facet(column=alt.Column("task:N", title=None), data=part).properties(
             title=model_title(str(model), plumbing_only=model in random_models)))
