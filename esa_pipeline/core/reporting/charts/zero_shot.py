@@ -47,7 +47,8 @@ def zero_shot_accuracy_chart(summary: pd.DataFrame, *, models: pd.DataFrame | No
         base = alt.Chart().encode(
             y=alt.Y("point:N", title=None, sort=alt.EncodingSortField("delta_accuracy", order="ascending")))
         bars = base.mark_rule().encode(x=alt.X("ci_low:Q", title="Δ accuracy (after − before)"), x2="ci_high:Q")
-        dots = base.mark_point(filled=True, size=60).encode(
+        # hollow = not significant: a dark outline keeps a white fill visible on the white background
+        dots = base.mark_point(filled=True, size=60, stroke="#1b9e77", strokeWidth=1.5).encode(
             x="delta_accuracy:Q",
             fill=alt.Fill("significant:N", scale=alt.Scale(domain=["yes (BH)", "no"], range=["#1b9e77", "white"]),
                           title="McNemar significant"),
