@@ -830,17 +830,53 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             problems.append(f"{path}: {budget} tokens is less than one window (window: {cfg.window}); set it to "
                             f"at least {cfg.window} or shorten the window")  # fmt: skip
 
+    def check_zero_shot(path: str, zero_shot: ZeroShot, written: set[str], tasks_in_effect: list[str]) -> None:
+        # Task names and grid points are checked here, not when the zero-shot step runs: that step comes after
+        # the model stage (task names) or after the whole sweep (grid points), hours later on a real model.
+        if "tasks" in written:
+            check_tasks(f"{path}.tasks", zero_shot.tasks)
+        at = zero_shot.at
+        if at is None or "at" not in written:
+            return
+        if at.grid is not None:
+            check_grid(f"{path}.at.grid", at.grid)
+        if not tasks_in_effect:
+            problems.append(f"{path}.at: no tasks to score; set zero_shot.tasks, e.g. [esa_knowledge]")
+        if at.grid is None and at.top_delta_nll == 0 and at.random_controls == 0:
+            problems.append(f"{path}.at: no points; set grid, top_delta_nll and/or random_controls (or remove `at`)")
+
+    def check_tasks(path: str, tasks: list[str]) -> None:
+        from esa_pipeline.core.evaluation.zeroshot import BUNDLED_TASKS, SEED_TASKS, unknown_task_names
+
+        if len(set(tasks)) != len(tasks):
+            problems.append(f"{path}: tasks repeat; list each task once")
+        for name in unknown_task_names(list(dict.fromkeys(tasks))):
+            known = [*BUNDLED_TASKS, *SEED_TASKS]
+            guess = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {guess[0]!r}?" if guess else f"use a bundled task ({', '.join(BUNDLED_TASKS)})"
+            problems.append(f"{path}: unknown zero-shot task {name!r}; {hint} (seed lm-eval tasks: "
+                            f"{', '.join(SEED_TASKS)}; any other name must be listed by `lm_eval ls tasks`)")  # fmt: skip
+
+    def check_grid(path: str, grid: ZeroShotGrid) -> None:
+        from esa_pipeline.core.models.adapters.base import GLOBAL_COMPONENTS
+        from esa_pipeline.core.perturbation.perturb import Perturbation
+
+        check_components(f"{path}.components", grid.components)
+        for component in (c for c in grid.components if c in COMPONENT_NAMES):
+            for strength in grid.strengths:
+                try:  # the same spec checks a point gets when it is scored (kind x component, strength range)
+                    Perturbation(kind=grid.kind, component=component, strength=strength, seed=0,
+                                 layer=None if component in GLOBAL_COMPONENTS else 0)  # fmt: skip
+                except ValueError as exc:
+                    problems.append(f"{path}: kind {grid.kind!r}, component {component!r}, strength {strength}: "
+                                    f"{exc}")
+                    break
+
     check_components("components", cfg.components)
     check_budget("token_budget", cfg.token_budget)
     check_budget("importance.token_budget", cfg.importance.token_budget)
-    at = cfg.zero_shot.at
-    if at is not None:
-        if at.grid is not None:
-            check_components("zero_shot.at.grid.components", at.grid.components)
-        if not cfg.zero_shot.tasks:
-            problems.append("zero_shot.at: no tasks to score; set zero_shot.tasks, e.g. [esa_knowledge]")
-        if at.grid is None and at.top_delta_nll == 0 and at.random_controls == 0:
-            problems.append("zero_shot.at: no points; set grid, top_delta_nll and/or random_controls (or remove `at`)")
+    check_zero_shot("zero_shot", cfg.zero_shot, cfg.zero_shot.model_fields_set | {"tasks", "at"},
+                    cfg.zero_shot.tasks)  # fmt: skip
     if cfg.compression is not None and cfg.compression.components is not None:
         check_components("compression.components", cfg.compression.components)
         problems.extend(f"compression.components: {c!r} is not a weight matrix (quantize/prune act on "
@@ -859,6 +895,11 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             check_budget(f"models.{name}.importance.token_budget", section.importance.token_budget)
         if section.seeds is not None and len(set(section.seeds)) != len(section.seeds):
             problems.append(f"models.{name}.seeds: seeds repeat; list each seed once")
+        if section.zero_shot is not None:
+            merged = _merged(cfg.zero_shot, section.zero_shot)
+            assert isinstance(merged, ZeroShot)
+            check_zero_shot(f"models.{name}.zero_shot", section.zero_shot, section.zero_shot.model_fields_set,
+                            merged.tasks)  # fmt: skip
         if check_models:
             problems.extend(_model_problems(cfg, name))
     return problems
@@ -930,6 +971,22 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             select_layers(plan.layers, n_layers)
         except ConfigError as exc:
             problems.append(f"{where}.layers: {exc}" if own else f"layers: {exc} (inherited by {name})")
+    grid = plan.zero_shot.at.grid if plan.zero_shot.at is not None else None
+    if grid is not None:
+        # The grid is scored after the sweep: a layer or component the model lacks would fail only then.
+        own_zero_shot = cfg.section(name).zero_shot
+        own = own_zero_shot is not None and "at" in own_zero_shot.model_fields_set
+        path = f"{where}.zero_shot.at.grid" if own else "zero_shot.at.grid"
+        inherited = "" if own else f" (inherited by {name}; give {where} its own zero_shot.at)"
+        for component in grid.components:
+            if component in COMPONENT_NAMES and component not in available:
+                problems.append(f"{path}.components: {component!r} is not applicable to {architecture} ({name}), "
+                                f"which has {', '.join(available)}{inherited}")  # fmt: skip
+        if n_layers is not None:
+            try:
+                select_layers(grid.layers, n_layers)
+            except ConfigError as exc:
+                problems.append(f"{path}.layers: {exc}{inherited}")
     return problems
 
 

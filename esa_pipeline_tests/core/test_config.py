@@ -330,3 +330,45 @@ def test_optional_assets_say_why_they_do_not_apply():
     compression = load_experiment("compression", check_models=False)
     model = next(iter(compression.compression.models))
     assert not_configured(compression, model, "compression") is None
+
+
+# ---- zero-shot settings are checked by `esa validate`, not when the zero-shot step runs after the sweep ----
+ZS = "zero_shot: {tasks: [esa_mc], limit: 2, at: {top_delta_nll: 1}}\nmodels:"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [("models:", "zero_shot: {tasks: [esa_mc, esa_knowlege]}\nmodels:", "zero_shot.tasks: unknown zero-shot task "
+      "'esa_knowlege'; did you mean 'esa_knowledge'?"),
+     ("models:", "zero_shot: {tasks: [esa_mc, esa_mc]}\nmodels:", "zero_shot.tasks: tasks repeat; list each task once"),
+     ("  tiny-llama: {}", "  tiny-llama: {zero_shot: {tasks: [hellaswagg]}}", "models.tiny-llama.zero_shot.tasks: "
+      "unknown zero-shot task 'hellaswagg'; did you mean 'hellaswag'?"),
+     ("  tiny-llama: {}", "  tiny-llama: {zero_shot: {at: {}}}", "models.tiny-llama.zero_shot.at: no points"),
+     ("models:", "zero_shot: {tasks: [esa_mc], at: {grid: {kind: scale, components: [ffn.down], strengths: [0.9]}}}"
+      "\nmodels:", "zero_shot.at.grid: kind 'scale', component 'ffn.down', strength 0.9: kind 'scale' multiplies "
+      "norm gains"),
+     ("models:", "zero_shot: {tasks: [esa_mc], at: {grid: {kind: zero, components: [ffn.down], strengths: [2]}}}"
+      "\nmodels:", "zero_shot.at.grid: kind 'zero', component 'ffn.down', strength 2.0: zero strength is a fraction"),
+     ("models:", "zero_shot: {tasks: [esa_mc], at: {grid: {components: [ffn.down], layers: [7], strengths: [0.1]}}}"
+      "\nmodels:", "zero_shot.at.grid.layers: [7] do not exist in a model with 4 layers; use 0..3 (inherited by "
+      "tiny-llama; give models.tiny-llama its own zero_shot.at)"),
+     ("models:", "zero_shot: {tasks: [esa_mc], at: {grid: {components: [moe.router], strengths: [0.1]}}}\nmodels:",
+      "zero_shot.at.grid.components: 'moe.router' is not applicable to LlamaForCausalLM (tiny-llama)"),
+     ("  tiny-llama: {}", "  tiny-llama: {zero_shot: {at: {grid: {components: [ffn.gate], strengths: [0.1]}}}}",
+      "models.tiny-llama.zero_shot.at: no tasks to score")],
+)  # fmt: skip
+def test_zero_shot_tasks_and_grid_points_are_refused_before_any_run(tmp_path, old, new, expected):
+    assert old in BASE
+    assert expected in error_for(tmp_path, BASE.replace(old, new))
+
+
+def test_a_model_section_fixes_an_inherited_zero_shot_grid_and_known_tasks_pass(tmp_path):
+    grid = "zero_shot: {tasks: [esa_mc, hellaswag], at: {grid: {components: [ffn.gate], strengths: [0.1]}}}\nmodels:"
+    message = error_for(tmp_path, BASE.replace("models:", grid))  # tiny-pythia has no gate
+    assert "zero_shot.at.grid.components: 'ffn.gate' is not applicable to GPTNeoXForCausalLM (tiny-pythia)" in message
+    assert "tiny-llama" not in message and "unknown zero-shot task" not in message
+    fixed = BASE.replace("models:", grid).replace(
+        "  tiny-pythia: {}", "  tiny-pythia: {zero_shot: {at: {grid: {components: [ffn.up, embedding], strengths: "
+        "[0.1]}}}}")  # fmt: skip
+    cfg = load_experiment(write(tmp_path, fixed))
+    assert model_plan(cfg, "tiny-pythia").zero_shot.at.grid.components == ["ffn.up", "embedding"]

@@ -242,3 +242,21 @@ def test_zero_shot_points_measure_a_seed_independent_kind_once_and_stored_fixed_
                            "selection": ["random"], "group_size": [None], "delta_nll": [0.5]})  # fmt: skip
     picked, labels = select_points(ZeroShotAt(top_delta_nll=1), model="m", n_layers=2, seeds=[1, 2], sensitivity=stored)
     assert [(p.kind, p.layer, p.seed) for p in picked] == [("scale", 0, UNUSED_SEED)]
+
+
+def test_a_grid_on_a_global_component_is_one_point_with_layer_none_that_can_be_applied(tiny) -> None:
+    # embedding / norm.final / lm_head are not inside a decoder layer: a grid used to give them one point per
+    # layer, each of which failed when scored ("pass layer=None") after the whole sweep had run
+    from esa_pipeline.core import adapter_for, perturbed
+    from esa_pipeline.core.config import ZeroShotAt, ZeroShotGrid
+    from esa_pipeline.core.evaluation.zeroshot_points import select_points
+
+    at = ZeroShotAt(grid=ZeroShotGrid(components=["embedding", "ffn.down"], layers=[0, 1], strengths=[0.1], seeds=[7]))
+    specs, labels = select_points(at, model="m", n_layers=2, seeds=[1], sensitivity=None)
+    assert [(p.component, p.layer, p.seed) for p in specs] == [("embedding", None, 7), ("ffn.down", 0, 7),
+                                                               ("ffn.down", 1, 7)]  # fmt: skip
+    assert labels == ["grid"] * 3
+    lm = tiny("tiny-llama")
+    for p in specs:
+        with perturbed(lm.model, adapter_for(lm.model), p) as report:
+            assert report.changed_fraction > 0.9

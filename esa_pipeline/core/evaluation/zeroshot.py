@@ -170,6 +170,16 @@ def _unknown_error(unknown: list[str]) -> UnknownZeroShotTask:
     )
 
 
+def unknown_task_names(tasks: list[str]) -> list[str]:
+    """The names in `tasks` that are neither bundled, seed tasks, nor written in any lm-eval task YAML.
+
+    Cheap enough for config validation (no task index is built; a non-bundled, non-seed name costs one scan of
+    lm-eval's YAML files, 2-3 s), so `esa validate` refuses a typo'd task before any model loads. A name that
+    passes can still be refused later by the full index (`load_tasks`), e.g. a word that only appears inside
+    another task's YAML."""
+    return [t for t in tasks if t not in BUNDLED_TASKS and t not in SEED_TASKS and not _named_in_lm_eval_configs(t)]
+
+
 def _known_tasks_manager(tasks: list[str]) -> TaskManager:
     """The task index that knows every requested name; raises UnknownZeroShotTask naming the others."""
     unindexed = [t for t in tasks if t not in BUNDLED_TASKS and t not in SEED_TASKS]

@@ -244,6 +244,7 @@ def select_points(at: Any, *, model: str, n_layers: int, seeds: list[int], sensi
     same settings always pick the same controls. Returns (specs, selected_by), each point once.
     """
     from esa_pipeline.core.config import select_layers
+    from esa_pipeline.core.models.adapters.base import GLOBAL_COMPONENTS
     from esa_pipeline.core.provenance import stable_hash
 
     specs: list[Perturbation] = []
@@ -257,7 +258,9 @@ def select_points(at: Any, *, model: str, n_layers: int, seeds: list[int], sensi
     if at.grid is not None:
         grid = at.grid
         for component in grid.components:
-            for layer in select_layers(grid.layers, n_layers):
+            # a global component (embedding, norm.final, lm_head) is one point with layer None, as in the sweep
+            layers = [None] if component in GLOBAL_COMPONENTS else select_layers(grid.layers, n_layers)
+            for layer in layers:
                 for strength in grid.strengths:
                     mode = neuron_mode if grid.kind == "neurons" else "noise"
                     # a seed-independent kind (norm scale) is one point, not one per seed (stored seed NULL)
