@@ -1033,10 +1033,10 @@ def skeleton_model(source: str, revision: str | None = None) -> Any:
     if entry is not None and entry.build_tiny is not None:
         with torch.device("meta"):
             return entry.build_tiny()
-    if entry is not None and entry.source == "gguf-wheel":
-        from esa_pipeline.core.models import smollm2
+    if entry is not None and entry.gguf is not None:
+        from esa_pipeline.core.models import gguf_wheel
 
-        source = str(smollm2.cache_dir())
+        source = str(gguf_wheel.cache_dir(entry.gguf))  # this model's own cache (not SmolLM2's for every wheel)
     elif entry is not None:
         source = entry.hf_id or source
     try:

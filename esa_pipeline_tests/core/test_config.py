@@ -372,3 +372,26 @@ def test_a_model_section_fixes_an_inherited_zero_shot_grid_and_known_tasks_pass(
         "[0.1]}}}}")  # fmt: skip
     cfg = load_experiment(write(tmp_path, fixed))
     assert model_plan(cfg, "tiny-pythia").zero_shot.at.grid.components == ["ffn.up", "embedding"]
+
+
+def test_each_gguf_wheel_model_is_checked_against_its_own_layout(tmp_path, monkeypatch):
+    # `gemma3-270m: {adapter: gemma3}` was refused ("LlamaForCausalLM does not have the gemma3 layout"): the
+    # layout check built every GGUF-wheel model from SmolLM2's cached config
+    from esa_pipeline.core.config import describe_source, skeleton_model
+    from esa_pipeline.core.models import gguf_wheel
+    from esa_pipeline.core.models.registry import MODEL_REGISTRY
+
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
+    for name, tiny in (("smollm2-135m", "tiny-llama"), ("gemma3-270m", "tiny-gemma3")):
+        directory = gguf_wheel.cache_dir(MODEL_REGISTRY[name].gguf)
+        directory.mkdir(parents=True)
+        MODEL_REGISTRY[tiny].build_tiny().config.to_json_file(directory / "config.json")
+    assert type(skeleton_model("gemma3-270m")).__name__ == "Gemma3ForCausalLM"
+    assert type(skeleton_model("smollm2-135m")).__name__ == "LlamaForCausalLM"
+    text = BASE.replace("  tiny-llama: {}\n  tiny-pythia: {}", "  gemma3-270m: {adapter: gemma3, components: "
+                        "[attention.query]}")  # fmt: skip
+    describe_source.cache_clear()  # the facts of the fake cache must not outlive this test
+    try:
+        assert model_plan(load_experiment(write(tmp_path, text)), "gemma3-270m").adapter == "gemma3"
+    finally:
+        describe_source.cache_clear()
