@@ -188,3 +188,14 @@ def test_accuracy_chart_panels_draw_only_their_own_tasks_rows() -> None:
     assert [layer.get("data") for layer in facets[0]["spec"]["layer"]] == [None, None, None]
     (rows,) = [rows for rows in spec["datasets"].values() if rows and "task" in rows[0]]
     assert sorted((r["task"], r["delta_accuracy"]) for r in rows) == [("t_lost", -0.4), ("t_same", 0.0)]
+
+
+def test_points_off_the_sweep_keep_their_task_rows_with_the_reason() -> None:
+    # a zero_shot.at grid whose points are not sweep points (e.g. a global component, or a strength the sweep
+    # does not take) gave task_vs_perplexity no row at all: untested must be a NULL with its reason
+    frame = pd.concat([items("m", task, layer, 0.1, 5, layer, 0, 0) for layer in range(2) for task in ("a", "b")],
+                      ignore_index=True)  # fmt: skip
+    corr, points = task_vs_perplexity(zero_shot_summary(frame), _sensitivity("m", [7, 8], [0.1, 0.2]))
+    assert list(corr["task"]) == ["a", "all", "b"] and (corr["n_points"] == 0).all()
+    assert corr["spearman_rho"].isna().all() and corr["note"].str.startswith("0 points measured both ways").all()
+    assert points.empty

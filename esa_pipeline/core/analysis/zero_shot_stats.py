@@ -166,7 +166,12 @@ def task_vs_perplexity(summary: pd.DataFrame, sensitivity: pd.DataFrame) -> tupl
     """
     both = _with_delta_nll(summary, sensitivity)
     correlations, disagreements = [], []
-    for (model, task), group in both.groupby(["model", "task"], sort=True):
+    # every measured (model, task) gets its row, also when none of its points is a sweep point (a grid off the
+    # sweep): n_points 0 and the reason, never a missing row
+    measured = pd.concat([summary[["model", "task"]], _pooled(summary)[["model", "task"]]]).drop_duplicates()
+    groups = dict(tuple(both.groupby(["model", "task"], sort=True)))
+    for model, task in sorted(measured.itertuples(index=False, name=None)):
+        group = groups.get((model, task), both.iloc[:0])
         finite = group.loc[np.isfinite(group["delta_nll"].astype(float)) & group["delta_accuracy"].notna()]
         correlations.append({"model": model, "task": task, "n_points": len(finite), **_spearman(finite)})
         if finite.empty:
