@@ -120,6 +120,25 @@ def test_kl_keeps_its_relative_precision_when_tiny():
         assert bool((bound <= exact * (1 + 1e-9)).all()) and bool((bound >= 0).all())
 
 
+def test_kl_of_a_catastrophic_point_is_finite_when_the_true_kl_is():
+    """Logit shifts beyond ~709 nats overflowed e^y in fp64: the KL of such a point (hundreds of nats, finite)
+    was stored as inf, or nan where p underflowed to 0 (0 * inf), and its lower bound with it."""
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 1000, generator=generator) * 3  # [c, V] fp32 baseline logits
+    a[2, 7] = -900.0  # p underflows to exactly 0 in fp64 at this token ...
+    b = torch.randn(3, 1000, generator=generator) * 300
+    b[2, 7] = 500.0  # ... where the perturbed model puts nearly all its mass
+    exact, bound = _kl_and_lower_bound(a, b, k=32)
+    la, lb = a.double().log_softmax(-1), b.double().log_softmax(-1)
+    reference = (la.exp() * (la - lb)).sum(-1)  # [c] direct fp64 sum: no overflow at these magnitudes
+    assert bool(torch.isfinite(exact).all()) and bool((reference > 500).all())
+    assert exact.tolist() == pytest.approx(reference.tolist(), rel=1e-6)  # the shift b - a is taken in fp32
+    assert bool((bound <= exact * (1 + 1e-9)).all()) and bool((bound >= 0).all())
+    # a perturbed model that gives 0 probability where the baseline does not is still inf
+    b[0, int(a[0].argmax())] = -math.inf
+    assert math.isinf(float(_kl_and_lower_bound(a, b, k=32)[0][0]))
+
+
 def test_clustered_se_treats_documents_as_the_units():
     # two windows of document a, one of b: the SE is the ratio-estimator SE of the per-document sums
     se = clustered_ratio_se([1.0, 3.0, 0.5], [10, 10, 10], ["a", "a", "b"], 4.5 / 30)

@@ -223,6 +223,14 @@ def _kl_and_lower_bound(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch
     y = x.sub_(c[:, None])  # [c, V], in place of x
     delta = expect(y)  # [c] E_p[y]: 0 up to the rounding of c
     log_s = torch.log1p(delta + expect(torch.expm1(y).sub_(y)))  # [c] log E_p[e^y]
+    # e^y overflows fp64 where the perturbed logits moved > 709 nats relative to the baseline's mean shift (a
+    # catastrophic point; also 0 * inf = nan where p underflowed): log E_p[e^y] is finite there, so those rows
+    # take it as a logsumexp — their KL is hundreds of nats, where the expm1 form's relative precision is moot
+    overflowed = ~torch.isfinite(log_s) & torch.isfinite(c)  # [c]
+    if bool(overflowed.any()):
+        rows = a[overflowed].double()  # [r, V]
+        log_p = rows - torch.logsumexp(rows, dim=-1, keepdim=True)
+        log_s[overflowed] = torch.logsumexp(log_p + y[overflowed], dim=-1)
     exact = log_s - delta
     exact = torch.where(torch.isinf(c) & (c < 0), torch.inf, exact)
     # log q_j = log p_j + y_j - log E_p[e^y]
