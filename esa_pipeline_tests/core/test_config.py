@@ -395,3 +395,26 @@ def test_each_gguf_wheel_model_is_checked_against_its_own_layout(tmp_path, monke
         assert model_plan(load_experiment(write(tmp_path, text)), "gemma3-270m").adapter == "gemma3"
     finally:
         describe_source.cache_clear()
+
+
+def test_the_readme_says_which_settings_re_version_which_assets(tmp_path):
+    from esa_pipeline.core.config import HASHED_ASSETS, partition_hash
+
+    def hashes(text: str) -> dict:
+        cfg = load_experiment(write(tmp_path, text))
+        plan = model_plan(cfg, "tiny-llama")
+        out = {(asset, None): partition_hash(cfg, "tiny-llama", asset) for asset in HASHED_ASSETS}
+        out.update({("sensitivity", v): partition_hash(cfg, "tiny-llama", "sensitivity", v) for v in plan.variants()})
+        return out
+
+    def changed(old: str, new: str) -> set:
+        before, after = hashes(base_zs), hashes(base_zs.replace(old, new))
+        return {key for key in before if key in after and before[key] != after[key]}
+
+    base_zs = BASE.replace("models:", "zero_shot: {tasks: [esa_mc], limit: 2, at: {top_delta_nll: 1}}\nmodels:")
+    # a seed: no stored sweep partition changes; importance and routing (they take every seed) and the analyses do
+    assert {a for a, _ in changed("seeds: [1, 2]", "seeds: [1, 2, 3]")} == {
+        "weight_importance", "moe_routing", "significance", "critical_layers", "zero_shot_sensitivity"}
+    assert changed("at: {top_delta_nll: 1}", "at: {top_delta_nll: 2}") == {("zero_shot_sensitivity", None)}
+    assert changed("limit: 2", "limit: 3") == {("baseline", None), ("zero_shot_sensitivity", None)}
+    assert {a for a, _ in changed("models:", "importance: {top_k: 8}\nmodels:")} == {"weight_importance"}
