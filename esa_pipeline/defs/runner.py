@@ -19,6 +19,7 @@ transformers (~10 s of CPU on a 2-core machine), which would dominate a smoke ru
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import time
@@ -36,6 +37,7 @@ from dagster import (
 
 from esa_pipeline.core.config import (
     ASSET_RELATIONS,
+    ConfigError,
     ExperimentConfig,
     experiment_hash,
     load_experiment,
@@ -115,10 +117,18 @@ class Summary:
             self.skipped[reason] = self.skipped.get(reason, 0) + n
 
 
-def upstream_closure(selected: list[str]) -> list[str]:
-    unknown = sorted(set(selected) - set(ALL_ASSETS))
+def check_asset_names(selected: list[str]) -> None:
+    """Raises ConfigError (the CLI prints it, exit 2) naming assets that do not exist, with a close match."""
+    unknown = [name for name in dict.fromkeys(selected) if name not in ALL_ASSETS]
     if unknown:
-        raise ValueError(f"unknown assets {unknown}: choose from {', '.join(ALL_ASSETS)}")
+        guesses = {name: difflib.get_close_matches(name, ALL_ASSETS, n=1) for name in unknown}
+        hints = "; ".join(f"{name!r}: did you mean {g[0]!r}?" for name, g in guesses.items() if g)
+        raise ConfigError(f"unknown assets {unknown}{f' ({hints})' if hints else ''}; choose from "
+                          f"{', '.join(ALL_ASSETS)}")  # fmt: skip
+
+
+def upstream_closure(selected: list[str]) -> list[str]:
+    check_asset_names(selected)
     out, todo = set(selected), list(selected)
     while todo:
         for parent in UPSTREAM[todo.pop()]:
@@ -313,11 +323,13 @@ def materialize(
     executor = executor or os.environ.get("ESA_RUNNER_EXECUTOR") or "in_process"
     cfg = load_experiment(experiment)
     store = Store()
+    # a typo'd name is an error before any work, with or without --no-upstream (it was silently "0 runs")
+    check_asset_names(select or [])
     targets = upstream_closure(select or ALL_ASSETS) if with_upstream else (select or ALL_ASSETS)
     models = [m for m in cfg.models if not only_models or m in only_models]
     missing_models = sorted(set(only_models or []) - set(cfg.models))
     if missing_models:
-        raise ValueError(f"models {missing_models} are not in experiment {cfg.name!r}: {list(cfg.models)}")
+        raise ConfigError(f"models {missing_models} are not in experiment {cfg.name!r}: {list(cfg.models)}")
 
     loads_before = LOAD_COUNT["loads"]
     with DagsterInstance.get() as instance:

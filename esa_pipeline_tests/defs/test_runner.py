@@ -33,3 +33,22 @@ def test_runs_of_dead_processes_are_failed_and_their_pool_slots_freed(tmp_path):
         assert instance.get_run_by_id("live-run").status == DagsterRunStatus.STARTED  # our own pid is alive
         storage.free_concurrency_slots_for_run("other-run")  # drop its pending claim, then try again
         assert storage.claim_concurrency_slot("gpu", "other-run", "baseline").is_claimed
+
+
+def test_unknown_assets_and_models_are_refused_before_any_run_with_or_without_upstream(tmp_path, monkeypatch, capsys):
+    # `esa materialize --select sensitivty --no-upstream` printed "0 runs" and exited 0; an unknown --models
+    # name ended in a traceback instead of the CLI's one-line error
+    from esa_pipeline.cli import main
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("ESA_STORE_DIR", str(tmp_path / "store"))
+    (tmp_path / "dagster").mkdir()
+    for argv, expected in (
+        (["--select", "sensitivty", "--no-upstream"], "unknown assets ['sensitivty'] ('sensitivty': did you mean "
+                                                      "'sensitivity'?)"),
+        (["--select", "sensitivty"], "unknown assets ['sensitivty']"),
+        (["--models", "tiny-llamma"], "models ['tiny-llamma'] are not in experiment 'smoke'"),
+    ):  # fmt: skip
+        assert main(["materialize", "--experiment", "smoke", *argv]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
