@@ -27,6 +27,8 @@ PositiveFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
 """A finite fraction in (0, 1]."""
+OpenFraction = Annotated[float, Strict(), Field(gt=0, lt=1, allow_inf_nan=False)]
+"""A finite fraction in (0, 1) (an error rate: 1 would be no confidence at all)."""
 Count = Annotated[int, Strict(), Field(ge=1)]
 """A positive integer count (tokens, items, batch size); bools and floats refused."""
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]

@@ -37,6 +37,7 @@ from esa_pipeline.core.checks import (
     NonNegativeFloat,
     NonNegativeInt,
     NotBool,
+    OpenFraction,
     PositiveFloat,
     Seed,
 )
@@ -210,7 +211,8 @@ class Adaptive(_Strict):
     sequence's observations (`min_documents`/`design_documents` of earlier versions counted documents)."""
 
     enabled: bool = False
-    alpha: Fraction = Field(default=0.05, description="error rate of the confidence sequence")
+    alpha: OpenFraction = Field(default=0.05, description="error rate of the confidence sequence; 1 is refused "
+                                "(SequentialRule would refuse it only when the sweep starts)")
     rel_precision: PositiveFloat = Field(default=0.25, description="stop when the sequence excludes 0 and its "
                                          "half-width <= rel_precision x |estimate|")  # fmt: skip
     abs_tolerance: NonNegativeFloat = Field(default=0.002, description="stop when the half-width <= this")

@@ -260,7 +260,11 @@ def test_importance_metric_names_match_the_engine():
      ("models:", "importance: {token_budget: 63}\nmodels:", "importance.token_budget: 63 tokens is less than one "
       "window"),
      ("  tiny-llama: {}", "  tiny-llama: {strengths: {gaussian: [.inf]}}", "models.tiny-llama.strengths.gaussian[0]: "
-      "Input should be a finite number")],
+      "Input should be a finite number"),
+     # alpha = 1 passed validation and was refused by SequentialRule only when the sweep step started
+     ("models:", "adaptive: {enabled: true, alpha: 1}\nmodels:", "adaptive.alpha: Input should be less than 1 "
+      "(got 1)"),
+     ("models:", "adaptive: {enabled: true, alpha: 0}\nmodels:", "adaptive.alpha: Input should be greater than 0")],
 )  # fmt: skip
 def test_non_finite_bool_and_empty_values_are_refused(tmp_path, old, new, expected):
     assert old in BASE
