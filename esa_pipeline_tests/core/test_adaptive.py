@@ -144,3 +144,20 @@ def test_the_report_summarises_tokens_used_per_point():
     assert out.loc["practically_zero", "points"] == 2 and out.loc["practically_zero", "tokens_median"] == 500
     assert out.loc["practically_zero", "budget_fraction"] == 0.5
     assert out.loc["fixed_budget", "tokens_max"] == 1000  # rows stored before adaptive budgets existed
+
+
+def test_the_budget_fraction_is_of_the_fixed_budget_when_every_point_stopped_early():
+    # budget_tokens was the model's largest point: with every point stopped early (adaptive's success case) the
+    # fraction was taken of that point, not of the budget (1536 instead of 2048 tokens in a tiny-llama run)
+    import pandas as pd
+
+    from esa_pipeline.core.reporting.report import token_budget_summary
+
+    rows = pd.DataFrame({"model": ["m", "m", "n"], "dataset": ["bundled"] * 3, "window_tokens": [64] * 3,
+                         "kind": ["gaussian"] * 3, "n_tokens": [256, 1536, 256],
+                         "stop_reason": ["practically_zero"] * 3})  # fmt: skip
+    baselines = pd.DataFrame({"model": ["m", "m"], "dataset": ["bundled", "wikitext"], "window_tokens": [64, 64],
+                              "n_tokens": [2048, 4096]})  # fmt: skip
+    out = token_budget_summary(rows, baselines).set_index("model")
+    assert out.loc["m", "budget_tokens"] == 2048 and out.loc["m", "budget_fraction"] == (256 + 1536) / 2 / 2048
+    assert out.loc["n", "budget_tokens"] == 256  # no baseline row: the largest point, as before

@@ -176,7 +176,7 @@ def build_report(tables: dict[str, pd.DataFrame], out_dir: Path, *, experiment: 
     for title, figures in _figures(_rows_of(tables, random_models, keep=False)):
         sections.append(_figure_section(title, figures, out_dir))
     sections.append(_zero_shot_under_perturbation_section(_rows_of(tables, random_models, keep=False), out_dir))
-    sections.append(_token_budget_section(tables.get("sensitivity")))
+    sections.append(_token_budget_section(tables.get("sensitivity"), tables.get("baselines")))
     sections.append(_scaling_table_section(tables.get("scaling_fit")))
     sections.append(_group_comparison_section(tables.get("group_comparison")))
     sections.append(_super_weights_section(tables.get("super_weights")))
@@ -344,14 +344,23 @@ TOKEN_BUDGET_COLUMNS = ["model", "kind", "stop_reason", "points", "tokens_median
                         "budget_tokens", "budget_fraction"]  # fmt: skip
 
 
-def token_budget_summary(sensitivity: pd.DataFrame | None) -> pd.DataFrame:
+def token_budget_summary(sensitivity: pd.DataFrame | None, baselines: pd.DataFrame | None = None) -> pd.DataFrame:
     """Tokens scored per sweep point, by model, kind and stop reason (adaptive budgets stop early; a fixed
-    budget scores every window: stop_reason `fixed_budget`). budget_tokens is the model's largest point."""
+    budget scores every window: stop_reason `fixed_budget`). budget_tokens is the fixed budget the points
+    were drawn from: the baseline's n_tokens on the point's dataset and window (every point is paired with
+    that baseline's windows); without a matching baseline row, the model's largest point, which understates
+    the budget when every point stopped early."""
     if sensitivity is None or sensitivity.empty or "n_tokens" not in sensitivity.columns:
         return pd.DataFrame(columns=TOKEN_BUDGET_COLUMNS)
     frame = sensitivity.assign(stop_reason=sensitivity.get("stop_reason", pd.Series(index=sensitivity.index,
                                                                                    dtype=object)).fillna("fixed_budget"))
+    frame = frame.reset_index(drop=True)
     budget = frame.groupby("model")["n_tokens"].transform("max")
+    keys = ["model", "dataset", "window_tokens"]
+    if baselines is not None and set(keys) | {"n_tokens"} <= set(baselines.columns) and set(keys) <= set(frame.columns):
+        fixed = baselines.groupby(keys, as_index=False)["n_tokens"].max().rename(columns={"n_tokens": "_budget"})
+        matched = frame[keys].merge(fixed, on=keys, how="left")["_budget"]
+        budget = matched.where(matched.notna(), budget)
     frame = frame.assign(budget_tokens=budget)
     out = frame.groupby(["model", "kind", "stop_reason"], as_index=False).agg(
         points=("n_tokens", "size"), tokens_median=("n_tokens", "median"), tokens_min=("n_tokens", "min"),
@@ -361,9 +370,9 @@ def token_budget_summary(sensitivity: pd.DataFrame | None) -> pd.DataFrame:
     return out[TOKEN_BUDGET_COLUMNS]
 
 
-def _token_budget_section(sensitivity: pd.DataFrame | None) -> str:
+def _token_budget_section(sensitivity: pd.DataFrame | None, baselines: pd.DataFrame | None = None) -> str:
     return _table_section(
-        "token-budget", "Tokens used per sweep point", "sensitivity", token_budget_summary(sensitivity),
+        "token-budget", "Tokens used per sweep point", "sensitivity", token_budget_summary(sensitivity, baselines),
         TOKEN_BUDGET_COLUMNS, why_empty="no sweep points stored",
         guide="With `adaptive` on, a point stops once its confidence sequence has decided it (effect_resolved / "
               "practically_zero) or at the fixed budget (budget_spent); without it every point scores the whole "
