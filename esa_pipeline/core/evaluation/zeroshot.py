@@ -141,6 +141,7 @@ def _scope_for(tasks: list[str]) -> str:
     return "all"
 
 
+@functools.cache  # lm-eval's task files do not change within a process; validation may ask many times
 def _named_in_lm_eval_configs(name: str) -> bool:
     """Cheap pre-check (2-3 s) before the full lm-eval index (7-60 s on a busy machine): every lm-eval task,
     group and tag name is written literally in one of its YAML files, so a name found in none is unknown."""
