@@ -973,8 +973,8 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             select_layers(plan.layers, n_layers)
         except ConfigError as exc:
             problems.append(f"{where}.layers: {exc}" if own else f"layers: {exc} (inherited by {name})")
-    grid = plan.zero_shot.at.grid if plan.zero_shot.at is not None else None
-    if grid is not None:
+    grid = plan.zero_shot.at.grid if plan.zero_shot.at is not None and plan.zero_shot.tasks else None
+    if grid is not None:  # (a model whose tasks are [] scores no grid)
         # The grid is scored after the sweep: a layer or component the model lacks would fail only then.
         own_zero_shot = cfg.section(name).zero_shot
         own = own_zero_shot is not None and "at" in own_zero_shot.model_fields_set

@@ -376,6 +376,9 @@ def test_a_model_section_fixes_an_inherited_zero_shot_grid_and_known_tasks_pass(
         "[0.1]}}}}")  # fmt: skip
     cfg = load_experiment(write(tmp_path, fixed))
     assert model_plan(cfg, "tiny-pythia").zero_shot.at.grid.components == ["ffn.up", "embedding"]
+    # a model that scores no tasks scores no grid either: nothing to refuse
+    off = BASE.replace("models:", grid).replace("  tiny-pythia: {}", "  tiny-pythia: {zero_shot: {tasks: []}}")
+    assert model_plan(load_experiment(write(tmp_path, off)), "tiny-pythia").zero_shot.tasks == []
 
 
 def test_each_gguf_wheel_model_is_checked_against_its_own_layout(tmp_path, monkeypatch):
