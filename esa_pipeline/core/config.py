@@ -874,6 +874,22 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
                                     f"{exc}")
                     break
 
+    def check_datasets() -> None:
+        # the model stage would fail on it after loading the model; a local path is checked for existence only
+        from esa_pipeline.core.evaluation.text import HUB_SOURCES
+
+        names = ["bundled", *HUB_SOURCES]
+        for i, name in enumerate(cfg.datasets):
+            if name in names or pathlib.Path(name).expanduser().exists():
+                continue
+            guess = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
+            problems.append(f"datasets[{i}]: unknown text source {name!r}; {hint}use one of {', '.join(names)} "
+                            "or an existing .txt/.jsonl/.parquet file or directory")  # fmt: skip
+        if len(set(cfg.datasets)) != len(cfg.datasets):
+            problems.append("datasets: datasets repeat; list each once")
+
+    check_datasets()
     check_components("components", cfg.components)
     check_budget("token_budget", cfg.token_budget)
     check_budget("importance.token_budget", cfg.importance.token_budget)

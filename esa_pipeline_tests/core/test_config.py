@@ -348,6 +348,9 @@ ZS = "zero_shot: {tasks: [esa_mc], limit: 2, at: {top_delta_nll: 1}}\nmodels:"
      ("  tiny-llama: {}", "  tiny-llama: {zero_shot: {tasks: [hellaswagg]}}", "models.tiny-llama.zero_shot.tasks: "
       "unknown zero-shot task 'hellaswagg'; did you mean 'hellaswag'?"),
      ("  tiny-llama: {}", "  tiny-llama: {zero_shot: {at: {}}}", "models.tiny-llama.zero_shot.at: no points"),
+     ("datasets: [bundled]", "datasets: [bundled, wikitex-103]", "datasets[1]: unknown text source 'wikitex-103'; "
+      "did you mean 'wikitext-103'?"),
+     ("datasets: [bundled]", "datasets: [bundled, bundled]", "datasets: datasets repeat; list each once"),
      ("models:", "zero_shot: {tasks: [esa_mc], at: {grid: {kind: scale, components: [ffn.down], strengths: [0.9]}}}"
       "\nmodels:", "zero_shot.at.grid: kind 'scale', component 'ffn.down', strength 0.9: kind 'scale' multiplies "
       "norm gains"),
@@ -361,7 +364,7 @@ ZS = "zero_shot: {tasks: [esa_mc], limit: 2, at: {top_delta_nll: 1}}\nmodels:"
      ("  tiny-llama: {}", "  tiny-llama: {zero_shot: {at: {grid: {components: [ffn.gate], strengths: [0.1]}}}}",
       "models.tiny-llama.zero_shot.at: no tasks to score")],
 )  # fmt: skip
-def test_zero_shot_tasks_and_grid_points_are_refused_before_any_run(tmp_path, old, new, expected):
+def test_zero_shot_tasks_datasets_and_grid_points_are_refused_before_any_run(tmp_path, old, new, expected):
     assert old in BASE
     assert expected in error_for(tmp_path, BASE.replace(old, new))
 
