@@ -43,12 +43,16 @@ def test_unknown_assets_and_models_are_refused_before_any_run_with_or_without_up
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     monkeypatch.setenv("ESA_STORE_DIR", str(tmp_path / "store"))
     (tmp_path / "dagster").mkdir()
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text("protocol: smoke\ndatasets: [bundled]\nwindow: 64\ntoken_budget: 128\nseeds: [1]\n"
+                          "strengths: {gaussian: [0.1]}\ncomponents: [ffn.down]\nmodels:\n  tiny-llama: {}\n")
+    monkeypatch.setenv("ESA_EXPERIMENT", str(experiment))  # materialize() sets it: restored after the test
     for argv, expected in (
         (["--select", "sensitivty", "--no-upstream"], "unknown assets ['sensitivty'] ('sensitivty': did you mean "
                                                       "'sensitivity'?)"),
         (["--select", "sensitivty"], "unknown assets ['sensitivty']"),
-        (["--models", "tiny-llamma"], "models ['tiny-llamma'] are not in experiment 'smoke'"),
+        (["--models", "tiny-llamma"], "models ['tiny-llamma'] are not in experiment 'tiny'"),
     ):  # fmt: skip
-        assert main(["materialize", "--experiment", "smoke", *argv]) == 2
+        assert main(["materialize", "--experiment", str(experiment), *argv]) == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
