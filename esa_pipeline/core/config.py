@@ -832,11 +832,14 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             problems.append(f"{path}: {budget} tokens is less than one window (window: {cfg.window}); set it to "
                             f"at least {cfg.window} or shorten the window")  # fmt: skip
 
-    def check_zero_shot(path: str, zero_shot: ZeroShot, written: set[str], tasks_in_effect: list[str]) -> None:
+    def check_zero_shot(path: str, zero_shot: ZeroShot, written: set[str], merged: ZeroShot) -> None:
         # Task names and grid points are checked here, not when the zero-shot step runs: that step comes after
         # the model stage (task names) or after the whole sweep (grid points), hours later on a real model.
+        tasks_in_effect = merged.tasks
         if "tasks" in written:
             check_tasks(f"{path}.tasks", zero_shot.tasks)
+        if {"tasks", "num_fewshot"} & written and merged.num_fewshot > 0:
+            check_fewshot(path, merged)
         at = zero_shot.at
         if at is None or "at" not in written:
             return
@@ -858,6 +861,18 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             hint = f"did you mean {guess[0]!r}?" if guess else f"use a bundled task ({', '.join(BUNDLED_TASKS)})"
             problems.append(f"{path}: unknown zero-shot task {name!r}; {hint} (seed lm-eval tasks: "
                             f"{', '.join(SEED_TASKS)}; any other name must be listed by `lm_eval ls tasks`)")  # fmt: skip
+
+    def check_fewshot(path: str, zero_shot: ZeroShot) -> None:
+        # lm-eval draws num_fewshot + 1 examples from a bundled task's own items and drops the scored one, so
+        # more than items - 1 failed only in the model stage ("Sample larger than population")
+        from esa_pipeline.core.evaluation.zeroshot import BUNDLED_TASKS, bundled_task_items
+
+        for task in (t for t in dict.fromkeys(zero_shot.tasks) if t in BUNDLED_TASKS):
+            pool = bundled_task_items(task)
+            if zero_shot.num_fewshot > pool - 1:
+                problems.append(f"{path}.num_fewshot: {zero_shot.num_fewshot} examples, but {task} has {pool} items "
+                                f"and draws its examples from them, leaving out the scored one; use at most "
+                                f"{pool - 1}")  # fmt: skip
 
     def check_grid(path: str, grid: ZeroShotGrid) -> None:
         from esa_pipeline.core.models.adapters.base import GLOBAL_COMPONENTS
@@ -894,7 +909,7 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
     check_budget("token_budget", cfg.token_budget)
     check_budget("importance.token_budget", cfg.importance.token_budget)
     check_zero_shot("zero_shot", cfg.zero_shot, cfg.zero_shot.model_fields_set | {"tasks", "at"},
-                    cfg.zero_shot.tasks)  # fmt: skip
+                    cfg.zero_shot)  # fmt: skip
     if cfg.compression is not None and cfg.compression.components is not None:
         check_components("compression.components", cfg.compression.components)
         problems.extend(f"compression.components: {c!r} is not a weight matrix (quantize/prune act on "
@@ -917,7 +932,7 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             merged = _merged(cfg.zero_shot, section.zero_shot)
             assert isinstance(merged, ZeroShot)
             check_zero_shot(f"models.{name}.zero_shot", section.zero_shot, section.zero_shot.model_fields_set,
-                            merged.tasks)  # fmt: skip
+                            merged)  # fmt: skip
         if check_models:
             problems.extend(_model_problems(cfg, name))
     return problems

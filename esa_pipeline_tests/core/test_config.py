@@ -351,6 +351,11 @@ ZS = "zero_shot: {tasks: [esa_mc], limit: 2, at: {top_delta_nll: 1}}\nmodels:"
      ("datasets: [bundled]", "datasets: [bundled, wikitex-103]", "datasets[1]: unknown text source 'wikitex-103'; "
       "did you mean 'wikitext-103'?"),
      ("datasets: [bundled]", "datasets: [bundled, bundled]", "datasets: datasets repeat; list each once"),
+     ("models:", "zero_shot: {tasks: [esa_knowledge], num_fewshot: 101}\nmodels:", "zero_shot.num_fewshot: 101 "
+      "examples, but esa_knowledge has 101 items and draws its examples from them, leaving out the scored one; use "
+      "at most 100"),
+     ("  tiny-llama: {}", "  tiny-llama: {zero_shot: {tasks: [esa_knowledge], num_fewshot: 500}}",
+      "models.tiny-llama.zero_shot.num_fewshot: 500 examples, but esa_knowledge has 101 items"),
      ("models:", "zero_shot: {tasks: [esa_mc], at: {grid: {kind: scale, components: [ffn.down], strengths: [0.9]}}}"
       "\nmodels:", "zero_shot.at.grid: kind 'scale', component 'ffn.down', strength 0.9: kind 'scale' multiplies "
       "norm gains"),

@@ -116,6 +116,14 @@ def bundled_task_config(name: str) -> dict[str, Any]:
     return config
 
 
+def bundled_task_items(name: str) -> int:
+    """Items in a bundled task's few-shot split (every bundled task draws its examples from its test items)."""
+    config = bundled_task_config(name)
+    split = config.get("fewshot_split") or config["test_split"]
+    path = Path(config["dataset_kwargs"]["data_files"][split])
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 @functools.cache
 def _task_manager(scope: str) -> TaskManager:
     """A task index, built once per process: "bundled", "seed" (bundled + seed folders) or "all"."""
