@@ -382,3 +382,31 @@ def test_noise_on_top_neurons_is_seeded_and_gets_the_across_draw_test() -> None:
     result = significance(pd.concat([noise, zeroed], ignore_index=True))
     assert one_row(result, strength=0.25)["test_used"] == TEST_ACROSS_DRAWS
     assert one_row(result, strength=0.5)["test_used"] == TEST_DETERMINISTIC
+
+
+def test_seeds_that_stopped_at_different_windows_get_the_across_draw_test_on_their_common_windows() -> None:
+    """Adaptive budgets: seeds share one visit order and stop after their own number of windows. The headline
+    test runs on the windows every seed scored (their common prefix) instead of being lost."""
+    from esa_pipeline.core.analysis.significance import NOTE_UNBALANCED
+
+    rng = np.random.default_rng(21)
+    n_seeds, n_windows = 3, 12
+    doc_of_window = np.arange(n_windows) // 2  # 6 documents of 2 windows
+    y = 0.2 + rng.normal(0, 0.05, (n_seeds, 1)) + rng.normal(0, 0.1, (1, n_windows))
+    full = documents_frame(y, doc_of_window, np.full(n_windows, 128.0))
+    stopped = {0: 8, 1: 12, 2: 10}  # seed -> windows scored (visit order = window_id order here)
+    adaptive = full.loc[full["window_id"] < full["seed"].map(stopped)]
+    row = one_row(significance(adaptive))
+    common = one_row(significance(full.loc[full["window_id"] < 8]))  # every seed on the first 8 windows
+    assert row["test_used"] == TEST_ACROSS_DRAWS
+    for column in ("t_stat", "dof", "p_value", "ci_low", "ci_high", "sigma_draw"):
+        assert row[column] == pytest.approx(common[column], rel=1e-12), column
+    assert "across-draw test on the 8 windows every seed scored (4 documents)" in row["note"]
+    # the estimate and the conditional test keep every scored window
+    assert row["n_windows"] == 12 and row["mean_delta_nll"] != pytest.approx(common["mean_delta_nll"])
+    # common windows in one document only: no across-draw test, and the note says why
+    one_doc = full.loc[full["window_id"] < full["seed"].map({0: 2, 1: 12, 2: 10})]
+    row = one_row(significance(one_doc))
+    assert pd.isna(row["p_value"]) and pd.isna(row["test_used"])
+    assert NOTE_UNBALANCED.format(unit="document") in row["note"]
+    assert row["conditional_p_value"] == row["conditional_p_value"]  # still tested, conditionally

@@ -30,7 +30,11 @@ NULL p-values and NULL (not False) significant_* flags, and `note` gives the rea
   - any window's ΔNLL is non-finite: the perturbed model's loss overflowed, the most damaging outcome there
     is; mean_delta_nll is inf/NaN as measured, and critical_layers ranks it first;
   - fewer than 2 documents (clusters);
-  - seeds that did not score the same windows (the two-way design needs every seed on every window);
+  - seeds that did not score the same windows (the two-way design needs every seed on every window) and share
+    fewer than 2 clusters of windows that every seed scored. Adaptive budgets stop each seed's point after its
+    own number of windows, but every seed visits the budget's windows in the same seeded order, so the windows
+    every seed scored are a common prefix of that order: the across-draw test runs on them (note
+    NOTE_COMMON_WINDOWS, with their count) while mean_delta_nll and conditional_* use every scored window;
   - the cell is in `sensitivity` but has no per-window rows (mean_delta_nll then from its seed rows).
 A cell whose ΔNLL is exactly zero in every window (the perturbation changed nothing measurable) is tested as
 t = 0, p = 1 and says so in `note`; the correction includes it. Seeds also give a spread (seed_sd/min/max of
@@ -109,7 +113,14 @@ NOTE_ONE_SEED = (
     "one seed of a stochastic kind: draw-to-draw variance cannot be estimated, no across-draw test "
     "(conditional_* columns test these draws only)"
 )
-NOTE_UNBALANCED = "seeds did not score the same windows: no across-draw test (conditional_* still valid)"
+NOTE_UNBALANCED = (
+    "seeds did not score the same windows and share fewer than 2 {unit}s of common windows: no across-draw test "
+    "(conditional_* still valid)"
+)
+NOTE_COMMON_WINDOWS = (
+    "seeds scored different windows (adaptive budgets): across-draw test on the {k} windows every seed scored "
+    "({c} {unit}s); mean_delta_nll and conditional_* use all {n}"
+)
 NOTE_DETERMINISTIC = (
     "deterministic kind, measured once: no draw-to-draw variance, the clustered test is the headline"
 )
@@ -193,15 +204,7 @@ def _tests(windows: pd.DataFrame, unit: str, alpha: float) -> pd.DataFrame:
     n_windows = per_window.groupby(level="_cell").size()
     n_nonfinite = nonfinite_window.groupby(level="_cell").sum()
 
-    per_seed_cluster = flagged.groupby(["_cell", "seed", "cluster"], dropna=False).agg(
-        d=("delta_nll_sum", "sum"), t=("n_tokens", "sum"), any_nan=("_nan", "any")
-    )
-    per_seed_cluster.loc[per_seed_cluster["any_nan"], "d"] = np.nan  # sum skips NaN: put it back
-    per_seed_cluster = per_seed_cluster.reset_index()
-    grouped = per_seed_cluster.groupby(["_cell", "cluster"])
-    per_cluster = grouped.agg(d=("d", "mean"), t=("t", "mean"), any_nan=("any_nan", "any")).reset_index()
-    per_cluster.loc[per_cluster["any_nan"], "d"] = np.nan
-    conditional = clustered_ratio_test(per_cluster, alpha)
+    per_seed_cluster, grouped, conditional = _seed_cluster_sums(flagged, alpha)
     n_clusters = conditional["n_clusters"]
 
     cell_of = per_seed_cluster["_cell"]
@@ -216,6 +219,26 @@ def _tests(windows: pd.DataFrame, unit: str, alpha: float) -> pd.DataFrame:
     across = across_draws_test(
         per_seed_cluster.loc[cell_of.map(eligible)], conditional["mean"].loc[eligible[eligible].index], alpha
     )
+    # Unbalanced multi-seed cells (adaptive budgets): the across-draw test on the windows every seed scored.
+    unbalanced = testable & ~deterministic & (n_seeds >= 2) & ~balanced
+    common_windows = pd.Series(0, index=n_seeds.index)
+    common_clusters = pd.Series(0, index=n_seeds.index)
+    if unbalanced.any():
+        sub = flagged.loc[flagged["_cell"].map(unbalanced).fillna(False).astype(bool)]
+        seeds_on_window = sub.groupby(["_cell", "window_id"])["seed"].transform("nunique")
+        common = sub.loc[seeds_on_window == sub["_cell"].map(n_seeds)]
+        if len(common):
+            psc, common_grouped, common_conditional = _seed_cluster_sums(common, alpha)
+            common_windows = common.groupby("_cell")["window_id"].nunique().reindex(n_seeds.index, fill_value=0)
+            common_clusters = common_conditional["n_clusters"].reindex(n_seeds.index, fill_value=0)
+            same_tokens = (common_grouped["t"].max() - common_grouped["t"].min()).groupby(level="_cell").max() == 0
+            ok = (common_clusters >= 2) & same_tokens.reindex(n_seeds.index, fill_value=False) & unbalanced
+            if ok.any():
+                cells = ok[ok].index
+                across = pd.concat([across, across_draws_test(psc.loc[psc["_cell"].isin(cells)],
+                                                              common_conditional["mean"].loc[cells], alpha)])  # fmt: skip
+                eligible = eligible | ok
+            common_windows = common_windows.where(ok, 0)  # a note names common windows only where they were tested
 
     out = pd.DataFrame(
         {"n_windows": n_windows, "n_clusters": n_clusters, "mean_delta_nll": conditional["mean"]}
@@ -232,11 +255,27 @@ def _tests(windows: pd.DataFrame, unit: str, alpha: float) -> pd.DataFrame:
         value = across[source].reindex(out.index)
         out[column] = value.where(eligible, conditional[source].where(headline_deterministic))
     out["sigma_draw"] = across["sigma_draw"].reindex(out.index)
-    out["note"] = _notes(out, n_nonfinite, conditional, testable, deterministic, n_seeds, balanced, unit)
+    out["note"] = _notes(out, n_nonfinite, conditional, testable, deterministic, n_seeds, balanced, unit,
+                         common_windows, common_clusters)  # fmt: skip
     return out
 
 
-def _notes(out, n_nonfinite, conditional, testable, deterministic, n_seeds, balanced, unit) -> pd.Series:
+def _seed_cluster_sums(flagged: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, object, pd.DataFrame]:
+    """Per (cell, seed, cluster) ΔNLL and token sums (NaN kept), their per-(cell, cluster) grouping, and the
+    conditional (seeds averaged, clustered) test per cell."""
+    per_seed_cluster = flagged.groupby(["_cell", "seed", "cluster"], dropna=False).agg(
+        d=("delta_nll_sum", "sum"), t=("n_tokens", "sum"), any_nan=("_nan", "any")
+    )
+    per_seed_cluster.loc[per_seed_cluster["any_nan"], "d"] = np.nan  # sum skips NaN: put it back
+    per_seed_cluster = per_seed_cluster.reset_index()
+    grouped = per_seed_cluster.groupby(["_cell", "cluster"])
+    per_cluster = grouped.agg(d=("d", "mean"), t=("t", "mean"), any_nan=("any_nan", "any")).reset_index()
+    per_cluster.loc[per_cluster["any_nan"], "d"] = np.nan
+    return per_seed_cluster, grouped, clustered_ratio_test(per_cluster, alpha)
+
+
+def _notes(out, n_nonfinite, conditional, testable, deterministic, n_seeds, balanced, unit, common_windows,
+           common_clusters) -> pd.Series:  # fmt: skip
     """Per cell: why it was not tested, or what its test means ("; "-joined; "" for a plain across-draw test)."""
     index = out.index
     as_array = {  # plain arrays: a per-cell loop over pandas lookups dominates long sweeps
@@ -249,6 +288,8 @@ def _notes(out, n_nonfinite, conditional, testable, deterministic, n_seeds, bala
         "deterministic": deterministic.reindex(index).to_numpy(),
         "seeds": n_seeds.reindex(index).to_numpy(),
         "balanced": balanced.reindex(index).to_numpy(),
+        "common_windows": common_windows.reindex(index).fillna(0).to_numpy(),
+        "common_clusters": common_clusters.reindex(index).fillna(0).to_numpy(),
     }
     notes = []
     for i in range(len(index)):
@@ -267,8 +308,11 @@ def _notes(out, n_nonfinite, conditional, testable, deterministic, n_seeds, bala
                 reasons.append(NOTE_DETERMINISTIC)
             elif c["seeds"] < 2:
                 reasons.append(NOTE_ONE_SEED)
+            elif not c["balanced"] and c["common_windows"] > 0:
+                reasons.append(NOTE_COMMON_WINDOWS.format(k=int(c["common_windows"]), c=int(c["common_clusters"]),
+                                                          unit=unit, n=int(c["windows"])))  # fmt: skip
             elif not c["balanced"]:
-                reasons.append(NOTE_UNBALANCED)
+                reasons.append(NOTE_UNBALANCED.format(unit=unit))
         notes.append("; ".join(reasons))
     return pd.Series(notes, index=index, dtype=object)
 
