@@ -162,6 +162,12 @@ def summarise(frame: pd.DataFrame, rule: SequentialRule) -> None:
         lost = int((decided["fixed_significant"].astype(bool) & ~agree).sum())
         print(f"{'agreement with fixed: ' + label:60}{agree.mean():8.3f}   ({len(decided)} points; target ≥ 0.95)")
         print(f"    fixed significant / adaptive not: {lost}, fixed not / adaptive significant: {int((~agree).sum()) - lost}")
+        # Rule (b) stops a point once its effect is known to within abs_tolerance, on purpose without testing it:
+        # points whose fixed-budget effect is below that tolerance can disagree by design, so show both sides.
+        large = decided["fixed_delta"].abs() > rule.abs_tolerance
+        for name, part in (("|fixed ΔNLL| > abs_tolerance", large), ("|fixed ΔNLL| <= abs_tolerance", ~large)):
+            if part.any():
+                print(f"    among points with {name}: {agree[part].mean():.3f} ({int(part.sum())} points)")
     rhos = []
     for (component, strength), cell in frame.groupby(["component", "strength"]):
         if len(cell) >= 3:
