@@ -48,7 +48,11 @@ replaying random visit orders of finite populations (`wor_misses`; 64 windows, c
 A random order is what makes the rule valid (the document-ordered visit breaks it); strongly skewed populations
 dominated by a few documents are the asymptotic sequence's weak point (its variance estimate from the first
 windows misses the rare extreme ones). On real points, `benchmarks/bench_adaptive.py` runs the same check on every
-fixed point's per-window ΔNLL (its "permutation check" line: 2000 random visit orders per point).
+fixed point's per-window ΔNLL (its "permutation check": 2000 random visit orders per point). SmolLM2-135M, 84
+gaussian points (12 layers x 3 components, 50 windows of 128 tokens, batches of 4): the sequence ever excluded the
+fixed-budget mean on 1.1 % of orders on average, but above α on 3 points (worst 31.8 %: layer 0 attention.query
+σ = 0.001, ΔNLL 2e-6, one window 6.7 sd from the mean); at the rule's stop it excluded it on 0.3 % (worst 8.5 %),
+and never by more than abs_tolerance (the misses are by ~1e-6 nats).
 Generalising beyond the sampled documents stays the job of the downstream document-clustered significance
 analysis (`core/analysis/significance.py`), which uses the stored windows that were scored.
 """
