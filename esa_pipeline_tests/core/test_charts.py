@@ -348,7 +348,8 @@ def test_heatmap_marks_exactly_the_bh_significant_cells(relations):
     assert plotted["significant"].sum() == significance["significant_bh"].sum()
     assert 0 < plotted["significant"].sum() < len(plotted)
     dots = [n for n in walk(spec) if n.get("mark", {}) == {"type": "point", "filled": True, "size": 28,
-                                                              "color": "black"}]  # fmt: skip
+                                                              "color": "black", "stroke": "white",
+                                                              "strokeWidth": 0.6}]  # fmt: skip
     assert dots and dots[0]["transform"] == [{"filter": "(datum.marker_label !== '')"}]
     assert set(plotted.loc[plotted["significant"], "marker_label"]) == {SIGNIFICANT_LABEL}
 

@@ -48,7 +48,7 @@ def sensitivity_heatmap(
     """Mean ΔNLL per layer (y) × component (x); one row of panels per model, one panel per strength.
 
     Cells whose headline test survives Benjamini–Hochberg (`marker` column, default significant_bh) get a black
-    dot; cells that could not be tested (NULL flag: one seed of a stochastic kind, an overflowed loss) get a grey
+    dot; cells that could not be tested (NULL flag: one seed of a stochastic kind, an overflowed loss) get a black
     cross, so "not significant" (no mark) is never shown for "could not test".
     The colour scale is symmetric-log and diverging around 0: ΔNLL spans orders of magnitude across
     strengths, and a negative ΔNLL (perturbation helped) must not look like "no effect".
@@ -82,7 +82,7 @@ def sensitivity_heatmap(
     )
     notes = [
         f"dot = {SIGNIFICANT_LABEL}: across-draw test (seed × document; deterministic kinds: clustered by document); "
-        f"grey cross = {UNTESTED_LABEL}; no mark = tested, not significant" if marker == "significant_bh"
+        f"cross = {UNTESTED_LABEL}; no mark = tested, not significant" if marker == "significant_bh"
         else f"dot = cells where {marker} is true",
         "colour scale per model (symmetric log, centred on 0)",
         f"{n_dropped} cell(s) with non-finite ΔNLL not shown" if n_dropped else None,
@@ -119,8 +119,9 @@ def _heatmap_row(
     present = [(label, shape) for label, shape in ((SIGNIFICANT_LABEL, "circle"), (UNTESTED_LABEL, "cross"))
                if (own["marker_label"] == label).any()]  # fmt: skip
     marks = (
-        base.mark_point(filled=True, size=28, color="black")
-        .encode(shape=alt.Shape("marker_label:N", title=None, legend=alt.Legend(orient="right"),
+        # white outline: a black mark stays visible on the darkest red/blue cells
+        base.mark_point(filled=True, size=28, color="black", stroke="white", strokeWidth=0.6)
+        .encode(shape=alt.Shape("marker_label:N", title=None, legend=alt.Legend(orient="right", labelLimit=0),
                                 scale=alt.Scale(domain=[label for label, _ in present],
                                                 range=[shape for _, shape in present])))
         .transform_filter(alt.datum.marker_label != "")
