@@ -199,3 +199,12 @@ def test_points_off_the_sweep_keep_their_task_rows_with_the_reason() -> None:
     assert list(corr["task"]) == ["a", "all", "b"] and (corr["n_points"] == 0).all()
     assert corr["spearman_rho"].isna().all() and corr["note"].str.startswith("0 points measured both ways").all()
     assert points.empty
+
+
+def test_point_labels_name_the_seed_only_when_the_point_has_one() -> None:
+    from esa_pipeline.core.reporting.charts.zero_shot import point_labels
+
+    points = pd.DataFrame({"kind": ["gaussian", "scale"], "component": ["ffn.down", "norm.input"],
+                           "layer": pd.array([29, None], dtype="Int64"), "strength": [0.2, 0.9],
+                           "seed": pd.array([1337, None], dtype="Int64")})  # fmt: skip
+    assert point_labels(points).tolist() == ["gaussian ffn.down L29 s=0.2 #1337", "scale norm.input L— s=0.9"]

@@ -25,10 +25,12 @@ LABELLED_POINTS = 3
 
 
 def point_labels(df: pd.DataFrame) -> pd.Series:
-    """"<kind> <component> L<layer> s=<strength> #<seed>" per row (layer "—" when the point has none)."""
+    """"<kind> <component> L<layer> s=<strength> #<seed>" per row (layer "—" when the point has none; no
+    "#<seed>" for a seed-independent point, whose seed is NULL)."""
     layers = df["layer"].map(lambda v: "—" if pd.isna(v) else str(int(v)))
+    seeds = df["seed"].map(lambda v: "" if pd.isna(v) else f" #{int(v)}")
     return (df["kind"].astype(str) + " " + df["component"].astype(str) + " L" + layers + " s="
-            + df["strength"].map(lambda v: f"{float(v):g}") + " #" + df["seed"].astype(str))  # fmt: skip
+            + df["strength"].map(lambda v: f"{float(v):g}") + seeds)  # fmt: skip
 
 
 def zero_shot_accuracy_chart(summary: pd.DataFrame, *, models: pd.DataFrame | None = None) -> alt.VConcatChart:
