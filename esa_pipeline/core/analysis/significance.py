@@ -210,9 +210,7 @@ def _tests(windows: pd.DataFrame, unit: str, alpha: float) -> pd.DataFrame:
     cell_of = per_seed_cluster["_cell"]
     n_seeds = per_seed_cluster.groupby("_cell")["seed"].nunique(dropna=False)
     deterministic = windows.groupby("_cell")["_deterministic"].all().reindex(n_seeds.index)
-    balanced = (per_seed_cluster.groupby("_cell").size() == n_seeds * n_clusters) & (
-        (grouped["t"].max() - grouped["t"].min()).groupby(level="_cell").max() == 0
-    )
+    balanced = (per_seed_cluster.groupby("_cell").size() == n_seeds * n_clusters) & _same_tokens(grouped)
     finite = n_nonfinite == 0
     testable = finite & (n_clusters >= 2)
     eligible = testable & ~deterministic & (n_seeds >= 2) & balanced
@@ -221,24 +219,10 @@ def _tests(windows: pd.DataFrame, unit: str, alpha: float) -> pd.DataFrame:
     )
     # Unbalanced multi-seed cells (adaptive budgets): the across-draw test on the windows every seed scored.
     unbalanced = testable & ~deterministic & (n_seeds >= 2) & ~balanced
-    common_windows = pd.Series(0, index=n_seeds.index)
-    common_clusters = pd.Series(0, index=n_seeds.index)
-    if unbalanced.any():
-        sub = flagged.loc[flagged["_cell"].map(unbalanced).fillna(False).astype(bool)]
-        seeds_on_window = sub.groupby(["_cell", "window_id"])["seed"].transform("nunique")
-        common = sub.loc[seeds_on_window == sub["_cell"].map(n_seeds)]
-        if len(common):
-            psc, common_grouped, common_conditional = _seed_cluster_sums(common, alpha)
-            common_windows = common.groupby("_cell")["window_id"].nunique().reindex(n_seeds.index, fill_value=0)
-            common_clusters = common_conditional["n_clusters"].reindex(n_seeds.index, fill_value=0)
-            same_tokens = (common_grouped["t"].max() - common_grouped["t"].min()).groupby(level="_cell").max() == 0
-            ok = (common_clusters >= 2) & same_tokens.reindex(n_seeds.index, fill_value=False) & unbalanced
-            if ok.any():
-                cells = ok[ok].index
-                across = pd.concat([across, across_draws_test(psc.loc[psc["_cell"].isin(cells)],
-                                                              common_conditional["mean"].loc[cells], alpha)])  # fmt: skip
-                eligible = eligible | ok
-            common_windows = common_windows.where(ok, 0)  # a note names common windows only where they were tested
+    common_across, common_windows, common_clusters = _common_window_test(flagged, unbalanced, n_seeds, alpha)
+    if len(common_across):
+        across = pd.concat([across, common_across])
+    eligible = eligible | (common_windows > 0)
 
     out = pd.DataFrame(
         {"n_windows": n_windows, "n_clusters": n_clusters, "mean_delta_nll": conditional["mean"]}
@@ -258,6 +242,32 @@ def _tests(windows: pd.DataFrame, unit: str, alpha: float) -> pd.DataFrame:
     out["note"] = _notes(out, n_nonfinite, conditional, testable, deterministic, n_seeds, balanced, unit,
                          common_windows, common_clusters)  # fmt: skip
     return out
+
+
+def _common_window_test(
+    flagged: pd.DataFrame, unbalanced: pd.Series, n_seeds: pd.Series, alpha: float
+) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
+    """The across-draw test of each `unbalanced` cell on the windows all its seeds scored, where they span >= 2
+    clusters with equal tokens per seed: (its results indexed by _cell, common windows per cell — 0 where not
+    tested —, common clusters per cell)."""
+    none = pd.Series(0, index=n_seeds.index)
+    sub = flagged.loc[flagged["_cell"].map(unbalanced).fillna(False).astype(bool)]
+    common = sub.loc[sub.groupby(["_cell", "window_id"])["seed"].transform("nunique") == sub["_cell"].map(n_seeds)]
+    if common.empty:
+        return pd.DataFrame(), none, none
+    per_seed_cluster, grouped, conditional = _seed_cluster_sums(common, alpha)
+    n_windows = common.groupby("_cell")["window_id"].nunique().reindex(n_seeds.index, fill_value=0)
+    n_clusters = conditional["n_clusters"].reindex(n_seeds.index, fill_value=0)
+    ok = (n_clusters >= 2) & _same_tokens(grouped).reindex(n_seeds.index, fill_value=False) & unbalanced
+    cells = ok[ok].index
+    tested = across_draws_test(per_seed_cluster.loc[per_seed_cluster["_cell"].isin(cells)],
+                               conditional["mean"].loc[cells], alpha) if len(cells) else pd.DataFrame()  # fmt: skip
+    return tested, n_windows.where(ok, 0), n_clusters
+
+
+def _same_tokens(grouped: object) -> pd.Series:
+    """Per cell: every seed scored the same tokens in every cluster (grouped: per (cell, cluster))."""
+    return (grouped["t"].max() - grouped["t"].min()).groupby(level="_cell").max() == 0  # type: ignore[index]
 
 
 def _seed_cluster_sums(flagged: pd.DataFrame, alpha: float) -> tuple[pd.DataFrame, object, pd.DataFrame]:
