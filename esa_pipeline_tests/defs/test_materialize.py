@@ -105,11 +105,12 @@ def test_four_partitions_run_concurrently_with_the_multiprocess_executor_land_ex
             tags = {"dagster/partition": str(sweep_key(*model_variant)),
                     "dagster/partition/model": model_variant[0], "dagster/partition/variant": model_variant[1]}
             with execute_job(reconstructable(sweep_job), instance, run_config=RUN_CONFIG, tags=tags) as result:
-                return result.success, result.job_def.executor_def.name  # fmt: skip
+                errors = [str(e.event_specific_data.error) for e in result.all_events if e.is_failure]
+                return result.success, result.job_def.executor_def.name, errors  # fmt: skip
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             outcomes = list(pool.map(run, partitions))
-    assert outcomes == [(True, "multiprocess")] * 4
+    assert [(ok, executor) for ok, executor, _ in outcomes] == [(True, "multiprocess")] * 4, [e for *_, e in outcomes]
     assert esa_env.store.refresh_views()
     with esa_env.store.connect() as con:
         counts = con.execute(
