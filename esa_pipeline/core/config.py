@@ -219,6 +219,17 @@ class Adaptive(_Strict):
     min_windows: Annotated[int, Field(ge=2, strict=True)] = Field(default=16, description="windows before any stop")
     design_windows: Count = Field(default=32, description="windows at which the sequence is tightest")
 
+    def check_windows(self, n_windows: int, *, file: object, model: str, budget: str) -> None:
+        """Refuse a budget of fewer windows than `min_windows` (every point would spend the whole budget without
+        ever testing a stop). Only the baseline knows the count: short documents add windows beyond
+        token_budget / window. Raises ConfigError naming `file`, the key and the fix."""
+        if self.enabled and n_windows < self.min_windows:
+            raise ConfigError(
+                f"{file}: adaptive.min_windows = {self.min_windows}, but {model}'s sweep budget ({budget}) has only "
+                f"{n_windows} windows, so no point could ever stop early. Fix: set adaptive.min_windows <= "
+                f"{n_windows}, raise token_budget, or set adaptive.enabled: false"
+            )
+
     def rule(self) -> Any:
         """The `SequentialRule`, or None when adaptive budgets are off."""
         if not self.enabled:

@@ -110,6 +110,9 @@ def baseline(context: AssetExecutionContext, experiment: ExperimentResource, sto
     rows, windows = [], []
     for dataset in plan.datasets:
         result = baseline_result(plan, dataset)
+        if dataset == plan.sweep_dataset:  # before any sweep point is measured on it
+            plan.adaptive.check_windows(result.n_windows, file=experiment.file(), model=model,
+                                        budget=f"{result.n_tokens} tokens of {dataset}, window {plan.window}")
         context.log.info(
             f"{model} on {dataset}: token PPL {result.token_ppl:.3f} over {result.n_tokens} tokens "
             f"({result.tokens_per_s:.0f} tok/s)"

@@ -8,7 +8,12 @@ import torch
 from esa_pipeline.core import Perturbation, evaluate_against, load_model, perplexity
 from esa_pipeline.core.evaluation.adaptive import visit_ordered, window_order
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
-from esa_pipeline.core.evaluation.sequential import STOP_BUDGET, STOP_NEGLIGIBLE, SequentialRule
+from esa_pipeline.core.evaluation.sequential import (
+    STOP_BUDGET,
+    STOP_NEGLIGIBLE,
+    STOP_NON_FINITE,
+    SequentialRule,
+)
 from esa_pipeline.core.evaluation.sweep import run_sweep
 from esa_pipeline.core.evaluation.text import load_texts
 from esa_pipeline.core.models.adapters import adapter_for
@@ -161,3 +166,14 @@ def test_the_budget_fraction_is_of_the_fixed_budget_when_every_point_stopped_ear
     out = token_budget_summary(rows, baselines).set_index("model")
     assert out.loc["m", "budget_tokens"] == 2048 and out.loc["m", "budget_fraction"] == (256 + 1536) / 2 / 2048
     assert out.loc["n", "budget_tokens"] == 256  # no baseline row: the largest point, as before
+
+
+def test_a_nan_loss_stops_the_point_as_non_finite_with_nan_bounds(setup):
+    lm, base = setup
+    # a norm gain of 1e20 overflows fp32 activations: inf - inf -> NaN logits on the first batch
+    boom = Perturbation("scale", "norm.input", 0, 1e20, 1)
+    rule = SequentialRule(min_units=4)
+    result = evaluate_against(lm, base, boom, rule=rule)
+    assert result.stop_reason == STOP_NON_FINITE and result.batches_used == 1 and result.restored is True
+    assert result.nonfinite and math.isnan(result.delta_nll)
+    assert math.isnan(result.cs_lower) and math.isnan(result.cs_upper)

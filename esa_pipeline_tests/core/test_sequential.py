@@ -8,6 +8,7 @@ from scipy import stats
 
 from esa_pipeline.core.evaluation.sequential import (
     STOP_NEGLIGIBLE,
+    STOP_NON_FINITE,
     STOP_RESOLVED,
     SequentialRule,
     mixture_half_width,
@@ -81,7 +82,16 @@ def test_no_stop_before_min_units_and_overflow_stops_at_once():
     assert stop_reason(sequence_state(x[:-1], RULE), RULE) is None
     assert stop_reason(sequence_state(x, RULE), RULE) == STOP_RESOLVED
     inf = sequence_state([0.1, math.inf], RULE)
-    assert stop_reason(inf, RULE) == STOP_RESOLVED and math.isinf(inf.estimate)
+    assert stop_reason(inf, RULE) == STOP_NON_FINITE
+    assert (inf.estimate, inf.lower, inf.upper) == (math.inf, math.inf, math.inf)
+
+
+def test_a_nan_window_stops_as_non_finite_with_nan_bounds_not_as_a_resolved_effect():
+    nan = sequence_state([0.1, math.nan, 0.2], RULE)
+    assert stop_reason(nan, RULE) == STOP_NON_FINITE
+    assert all(math.isnan(v) for v in (nan.estimate, nan.lower, nan.upper))
+    mixed = sequence_state([math.inf, -math.inf], RULE)  # inf - inf: undefined, recorded as NaN
+    assert stop_reason(mixed, RULE) == STOP_NON_FINITE and math.isnan(mixed.estimate)
 
 
 def test_half_width_matches_the_closed_form_by_hand():

@@ -68,7 +68,8 @@ import numpy as np
 STOP_RESOLVED = "effect_resolved"  # the sequence excludes 0 and is narrow relative to the estimate
 STOP_NEGLIGIBLE = "practically_zero"  # the sequence lies within ±abs_tolerance of its centre: effect too small to matter
 STOP_BUDGET = "budget_spent"  # every window of the fixed budget was scored
-STOP_REASONS = (STOP_RESOLVED, STOP_NEGLIGIBLE, STOP_BUDGET)
+STOP_NON_FINITE = "non_finite"  # a scored window's ΔNLL is inf or NaN: no further window can make the mean finite
+STOP_REASONS = (STOP_RESOLVED, STOP_NEGLIGIBLE, STOP_BUDGET, STOP_NON_FINITE)
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,10 @@ def sequence_state(units: Sequence[float], rule: SequentialRule) -> SequenceStat
     if n == 0:
         return SequenceState(0, math.nan, -math.inf, math.inf)
     if not np.isfinite(x).all():
-        # An overflowed loss decides the point at once: it is as sensitive as a point can be.
-        return SequenceState(n, math.inf, math.inf, math.inf)
+        # An overflowed (+inf) or undefined (NaN) loss ends the point: the bounds are the mean itself, as measured
+        # (+inf, -inf or NaN), never a finite stand-in and never a claim that a NaN effect was resolved.
+        estimate = float(x.mean())
+        return SequenceState(n, estimate, estimate, estimate)
     mean = float(x.mean())
     sd = float(x.std(ddof=1)) if n >= 2 else math.nan
     half = mixture_half_width(n, sd, rule.alpha, rule.design_units)
@@ -148,9 +151,10 @@ def sequence_state(units: Sequence[float], rule: SequentialRule) -> SequenceStat
 
 
 def stop_reason(state: SequenceState, rule: SequentialRule) -> str | None:
-    """STOP_RESOLVED, STOP_NEGLIGIBLE, or None to keep scoring (the caller stops with STOP_BUDGET at the end)."""
-    if state.n_units > 0 and math.isinf(state.estimate):
-        return STOP_RESOLVED
+    """STOP_RESOLVED, STOP_NEGLIGIBLE, STOP_NON_FINITE, or None to keep scoring (the caller stops with
+    STOP_BUDGET at the end)."""
+    if state.n_units > 0 and not math.isfinite(state.estimate):
+        return STOP_NON_FINITE
     if state.n_units < rule.min_units:
         return None
     excludes_zero = state.lower > 0 or state.upper < 0

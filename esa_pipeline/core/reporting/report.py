@@ -375,8 +375,8 @@ def _token_budget_section(sensitivity: pd.DataFrame | None, baselines: pd.DataFr
         "token-budget", "Tokens used per sweep point", "sensitivity", token_budget_summary(sensitivity, baselines),
         TOKEN_BUDGET_COLUMNS, why_empty="no sweep points stored",
         guide="With `adaptive` on, a point stops once its confidence sequence has decided it (effect_resolved / "
-              "practically_zero) or at the fixed budget (budget_spent); without it every point scores the whole "
-              "budget (fixed_budget).",
+              "practically_zero) or at the fixed budget (budget_spent), or at once when a window's ΔNLL is inf/NaN "
+              "(non_finite); without it every point scores the whole budget (fixed_budget).",
     )  # fmt: skip
 
 
