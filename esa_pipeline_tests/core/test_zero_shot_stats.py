@@ -119,8 +119,10 @@ def test_task_vs_perplexity_rank_correlation_and_disagreement() -> None:
 
 def test_task_vs_perplexity_needs_enough_points_and_says_so() -> None:
     frame = pd.concat([items("m", "t", layer, 0.1, 5, layer, 0, 0) for layer in range(3)], ignore_index=True)
-    corr, _ = task_vs_perplexity(zero_shot_summary(frame), _sensitivity("m", [0, 1, 2], [0.1, 0.2, 0.3]))
+    corr, points = task_vs_perplexity(zero_shot_summary(frame), _sensitivity("m", [0, 1, 2], [0.3, 0.1, 0.2]))
     assert corr["spearman_rho"].isna().all() and corr["note"].str.contains(">= 4").all()
+    # the ranks are stored, but 3 points claim no direction of disagreement
+    assert set(points["direction"]) == {"too_few_points"} and points["disagreement"].abs().max() > 0
 
 
 def test_constant_accuracy_is_not_a_correlation() -> None:

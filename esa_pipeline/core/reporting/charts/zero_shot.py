@@ -20,7 +20,8 @@ ACCURACY_NEEDED = ["model", "task", "kind", "component", "layer", "strength", "s
                    "ci_high", "significant_bh"]  # fmt: skip
 DISAGREEMENT_NEEDED = ["model", "task", "kind", "component", "layer", "strength", "seed", "delta_nll",
                        "delta_accuracy", "disagreement", "direction", "disagreement_rank"]  # fmt: skip
-DIRECTION_COLORS = {"perplexity_only": "#d95f02", "task_only": "#7570b3", "agree": "#999999"}
+DIRECTION_COLORS = {"perplexity_only": "#d95f02", "task_only": "#7570b3", "agree": "#999999",
+                    "too_few_points": "#cccccc"}
 LABELLED_POINTS = 3
 
 
@@ -108,6 +109,7 @@ def task_vs_perplexity_chart(points: pd.DataFrame, correlations: pd.DataFrame | 
     return finish(
         grid, title=f"Where perplexity and task accuracy disagree ({task} tasks) — {models_text(df['model'])}",
         notes=["orange: the point hurts perplexity much more than task accuracy (ΔNLL rank ≫ accuracy-loss rank)",
-               "purple: the reverse; labelled: the largest rank disagreements"],
+               "purple: the reverse; labelled: the largest rank disagreements",
+               "light grey (too_few_points): fewer than 4 points, where any rank difference is chance"],
         random_models=random_models, all_models=df["model"].unique(),
     )  # fmt: skip
