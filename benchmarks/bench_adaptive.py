@@ -106,8 +106,14 @@ def main() -> None:
     done = set()
     if os.path.exists(args.csv) and args.resume:
         kept = pd.read_csv(args.csv)
-        if set(kept["budget_tokens"]) != {base.n_tokens} or set(kept["batch_size"]) != {args.batch_size}:
-            raise SystemExit(f"--resume: {args.csv} was measured with another budget or batch size")
+        # every setting that changes a point's numbers must match, or the summary would mix two experiments
+        wanted = {"model": args.model, "window": args.window, "seed": args.seed, "budget_tokens": base.n_tokens,
+                  "batch_size": args.batch_size}  # fmt: skip
+        differ = {k: sorted(set(kept[k])) if k in kept else "not recorded" for k, v in wanted.items()
+                  if k not in kept or set(kept[k]) != {v}}  # fmt: skip
+        if differ:
+            raise SystemExit(f"--resume: {args.csv} was measured with other settings {differ}, not {wanted}: "
+                             "resume with the same --model/--window/--seed/--tokens/--batch-size, or start a new --csv")
         done = set(zip(kept["component"], kept["layer"], kept["strength"], strict=True))
     elif os.path.exists(args.csv):
         os.remove(args.csv)
@@ -124,6 +130,7 @@ def main() -> None:
                 adaptive = evaluate_against(lm, base, p, adapter=adapter, cache=visit_cache, rule=rule)
                 time_adaptive = time.perf_counter() - started
                 row = pd.DataFrame([{
+                    "model": args.model, "window": args.window, "seed": args.seed,
                     "component": component, "layer": layer, "strength": strength,
                     "fixed_delta": fixed.delta_nll, "adaptive_delta": adaptive.delta_nll,
                     "fixed_significant": clustered_significant(fixed),
