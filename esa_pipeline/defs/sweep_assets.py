@@ -113,7 +113,7 @@ def sensitivity(
                 severity=AssetCheckSeverity.ERROR,
                 metadata={
                     "partitions": len(keys),
-            "process_model_loads": LOAD_COUNT["loads"],  # models this step's process loaded so far (all runs)
+                    "process_model_loads": LOAD_COUNT["loads"],
                     "failed_partitions": ", ".join(str(k) for k, _ in failed) or "none",
                 },
             )
