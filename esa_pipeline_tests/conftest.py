@@ -7,6 +7,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pathlib  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
@@ -65,3 +66,47 @@ def tiny() -> Callable:
 def tiny_model(request, tiny):
     """Each tiny family in turn, freshly built (fp32, CPU)."""
     return tiny(request.param)
+
+
+@pytest.fixture
+def hf_datasets_cache(tmp_path, monkeypatch) -> Callable:
+    """An empty Hugging Face datasets cache, offline, for this test; `cache(task, rows)` puts a seed task's dataset
+    into it (rows: the items of every split; one placeholder item by default) and returns its directory.
+
+    The dataset is written by `datasets`' own builder and placed where a hub download leaves it
+    (`<namespace>___<name>/<config or "default">/<version>/<hash>/`), so `datasets.load_dataset(path, name)`,
+    and lm-eval through it, load it offline exactly as they would a real cached download.
+    """
+    import json
+    import shutil
+
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.json.json import Json
+
+    from esa_pipeline.core.evaluation.zeroshot import seed_task_dataset
+
+    root = tmp_path / "hf_datasets"
+    root.mkdir()
+    # datasets reads both at call time; the environment variables are read only once, at import
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", root)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    def cache(task: str, rows: list[dict] | None = None, *, config_name: str | None = None) -> pathlib.Path:
+        path, dataset_name, _ = seed_task_dataset(task)
+        namespace, name = path.split("/")
+        config_name = config_name or dataset_name or "default"
+        files = {}
+        for split in ("train", "validation", "test"):
+            files[split] = tmp_path / "hf_sources" / f"{namespace}_{name}_{config_name}_{split}.jsonl"
+            files[split].parent.mkdir(exist_ok=True)
+            files[split].write_text("".join(json.dumps(r) + "\n" for r in rows or [{"text": "placeholder"}]))
+        builder = Json(cache_dir=str(tmp_path / "hf_build"), dataset_name=camelcase_to_snakecase(name),
+                       config_name=config_name, data_files={s: str(f) for s, f in files.items()}, hash="0" * 16)
+        builder.download_and_prepare()
+        target = root / f"{namespace}___{camelcase_to_snakecase(name)}" / config_name / "0.0.0" / ("0" * 16)
+        target.parent.mkdir(parents=True)
+        shutil.move(builder.cache_dir, target)
+        return target
+
+    return cache

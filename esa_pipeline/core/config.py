@@ -684,8 +684,10 @@ def experiment_path(name_or_path: str | os.PathLike | None = None) -> pathlib.Pa
 def load_experiment(path: str | os.PathLike | None = None, *, check_models: bool = True) -> ExperimentConfig:
     """Parse and validate an experiment file; every problem is reported in one ConfigError.
 
-    `check_models` also resolves each model's architecture (registry, local config.json or the HF cache; no
-    weights are loaded) and checks its components and layers against it.
+    `check_models` also checks the experiment against what this machine holds: it resolves each model's
+    architecture (registry, local config.json or the HF cache; no weights are loaded) and checks its components
+    and layers against it, and, offline, refuses a seed zero-shot task (hellaswag, piqa, boolq, arc_easy) whose
+    dataset is not in the local Hugging Face datasets cache (`uncached_seed_task_datasets`).
     """
     file = experiment_path(path)
     try:
@@ -862,7 +864,12 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             problems.append(f"{path}.at: no points; set grid, top_delta_nll and/or random_controls (or remove `at`)")
 
     def check_tasks(path: str, tasks: list[str]) -> None:
-        from esa_pipeline.core.evaluation.zeroshot import BUNDLED_TASKS, SEED_TASKS, unknown_task_names
+        from esa_pipeline.core.evaluation.zeroshot import (
+            BUNDLED_TASKS,
+            SEED_TASKS,
+            uncached_seed_task_datasets,
+            unknown_task_names,
+        )
 
         if len(set(tasks)) != len(tasks):
             problems.append(f"{path}: tasks repeat; list each task once")
@@ -872,6 +879,9 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
             hint = f"did you mean {guess[0]!r}?" if guess else f"use a bundled task ({', '.join(BUNDLED_TASKS)})"
             problems.append(f"{path}: unknown zero-shot task {name!r}; {hint} (seed lm-eval tasks: "
                             f"{', '.join(SEED_TASKS)}; any other name must be listed by `lm_eval ls tasks`)")  # fmt: skip
+        if check_models:  # like the models: what this machine's caches hold, offline (see the docstring)
+            for message in uncached_seed_task_datasets(tasks).values():
+                problems.append(f"{path}: {message}")
 
     def check_fewshot(path: str, zero_shot: ZeroShot) -> None:
         # lm-eval draws num_fewshot + 1 examples from a bundled task's own items and drops the scored one, so

@@ -46,12 +46,22 @@ def error_for(tmp_path, text: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["smoke", "standard", "extended"])
-def test_bundled_experiments_are_valid(name):
+def test_bundled_experiments_are_valid(name, hf_datasets_cache):
+    # standard/extended score the seed tasks: valid offline once their datasets are cached (refused otherwise,
+    # test_standard_is_refused_offline_until_its_seed_datasets_are_cached)
+    from esa_pipeline.core.evaluation.zeroshot import SEED_TASKS
+
+    for task in SEED_TASKS:
+        hf_datasets_cache(task)
     cfg = load_experiment(name)
     assert cfg.name == name and cfg.models
 
 
-def test_smoke_covers_every_architecture_and_the_seed_portfolio_is_in_standard():
+def test_smoke_covers_every_architecture_and_the_seed_portfolio_is_in_standard(hf_datasets_cache):
+    from esa_pipeline.core.evaluation.zeroshot import SEED_TASKS
+
+    for task in SEED_TASKS:
+        hf_datasets_cache(task)
     smoke, standard = load_experiment("smoke"), load_experiment("standard")
     assert set(smoke.models) == {"smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-mistral", "tiny-phi3",
                                  "tiny-pythia", "tiny-mixtral"}  # fmt: skip
@@ -374,7 +384,8 @@ def test_zero_shot_tasks_datasets_and_grid_points_are_refused_before_any_run(tmp
     assert expected in error_for(tmp_path, BASE.replace(old, new))
 
 
-def test_a_model_section_fixes_an_inherited_zero_shot_grid_and_known_tasks_pass(tmp_path):
+def test_a_model_section_fixes_an_inherited_zero_shot_grid_and_known_tasks_pass(tmp_path, hf_datasets_cache):
+    hf_datasets_cache("hellaswag")  # a seed task passes offline where its dataset is cached (see below)
     grid = "zero_shot: {tasks: [esa_mc, hellaswag], at: {grid: {components: [ffn.gate], strengths: [0.1]}}}\nmodels:"
     message = error_for(tmp_path, BASE.replace("models:", grid))  # tiny-pythia has no gate
     assert "zero_shot.at.grid.components: 'ffn.gate' is not applicable to GPTNeoXForCausalLM (tiny-pythia)" in message
@@ -387,6 +398,83 @@ def test_a_model_section_fixes_an_inherited_zero_shot_grid_and_known_tasks_pass(
     # a model that scores no tasks scores no grid either: nothing to refuse
     off = BASE.replace("models:", grid).replace("  tiny-pythia: {}", "  tiny-pythia: {zero_shot: {tasks: []}}")
     assert model_plan(load_experiment(write(tmp_path, off)), "tiny-pythia").zero_shot.tasks == []
+
+
+# ---- issue 12: a seed task whose dataset is not cached is refused offline by `esa validate`, not by the model stage
+SEEDED = BASE.replace("models:", "zero_shot: {tasks: [esa_mc, hellaswag]}\nmodels:").replace(
+    "  tiny-pythia: {}", "  tiny-pythia: {zero_shot: {tasks: [esa_mc, boolq]}}")  # fmt: skip
+
+
+def test_a_seed_task_without_its_cached_dataset_is_refused_offline_before_any_run(tmp_path, hf_datasets_cache,
+                                                                                  capsys):  # fmt: skip
+    from esa_pipeline.cli import main
+
+    path = write(tmp_path, SEEDED)
+    assert main(["validate", "--experiment", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert ("zero_shot.tasks: zero-shot task 'hellaswag' cannot load its dataset 'Rowan/hellaswag' (ConnectionError: "
+            "Couldn't reach 'Rowan/hellaswag' on the Hub (OfflineModeIsEnabled))") in err  # fmt: skip
+    assert ("models.tiny-pythia.zero_shot.tasks: zero-shot task 'boolq' cannot load its dataset 'aps/super_glue "
+            "(config boolq)'") in err  # fmt: skip
+    for fix in ("run once with network access and with HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0",
+                "load_tasks(['hellaswag'])", "or remove 'hellaswag' from the zero-shot tasks of the experiment YAML",
+                "load_tasks(['boolq'])", "Bundled tasks that always work offline: esa_commonsense"):
+        assert fix in err
+    assert "'esa_mc' cannot" not in err  # bundled tasks are never refused
+    # one of the two cached: only the other is refused; both cached: valid
+    hf_datasets_cache("hellaswag")
+    message = error_for(tmp_path, SEEDED)
+    assert "'hellaswag'" not in message and "models.tiny-pythia.zero_shot.tasks: zero-shot task 'boolq'" in message
+    hf_datasets_cache("boolq")
+    assert main(["validate", "--experiment", str(path)]) == 0
+    assert f"{path}: valid" in capsys.readouterr().out
+
+
+def test_a_cached_seed_dataset_with_another_config_is_refused(tmp_path, hf_datasets_cache):
+    # datasets finds ai2_arc in the cache but not its ARC-Easy config: lm-eval would fail to load arc_easy
+    hf_datasets_cache("arc_easy", config_name="ARC-Challenge")
+    message = error_for(tmp_path, BASE.replace("models:", "zero_shot: {tasks: [arc_easy]}\nmodels:"))
+    assert ("zero_shot.tasks: zero-shot task 'arc_easy' cannot load its dataset 'allenai/ai2_arc (config ARC-Easy)' "
+            "(ValueError: Couldn't find cache for allenai/ai2_arc for config 'ARC-Easy'") in message  # fmt: skip
+
+
+def test_a_dataset_that_passes_validation_is_the_one_lm_eval_loads(hf_datasets_cache):
+    from esa_pipeline.core.evaluation.zeroshot import load_tasks, uncached_seed_task_datasets
+
+    item = {"id": "q1", "question": "What do bees make?", "choices": {"text": ["honey", "milk"], "label": ["A", "B"]},
+            "answerKey": "A"}  # fmt: skip
+    assert set(uncached_seed_task_datasets(["arc_easy", "esa_mc"])) == {"arc_easy"}
+    hf_datasets_cache("arc_easy", [item])
+    assert uncached_seed_task_datasets(["arc_easy", "esa_mc"]) == {}
+    assert list(load_tasks(["arc_easy"])["arc_easy"].test_docs()) == [item]
+
+
+def test_with_network_or_without_model_checks_nothing_is_fetched_or_refused(tmp_path, hf_datasets_cache,
+                                                                            monkeypatch):  # fmt: skip
+    import datasets
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"validation must not fetch datasets: load_dataset_builder{args}")
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", no_download)
+    path = write(tmp_path, SEEDED)
+    load_experiment(path, check_models=False)  # like the model checks: what this machine holds is not asked
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # network allowed: the model stage downloads
+    assert model_plan(load_experiment(path), "tiny-pythia").zero_shot.tasks == ["esa_mc", "boolq"]
+
+
+def test_standard_is_refused_offline_until_its_seed_datasets_are_cached(hf_datasets_cache):
+    from esa_pipeline.core.evaluation.zeroshot import SEED_TASKS
+
+    with pytest.raises(ConfigError) as info:
+        load_experiment("standard")
+    message = str(info.value)
+    assert "standard.yaml: invalid experiment config" in message
+    refused = [line for line in message.splitlines() if "cannot load its dataset" in line]
+    assert [line.split("'")[1] for line in refused] == list(SEED_TASKS)
+    assert all(line.startswith("  - zero_shot.tasks: zero-shot task") for line in refused)
+    assert len(message.splitlines()) == 1 + len(SEED_TASKS)  # nothing else is wrong with it
 
 
 def test_each_gguf_wheel_model_is_checked_against_its_own_layout(tmp_path, monkeypatch):

@@ -56,3 +56,30 @@ def test_unknown_assets_and_models_are_refused_before_any_run_with_or_without_up
         assert main(["materialize", "--experiment", str(experiment), *argv]) == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_a_seed_task_without_its_cached_dataset_stops_materialize_before_any_run(tmp_path, monkeypatch, capsys,
+                                                                                 hf_datasets_cache):  # fmt: skip
+    # issue 12: offline, `hellaswag` without its cached dataset failed in the model stage, after a run had started
+    # and loaded the model; now `esa materialize` refuses it while validating, naming the file, key, task and fix
+    from esa_pipeline.cli import main
+    from esa_pipeline.defs.loaded import LOAD_COUNT
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.setenv("ESA_STORE_DIR", str(tmp_path / "store"))
+    (tmp_path / "dagster").mkdir()
+    experiment = tmp_path / "seeded.yaml"
+    experiment.write_text("protocol: smoke\ndatasets: [bundled]\nwindow: 64\ntoken_budget: 128\nseeds: [1]\n"
+                          "strengths: {gaussian: [0.1]}\ncomponents: [ffn.down]\nzero_shot: {tasks: [piqa]}\n"
+                          "models:\n  tiny-llama: {}\n")
+    monkeypatch.setenv("ESA_EXPERIMENT", str(experiment))  # materialize() sets it: restored after the test
+    loads = LOAD_COUNT["loads"]
+    assert main(["materialize", "--experiment", str(experiment)]) == 2
+    err = capsys.readouterr().err
+    assert f"{experiment}: invalid experiment config" in err
+    assert "zero_shot.tasks: zero-shot task 'piqa' cannot load its dataset 'baber/piqa'" in err
+    assert "or remove 'piqa' from the zero-shot tasks of the experiment YAML" in err
+    assert LOAD_COUNT["loads"] == loads
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+    with DagsterInstance.get() as instance:
+        assert not instance.get_run_records()  # no run was started
