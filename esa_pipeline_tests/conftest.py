@@ -70,8 +70,9 @@ def tiny_model(request, tiny):
 
 @pytest.fixture
 def hf_datasets_cache(tmp_path, monkeypatch) -> Callable:
-    """An empty Hugging Face datasets cache, offline, for this test; `cache(task, rows)` puts a seed task's dataset
-    into it (rows: the items of every split; one placeholder item by default) and returns its directory.
+    """An empty Hugging Face datasets cache, offline, for this test; `cache(dataset, rows)` puts the dataset of a
+    seed zero-shot task ("hellaswag") or hub text source ("wikitext-103") into it (rows: the items of every split;
+    one placeholder item by default; `config_name` overrides the config) and returns its directory.
 
     The dataset is written by `datasets`' own builder and placed where a hub download leaves it
     (`<namespace>___<name>/<config or "default">/<version>/<hash>/`), so `datasets.load_dataset(path, name)`,
@@ -84,7 +85,8 @@ def hf_datasets_cache(tmp_path, monkeypatch) -> Callable:
     from datasets.naming import camelcase_to_snakecase
     from datasets.packaged_modules.json.json import Json
 
-    from esa_pipeline.core.evaluation.zeroshot import seed_task_dataset
+    from esa_pipeline.core.evaluation.text import HUB_SOURCES
+    from esa_pipeline.core.evaluation.zeroshot import SEED_TASKS, seed_task_dataset
 
     root = tmp_path / "hf_datasets"
     root.mkdir()
@@ -92,8 +94,11 @@ def hf_datasets_cache(tmp_path, monkeypatch) -> Callable:
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", root)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
-    def cache(task: str, rows: list[dict] | None = None, *, config_name: str | None = None) -> pathlib.Path:
-        path, dataset_name, _ = seed_task_dataset(task)
+    def cache(dataset: str, rows: list[dict] | None = None, *, config_name: str | None = None) -> pathlib.Path:
+        if dataset in SEED_TASKS:
+            path, dataset_name, _ = seed_task_dataset(dataset)
+        else:
+            path, dataset_name = HUB_SOURCES[dataset].path, HUB_SOURCES[dataset].config
         namespace, name = path.split("/")
         config_name = config_name or dataset_name or "default"
         files = {}

@@ -686,8 +686,9 @@ def load_experiment(path: str | os.PathLike | None = None, *, check_models: bool
 
     `check_models` also checks the experiment against what this machine holds: it resolves each model's
     architecture (registry, local config.json or the HF cache; no weights are loaded) and checks its components
-    and layers against it, and, offline, refuses a seed zero-shot task (hellaswag, piqa, boolq, arc_easy) whose
-    dataset is not in the local Hugging Face datasets cache (`uncached_seed_task_datasets`).
+    and layers against it, and, offline, refuses a hub text source (wikitext-103, c4, openwebtext) or seed
+    zero-shot task (hellaswag, piqa, boolq, arc_easy) whose dataset is not in the local Hugging Face datasets
+    cache (`uncached_hub_sources`, `uncached_seed_task_datasets`).
     """
     file = experiment_path(path)
     try:
@@ -911,11 +912,15 @@ def _semantic_problems(cfg: ExperimentConfig, *, check_models: bool) -> list[str
                     break
 
     def check_datasets() -> None:
-        # the model stage would fail on it after loading the model; a local path is checked for existence only
-        from esa_pipeline.core.evaluation.text import HUB_SOURCES
+        # the model stage would fail on it after loading the model; a local path is checked for existence only, a hub
+        # source (offline) for a copy in the local datasets cache
+        from esa_pipeline.core.evaluation.text import HUB_SOURCES, uncached_hub_sources
 
         names = ["bundled", *HUB_SOURCES]
+        missing = uncached_hub_sources(cfg.datasets) if check_models else {}  # offline, like the models
         for i, name in enumerate(cfg.datasets):
+            if name in missing:
+                problems.append(f"datasets[{i}]: {missing.pop(name)}")
             if name in names or pathlib.Path(name).expanduser().exists():
                 continue
             guess = difflib.get_close_matches(name, names, n=1)

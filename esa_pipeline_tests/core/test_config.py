@@ -45,23 +45,26 @@ def error_for(tmp_path, text: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("name", ["smoke", "standard", "extended"])
-def test_bundled_experiments_are_valid(name, hf_datasets_cache):
-    # standard/extended score the seed tasks: valid offline once their datasets are cached (refused otherwise,
-    # test_standard_is_refused_offline_until_its_seed_datasets_are_cached)
+def cache_hub_datasets(cache) -> None:
+    """Every hub dataset an experiment can name (text sources, seed tasks) into the test's offline cache."""
+    from esa_pipeline.core.evaluation.text import HUB_SOURCES
     from esa_pipeline.core.evaluation.zeroshot import SEED_TASKS
 
-    for task in SEED_TASKS:
-        hf_datasets_cache(task)
+    for dataset in (*HUB_SOURCES, *SEED_TASKS):
+        cache(dataset)
+
+
+@pytest.mark.parametrize("name", ["smoke", "standard", "extended"])
+def test_bundled_experiments_are_valid(name, hf_datasets_cache):
+    # standard/extended read hub text sources and score the seed tasks: valid offline once their datasets are
+    # cached (refused otherwise, test_standard_is_refused_offline_until_its_hub_datasets_are_cached)
+    cache_hub_datasets(hf_datasets_cache)
     cfg = load_experiment(name)
     assert cfg.name == name and cfg.models
 
 
 def test_smoke_covers_every_architecture_and_the_seed_portfolio_is_in_standard(hf_datasets_cache):
-    from esa_pipeline.core.evaluation.zeroshot import SEED_TASKS
-
-    for task in SEED_TASKS:
-        hf_datasets_cache(task)
+    cache_hub_datasets(hf_datasets_cache)
     smoke, standard = load_experiment("smoke"), load_experiment("standard")
     assert set(smoke.models) == {"smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-mistral", "tiny-phi3",
                                  "tiny-pythia", "tiny-mixtral"}  # fmt: skip
@@ -458,23 +461,45 @@ def test_with_network_or_without_model_checks_nothing_is_fetched_or_refused(tmp_
         raise AssertionError(f"validation must not fetch datasets: load_dataset_builder{args}")
 
     monkeypatch.setattr(datasets, "load_dataset_builder", no_download)
-    path = write(tmp_path, SEEDED)
+    path = write(tmp_path, SEEDED.replace("datasets: [bundled]", "datasets: [bundled, openwebtext]"))
     load_experiment(path, check_models=False)  # like the model checks: what this machine holds is not asked
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # network allowed: the model stage downloads
     assert model_plan(load_experiment(path), "tiny-pythia").zero_shot.tasks == ["esa_mc", "boolq"]
 
 
-def test_standard_is_refused_offline_until_its_seed_datasets_are_cached(hf_datasets_cache):
+def test_standard_is_refused_offline_until_its_hub_datasets_are_cached(hf_datasets_cache):
     from esa_pipeline.core.evaluation.zeroshot import SEED_TASKS
 
     with pytest.raises(ConfigError) as info:
         load_experiment("standard")
-    message = str(info.value)
-    assert "standard.yaml: invalid experiment config" in message
-    refused = [line for line in message.splitlines() if "cannot load its dataset" in line]
-    assert [line.split("'")[1] for line in refused] == list(SEED_TASKS)
-    assert all(line.startswith("  - zero_shot.tasks: zero-shot task") for line in refused)
-    assert len(message.splitlines()) == 1 + len(SEED_TASKS)  # nothing else is wrong with it
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("standard.yaml: invalid experiment config:")
+    assert [line.split("'")[1] for line in lines[1:]] == ["wikitext-103", "openwebtext", "c4", *SEED_TASKS]
+    assert [line.split(":")[0] for line in lines[1:]] == ["  - datasets[0]", "  - datasets[1]", "  - datasets[2]",
+                                                          *["  - zero_shot.tasks"] * len(SEED_TASKS)]  # fmt: skip
+    assert all("cannot load its dataset" in line and "Fix: " in line for line in lines[1:])
+
+
+def test_a_hub_text_source_without_its_cached_dataset_is_refused_offline(tmp_path, hf_datasets_cache):
+    from esa_pipeline.core.evaluation.text import load_texts
+
+    text = BASE.replace("datasets: [bundled]", "datasets: [bundled, wikitext-103, c4]")
+    message = error_for(tmp_path, text)
+    assert ("datasets[1]: text source 'wikitext-103' cannot load its dataset 'Salesforce/wikitext (config "
+            "wikitext-103-raw-v1)' (ConnectionError: Couldn't reach 'Salesforce/wikitext' on the Hub "
+            "(OfflineModeIsEnabled)); offline (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1) only the local Hugging Face "
+            "datasets cache is used. Fix: run once online to fill the Hugging Face cache (datasets.load_dataset("
+            "'Salesforce/wikitext', 'wikitext-103-raw-v1', split='test')), or point the experiment's dataset at a "
+            "local .txt/.jsonl/.parquet file (online: HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0)") in message
+    assert "datasets[2]: text source 'c4' cannot load its dataset 'allenai/c4 (config en)'" in message
+    assert "datasets[0]" not in message
+    # cached: valid, and the model stage loads what validation found (c4 streams from the cached copy)
+    hf_datasets_cache("wikitext-103", [{"text": " = Bees = \n"}, {"text": " Bees make honey . \n"}])
+    hf_datasets_cache("c4", [{"text": "A c4 page.", "url": "https://example.org/1"}])
+    assert load_experiment(write(tmp_path, text)).datasets == ["bundled", "wikitext-103", "c4"]
+    assert [(d.doc_id, d.text) for d in load_texts("wikitext-103")] == [("wikitext-103:Bees",
+                                                                         " = Bees = \n Bees make honey . \n")]
+    assert [(d.doc_id, d.text) for d in load_texts("c4", max_docs=5)] == [("https://example.org/1", "A c4 page.")]
 
 
 def test_each_gguf_wheel_model_is_checked_against_its_own_layout(tmp_path, monkeypatch):

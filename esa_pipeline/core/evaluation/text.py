@@ -135,11 +135,36 @@ def sample_documents(docs: Iterable[Document], max_docs: int | None, seed: int) 
     return [doc for i, doc in enumerate(pool) if i in keep]
 
 
-def _load_hub(name: str, src: _HubSource, max_docs: int | None, seed: int) -> list[Document]:
-    fix = (
+def _hub_fix(src: _HubSource) -> str:
+    return (
         f"run once online to fill the Hugging Face cache (datasets.load_dataset({src.path!r}, {src.config!r}, "
         f"split={src.split!r})), or point the experiment's dataset at a local .txt/.jsonl/.parquet file"
     )
+
+
+def uncached_hub_sources(sources: list[str]) -> dict[str, str]:
+    """Hub sources in `sources` that cannot be loaded here: name -> why, with the fix.
+
+    Offline only (`dataset_cache.offline_load_error`: not in the local Hugging Face datasets cache; with network
+    access nothing is checked or fetched), milliseconds per source and no data read, so config validation refuses
+    such a source before any model loads. Streamed sources (c4, openwebtext) stream offline only from a cached
+    copy too. Other sources are not hub datasets and are not looked at.
+    """
+    from esa_pipeline.core.evaluation.dataset_cache import describe, offline_load_error
+
+    missing: dict[str, str] = {}
+    for name in (s for s in dict.fromkeys(sources) if s in HUB_SOURCES):
+        src = HUB_SOURCES[name]
+        if (error := offline_load_error(src.path, src.config)) is not None:
+            missing[name] = (f"text source {name!r} cannot load its dataset {describe(src.path, src.config)!r} "
+                             f"({type(error).__name__}: {error}); offline (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1) "
+                             f"only the local Hugging Face datasets cache is used. Fix: {_hub_fix(src)} "
+                             "(online: HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0)")  # fmt: skip
+    return missing
+
+
+def _load_hub(name: str, src: _HubSource, max_docs: int | None, seed: int) -> list[Document]:
+    fix = _hub_fix(src)
     try:
         import datasets
     except ImportError as err:

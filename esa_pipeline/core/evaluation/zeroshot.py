@@ -190,10 +190,6 @@ def unknown_task_names(tasks: list[str]) -> list[str]:
     return [t for t in tasks if t not in BUNDLED_TASKS and t not in SEED_TASKS and not _named_in_lm_eval_configs(t)]
 
 
-def _dataset_label(path: str, name: str | None) -> str:
-    return path if name is None else f"{path} (config {name})"
-
-
 def seed_task_dataset(task: str) -> tuple[str, str | None, dict[str, Any]]:
     """(dataset_path, dataset_name, dataset_kwargs) of a seed task: what lm-eval passes to
     `datasets.load_dataset`, read from lm-eval's own YAML (the seed folders' index: ~10 ms)."""
@@ -206,36 +202,20 @@ def seed_task_dataset(task: str) -> tuple[str, str | None, dict[str, Any]]:
 def uncached_seed_task_datasets(tasks: list[str]) -> dict[str, str]:
     """Seed tasks in `tasks` whose Hugging Face dataset cannot be loaded here: task -> `_unavailable_message`.
 
-    Cheap enough for config validation (~0.5 s for importing lm-eval's task module and indexing the four seed
-    folders, under 5 ms per dataset; no dataset is read), so `esa validate` refuses such a task before any model
-    loads instead of the model stage failing after it. Only offline (datasets' HF_HUB_OFFLINE, which
-    HF_DATASETS_OFFLINE=1 or HF_HUB_OFFLINE=1 switch on) is a missing dataset fatal: there `datasets` can only
-    use its local cache, and `datasets.load_dataset_builder(path, name)` (the first step of the
-    `load_dataset` lm-eval calls) answers from that cache alone — ConnectionError when the dataset is not
-    cached, ValueError when its config is not. With network access nothing is checked: validation never
-    downloads, and the model stage fetches the dataset into the cache on first use. Bundled tasks need no
-    check (their data is in the repository) and other lm-eval tasks are left to `load_tasks`: finding their
-    dataset needs lm-eval's full task index (7-60 s).
+    Offline only (`dataset_cache.offline_load_error`: a dataset not in the local cache; with network access
+    nothing is checked or fetched). Cheap enough for config validation: ~0.5 s to import lm-eval's task module
+    and index the four seed folders, under 5 ms per dataset, no data read; so `esa validate` refuses such a task
+    before any model loads instead of the model stage failing after one did. Bundled tasks need no check (their
+    data is in the repository); other lm-eval tasks are left to `load_tasks`, since finding their dataset needs
+    lm-eval's full task index (7-60 s).
     """
-    seed = [t for t in dict.fromkeys(tasks) if t in SEED_TASKS]
-    if not seed:
-        return {}  # bundled-only experiments (the demo) import nothing and pay nothing
-    import datasets
+    from esa_pipeline.core.evaluation.dataset_cache import describe, offline_load_error
 
-    if not datasets.config.HF_HUB_OFFLINE:
-        return {}
     missing: dict[str, str] = {}
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity_error()  # each cached hit logs "Using the latest cached version ..."
-    try:
-        for task in seed:
-            path, name, kwargs = seed_task_dataset(task)
-            try:
-                datasets.load_dataset_builder(path, name, **kwargs)
-            except (ConnectionError, FileNotFoundError, ValueError) as error:
-                missing[task] = _unavailable_message(task, _dataset_label(path, name), error)
-    finally:
-        datasets.logging.set_verbosity(verbosity)
+    for task in (t for t in dict.fromkeys(tasks) if t in SEED_TASKS):  # bundled-only (the demo): nothing runs
+        path, name, kwargs = seed_task_dataset(task)
+        if (error := offline_load_error(path, name, **kwargs)) is not None:
+            missing[task] = _unavailable_message(task, describe(path, name), error)
     return missing
 
 
