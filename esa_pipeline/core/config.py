@@ -246,19 +246,27 @@ class Compression(_Strict):
     it to the `compression` asset alone, so editing it never invalidates the sweeps."""
 
     models: list[str] = Field(min_length=1, description="models (keys of `models`) to study")
-    components: list[str] | None = Field(default=None, description="default: every attention/FFN matrix")
+    components: Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None, description="default: every attention/FFN matrix")
     layers: LayerSelection = "all"
     bits: list[Annotated[Literal[8, 6, 4, 3, 2], NotBool]] = Field(default_factory=lambda: [3, 4, 8], min_length=1)
     scheme: Literal["symmetric", "asymmetric"] = "symmetric"
     group_size: Annotated[Literal[0, 32, 64, 128], NotBool] = Field(default=32,
                                                                    description="inputs per scale group, 0 = per-channel")
-    sparsities: list[Fraction] = Field(default_factory=lambda: [0.25, 0.5, 0.75],
-                                       description="[] skips pruning and the sparsity recipe")
+    # sparsity 1 leaves nothing to measure: `prune` refuses it, so the section does too
+    sparsities: list[OpenFraction] = Field(default_factory=lambda: [0.25, 0.5, 0.75],
+                                           description="[] skips pruning and the sparsity recipe")
     prune_method: Literal["magnitude", "wanda"] = "magnitude"
     bit_budget: PositiveFloat = Field(default=4.0, description="average bits per weight of the recipe")
-    sparsity_target: Fraction = Field(default=0.5, description="average sparsity of the pruning recipe")
+    sparsity_target: OpenFraction = Field(default=0.5, description="average sparsity of the pruning recipe")
     spans: list[Count] = Field(default_factory=lambda: [1], description="layer spans of Block Influence")
     token_budget: Count | None = Field(default=None, description="tokens evaluated per point (default: global)")
+
+    @field_validator("models", "bits", "sparsities", "spans")
+    @classmethod
+    def _each_once(cls, values: list, info: Any) -> list:
+        # a repeated unit is measured twice and then refused by the recipe, after the whole sweep
+        return _no_repeats(values, info.field_name)
 
     @model_validator(mode="after")
     def _budgets_are_measured(self) -> Compression:
@@ -1030,6 +1038,8 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             select_layers(plan.layers, n_layers)
         except ConfigError as exc:
             problems.append(f"{where}.layers: {exc}" if own else f"layers: {exc} (inherited by {name})")
+    if plan.compression is not None:
+        problems.extend(_compression_problems(plan.compression, name, architecture, available, n_layers))
     grid = plan.zero_shot.at.grid if plan.zero_shot.at is not None and plan.zero_shot.tasks else None
     if grid is not None:  # (a model whose tasks are [] scores no grid)
         # The grid is scored after the sweep: a layer or component the model lacks would fail only then.
@@ -1046,6 +1056,27 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
                 select_layers(grid.layers, n_layers)
             except ConfigError as exc:
                 problems.append(f"{path}.layers: {exc}{inherited}")
+    return problems
+
+
+def _compression_problems(section: Compression, name: str, architecture: str, available: list[str],
+                          n_layers: int | None) -> list[str]:  # fmt: skip
+    """The compression section against one model it studies: its layers, spans and components. The study runs
+    its sweeps before Block Influence, so a span the model cannot take failed only after the whole sweep."""
+    from esa_pipeline.core.models.adapters.base import COMPONENT_NAMES
+
+    problems = [f"compression.components: {c!r} is not applicable to {architecture} ({name}), which has "
+                f"{', '.join(available)}. Fix: remove it from compression.components or {name} from "
+                "compression.models" for c in section.components or [] if c in COMPONENT_NAMES and c not in available]
+    if n_layers is not None:
+        try:
+            select_layers(section.layers, n_layers)
+        except ConfigError as exc:
+            problems.append(f"compression.layers: {exc} (studied model {name})")
+        too_long = [s for s in section.spans if s > n_layers]
+        if too_long:
+            problems.append(f"compression.spans: {too_long} exceed {name}'s {n_layers} layers; use spans in "
+                            f"1..{n_layers} (Block Influence compares layer l with l + span)")
     return problems
 
 

@@ -383,3 +383,12 @@ def test_mixtral_expert_bool_or_out_of_range_is_refused_before_any_write(tiny):
         with perturbed(model, adapter, Perturbation("gaussian", "ffn.down", 1, 0.1, 0, expert=adapter.n_experts)):
             pytest.fail("the body must not run")
     _assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("kind", ["quantize", "prune"])
+def test_a_misspelt_component_of_a_compression_kind_is_called_unknown(kind):
+    # was "quantize acts on weight matrices: use a component other than norm gains, got 'ffn.dwn'"
+    with pytest.raises(ValueError, match="unknown component 'ffn.dwn': use one of attention.query"):
+        Perturbation(kind, "ffn.dwn", 0, 4 if kind == "quantize" else 0.5, 0,
+                     mode="symmetric" if kind == "quantize" else "magnitude",
+                     group_size=32 if kind == "quantize" else None)  # fmt: skip

@@ -42,6 +42,19 @@ def matrix_components(adapter: Any) -> list[str]:
     return [c for c in adapter.components() if c.startswith(("attention.", "ffn.")) and "norm" not in c]
 
 
+def _check_selection(adapter: Any, **selections: Sequence) -> None:
+    """Raises ValueError for an empty or repeated selection or a span the model lacks, before any work: Block
+    Influence comes after every sweep, and a repeated unit is refused only by the recipe."""
+    n = adapter.num_layers
+    for key, values in selections.items():
+        if key != "sparsities" and not len(values):
+            raise ValueError(f"{key}: no {key.rstrip('s')} to study; pass at least one")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{key} repeat ({list(values)}); list each once")
+    if any(int(s) != s or not 1 <= s <= n for s in selections["spans"]):
+        raise ValueError(f"spans must be integers in 1..{n} (the model has {n} layers), got {list(selections['spans'])}")
+
+
 def compression_study(
     lm: Any, base: PerplexityResult, *, layers: Sequence[int] | None = None, components: Sequence[str] | None = None,
     bits: Sequence[int] = (3, 4, 8), scheme: str = "symmetric", group_size: int = 32,
@@ -61,14 +74,18 @@ def compression_study(
     from esa_pipeline.core.models.adapters import adapter_for
 
     adapter = adapter_for(model)
-    cache = PrefixCache.build(lm, base, adapter)
     layers = list(range(adapter.num_layers)) if layers is None else list(layers)
     components = matrix_components(adapter) if components is None else list(components)
+    _check_selection(adapter, layers=layers, components=components, bits=bits, sparsities=sparsities, spans=spans)
     q_specs = [Perturbation("quantize", c, layer, b, 0, mode=scheme, group_size=group_size)
                for layer in layers for c in components for b in bits]  # fmt: skip
     p_specs = [Perturbation("prune", c, layer, s, 0, mode=prune_method)
                for layer in layers for c in components for s in sparsities]  # fmt: skip
     d_specs = [Perturbation("layer_drop", c, layer, 1.0, 0) for layer in layers for c in LAYER_DROP_COMPONENTS]
+    for layer in layers:  # every unit exists (layer range, component on this architecture) before any work
+        for component in components:
+            adapter.slices(component, layer)
+    cache = PrefixCache.build(lm, base, adapter)
     frames, windows = [], []
     for name, specs, scores in (("quantize", q_specs, None), ("prune", p_specs, prune_scores),
                                 ("layer_drop", d_specs, None)):  # fmt: skip

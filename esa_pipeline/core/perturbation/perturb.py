@@ -174,7 +174,9 @@ def _validate_compression(p: Perturbation) -> None:
             raise ValueError("layer_drop takes a layer, no expert and no mode: set layer, leave mode/expert at "
                              "their defaults")
     else:
-        if p.component not in COMPONENT_NAMES or p.component.startswith("norm.") or p.component in NORM_COMPONENTS:
+        if p.component not in COMPONENT_NAMES:  # a typo is not "a norm gain"
+            raise ValueError(f"unknown component {p.component!r}: use one of {', '.join(COMPONENT_NAMES)}")
+        if p.component.startswith("norm.") or p.component in NORM_COMPONENTS:
             raise ValueError(f"{p.kind} acts on weight matrices: use a component other than norm gains, got "
                              f"{p.component!r}")
         if p.kind == "quantize":

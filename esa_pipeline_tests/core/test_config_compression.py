@@ -1,0 +1,86 @@
+"""The `compression:` section is checked like the sweep's own keys: before any run, naming file, key and fix.
+
+Each value below passed `esa validate` and failed only inside the compression step, after the model load, the
+baseline and (for spans, empty components, repeated bits) the whole quantize/prune/layer_drop sweep — on
+SmolLM2 that sweep is most of an hour.
+"""
+
+import pytest
+
+from esa_pipeline.core.config import ConfigError, load_experiment
+
+BASE = """\
+protocol: smoke
+datasets: [bundled]
+window: 64
+token_budget: 256
+seeds: [1]
+strengths: {gaussian: [0.1]}
+components: [ffn.down]
+layers: [0]
+compression: {models: [tiny-llama], bits: [3, 4], bit_budget: 4, sparsities: [], spans: [1]}
+models:
+  tiny-llama: {}
+  tiny-pythia: {}
+"""
+
+
+def error_for(tmp_path, text: str) -> str:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert str(path) in message, "the message names the file"
+    return message
+
+
+def test_the_base_compression_section_is_valid(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(BASE)
+    assert load_experiment(path).compression.spans == [1]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    # structural: repeats and empty selections (bits [4, 4] failed after the sweep with "average seeds first";
+    # components [] with ZeroDivisionError)
+    ("models: [tiny-llama]", "models: [tiny-llama, tiny-llama]", "compression.models: Value error, models repeat"),
+    ("bits: [3, 4]", "bits: [4, 4]", "compression.bits: Value error, bits repeat ([4, 4]); list each once"),
+    ("spans: [1]", "spans: [1, 1]", "compression.spans: Value error, spans repeat"),
+    ("sparsities: []", "sparsities: [0.5, 0.5], sparsity_target: 0.5", "compression.sparsities: Value error, "
+     "sparsities repeat"),
+    ("spans: [1]", "spans: [1], components: []", "compression.components: List should have at least 1 item"),
+    ("spans: [1]", "spans: [1], components: [ffn.down, ffn.down]", "compression.components: components repeat"),
+    # prune refuses sparsity 1 (nothing left to measure): the section must too
+    ("sparsities: []", "sparsities: [0.5, 1.0], sparsity_target: 0.5", "compression.sparsities[1]: Input should "
+     "be less than 1"),
+    # against the studied model (4 layers): these passed and failed in the compression step
+    ("spans: [1]", "spans: [5]", "compression.spans: [5] exceed tiny-llama's 4 layers; use spans in 1..4"),
+    ("spans: [1]", "spans: [1], layers: [9]", "compression.layers: [9] do not exist in a model with 4 layers; "
+     "use 0..3 (studied model tiny-llama)"),
+    ("spans: [1]", "spans: [1], layers: {stride: 2, start: 10}", "compression.layers: {stride: 2, start: 10} "
+     "selects no layer of a model with 4 layers"),
+    ("models: [tiny-llama]", "models: [tiny-pythia], components: [ffn.gate]", "compression.components: 'ffn.gate' "
+     "is not applicable to GPTNeoXForCausalLM (tiny-pythia)"),
+])  # fmt: skip
+def test_bad_compression_values_are_refused_before_any_run(tmp_path, old, new, expected):
+    assert old in BASE
+    assert expected in error_for(tmp_path, BASE.replace(old, new, 1))
+
+
+def test_compression_study_refuses_bad_arguments_before_any_work(tiny):
+    from esa_pipeline.core import load_texts, perplexity
+    from esa_pipeline.core.compression.study import compression_study
+
+    lm = tiny("tiny-llama")
+    base = perplexity(lm, load_texts("bundled", max_docs=1), window=32, max_tokens=32)
+    for kwargs, message in [
+        ({"spans": (9,)}, "spans must be integers in 1..4"),
+        ({"components": []}, "components: no component to study"),
+        ({"layers": []}, "layers: no layer to study"),
+        ({"layers": [7]}, "layer 7 is out of range"),
+        ({"bits": (4, 4)}, "bits repeat"),
+        ({"components": ["ffn.dwn"]}, "unknown component 'ffn.dwn'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            compression_study(lm, base, sparsities=(), bits=kwargs.pop("bits", (4,)), bit_budget=4, **kwargs)
