@@ -109,6 +109,7 @@ def evaluate_against(
     With a `cache` (built from this `base`), a perturbation confined to decoder layers >= L replays only
     layers L..N; anything else (embedding, disabled cache) runs full forwards.
     """
+    check_pairing(lm, base, p)
     if rule is not None:
         from esa_pipeline.core.evaluation.adaptive import evaluate_adaptive
 
@@ -138,6 +139,26 @@ def evaluate_against(
         batches_used=len(batches),
         **result,
     )
+
+
+def check_pairing(lm: Any, base: Any, p: Any) -> None:
+    """Raises TypeError for a `base` that is not a PerplexityResult or a `p` that is not a Perturbation, and
+    ValueError when `base` was computed on another model or dtype than `lm`: its exact KL recomputes the
+    baseline's log-probs from `base.final_hidden` through `lm`'s head, so another model's (or dtype's) baseline
+    gives numbers that mean nothing, silently."""
+    if not isinstance(base, PerplexityResult):
+        raise TypeError(f"base must be a PerplexityResult (from perplexity(lm, texts, ...)), got {type(base).__name__}")
+    if not isinstance(p, Perturbation):
+        raise TypeError(f"p must be a Perturbation, got {type(p).__name__}; from a dict d use Perturbation(**d)")
+    model, _, spec = unwrap(lm)
+    name = getattr(spec, "name", None)
+    if base.model is not None and name is not None and base.model != name:
+        raise ValueError(f"this baseline was computed on {base.model!r}, not on {name!r}: compute the baseline with "
+                         "perplexity() on the same model")  # fmt: skip
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if base.dtype != dtype:
+        raise ValueError(f"this baseline was computed in {base.dtype}, the model is {dtype}: compute the baseline "
+                         "on the model as loaded now")  # fmt: skip
 
 
 def point_setup(lm: Any, base: PerplexityResult, p: Perturbation, *, adapter: Any = None,

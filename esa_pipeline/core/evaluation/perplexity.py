@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from esa_pipeline.core.checks import check_int
 from esa_pipeline.core.evaluation.scoring import (
     TokenScores,
     check_head,
@@ -339,7 +340,14 @@ def tokenize_windows(
 
 
 def as_documents(texts: list[Document] | list[str]) -> list[Document]:
-    return [t if isinstance(t, Document) else Document(f"doc{i:04d}", str(t)) for i, t in enumerate(texts)]
+    """`texts` as Documents (a str becomes `doc0000`, `doc0001`, ...). Raises TypeError for anything but a list
+    or tuple of str/Document: one str would be iterated as one document per character, numbers as their digits."""
+    if not isinstance(texts, list | tuple) or not all(isinstance(t, str | Document) for t in texts):
+        shown = type(texts).__name__ if not isinstance(texts, list | tuple) else \
+            f"a {type(texts).__name__} holding {sorted({type(t).__name__ for t in texts})}"
+        raise TypeError(f"texts must be a list of str or Document (one per document), got {shown}; wrap one text "
+                        "as [text], or use load_texts('bundled')")  # fmt: skip
+    return [t if isinstance(t, Document) else Document(f"doc{i:04d}", t) for i, t in enumerate(texts)]
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -362,14 +370,24 @@ def perplexity(
 
     max_tokens: score a seeded, document-stratified sample of windows of at most this many tokens
     (`sample_windows`, seed `sample_seed`); None scores every window. kl_topk: k of the KL lower bound.
+    Raises, before any work, ValueError for a count that is not an int (bools and floats included) or below 1,
+    and TypeError for `texts` that are not a list of str/Document.
     """
+    # before any work: a bool passes as an int and a NaN budget compares False with everything (it scored the
+    # whole corpus)
+    check_int("window", window, minimum=1)
+    check_int("max_tokens", max_tokens, minimum=1, allow_none=True)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("sample_seed", sample_seed)
+    check_int("kl_topk", kl_topk, minimum=1)
+    docs = as_documents(texts)
     model, tokenizer, spec = unwrap(lm)
     if adapter is None:
         from esa_pipeline.core.models.adapters import adapter_for
 
         adapter = adapter_for(model)
     windows, n_words, n_bytes = tokenize_windows(
-        tokenizer, as_documents(texts), window, max_tokens, sample_seed=sample_seed)
+        tokenizer, docs, window, max_tokens, sample_seed=sample_seed)
     name, prefix_id = prefix_token(tokenizer)
     batches = make_batches(windows, batch_size, prefix_id)
     check_head(model, adapter, batches[0].input_ids[:1])

@@ -1,0 +1,81 @@
+"""The notebook API refuses a wrong argument before any work, naming the argument and the fix.
+
+Each input below was accepted and produced a number that means something else: `texts` given as one string
+scored each character as a document; `max_tokens=nan` scored the whole corpus; `window=True` scored 1-token
+windows recorded as window True; and a baseline of another model (or dtype) was paired with this one, its
+exact KL computed from the other model's hidden states through this model's head.
+"""
+
+import math
+
+import pytest
+
+from esa_pipeline.core import Perturbation, evaluate_against, load_texts, perplexity
+from esa_pipeline.core.evaluation.text import Document
+
+SPEC = Perturbation(kind="gaussian", component="ffn.down", layer=1, strength=0.1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from esa_pipeline.core.models.registry import load_model
+
+    return load_model("tiny-llama", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return load_texts("bundled", max_docs=2)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"window": True}, "window must be an int"),
+    ({"window": 8.5}, "window must be an int"),
+    ({"window": 0}, "window must be >= 1"),
+    ({"max_tokens": math.nan}, "max_tokens must be an int"),
+    ({"max_tokens": 64.0}, "max_tokens must be an int"),
+    ({"max_tokens": True}, "max_tokens must be an int"),
+    ({"batch_size": True}, "batch_size must be an int"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"sample_seed": 1.5}, "sample_seed must be an int"),
+    ({"kl_topk": 0}, "kl_topk must be >= 1"),
+])  # fmt: skip
+def test_perplexity_refuses_bad_numbers(llama, texts, kwargs, message):
+    args = {"window": 16, "max_tokens": 32} | kwargs
+    with pytest.raises(ValueError, match=message):
+        perplexity(llama, texts, **args)
+
+
+@pytest.mark.parametrize("bad", ["one string of text", [1, 2, 3], [b"bytes"], None, ["ok", None]])
+def test_perplexity_refuses_texts_that_are_not_a_list_of_strings_or_documents(llama, bad):
+    with pytest.raises(TypeError, match=r"texts must be a list of str or Document .*load_texts"):
+        perplexity(llama, bad, window=8)
+
+
+def test_perplexity_still_takes_strings_documents_and_tuples(llama):
+    a = perplexity(llama, ["hello there, general"], window=8)
+    b = perplexity(llama, (Document("d0", "hello there, general"),), window=8)
+    assert a.n_tokens == b.n_tokens == len("hello there, general") and a.nll_sum == b.nll_sum
+
+
+def test_evaluate_against_refuses_a_baseline_of_another_model_or_dtype(llama, texts):
+    from esa_pipeline.core.models.registry import load_model
+
+    base = perplexity(llama, texts, window=16, max_tokens=32)
+    other = load_model("tiny-mistral", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="baseline was computed on 'tiny-llama', not on 'tiny-mistral'"):
+        evaluate_against(other, base, SPEC)
+    bf16 = load_model("tiny-llama", dtype="bfloat16", device="cpu")
+    with pytest.raises(ValueError, match="baseline was computed in float32, the model is bfloat16"):
+        evaluate_against(bf16, base, SPEC)
+    assert evaluate_against(llama, base, SPEC).restored
+
+
+@pytest.mark.parametrize(("base", "spec", "message"), [
+    (None, SPEC, "base must be a PerplexityResult"),
+    ("BASE", SPEC.to_dict(), r"p must be a Perturbation, got dict; .*Perturbation\(\*\*d\)"),
+])  # fmt: skip
+def test_evaluate_against_names_a_wrong_argument_type(llama, texts, base, spec, message):
+    base = perplexity(llama, texts, window=16, max_tokens=32) if base == "BASE" else base
+    with pytest.raises(TypeError, match=message):
+        evaluate_against(llama, base, spec)
