@@ -72,3 +72,30 @@ def test_fewer_than_ten_controls_are_refused(planted) -> None:
     lm, adapter, base, candidates, _ = planted
     with pytest.raises(ValueError, match="n_controls must be >= 10"):
         confirm_super_weights(lm, base, candidates, adapter=adapter, n_controls=5)
+
+
+@pytest.mark.parametrize(("effect", "confirmed"), [(-0.001, False), (0.0, False), (float("nan"), False),
+                                                   (0.002, True)])  # fmt: skip
+def test_a_weight_whose_zeroing_does_not_hurt_is_never_confirmed(planted, monkeypatch, effect, confirmed) -> None:
+    # Synthetic effects: every control's ΔNLL is -0.01, the candidate's is `effect`. Zeroing it improved the loss
+    # (-0.001, less than the controls did) and was stored "confirmed" super weight; a super weight is one whose
+    # removal hurts (Yu et al. 2024), so the effect must also be > 0.
+    import esa_pipeline.core.evaluation.paired as paired
+
+    lm, adapter, base, candidates, weight = planted
+    decoy = candidates.iloc[[1]]
+    target = int(decoy["row"].iloc[0]) * weight.shape[1] + int(decoy["col"].iloc[0])
+
+    class Fake:
+        def __init__(self, delta_nll: float) -> None:
+            self.delta_nll = delta_nll
+
+    def fake_evaluate(lm, base, p, *, scores, **kwargs):
+        return Fake(effect if int(scores[0].reshape(-1).argmax()) == target else -0.01)
+
+    monkeypatch.setattr(paired, "evaluate_against", fake_evaluate)
+    row = confirm_super_weights(lm, base, decoy, adapter=adapter, n_controls=10).iloc[0]
+    assert bool(row["confirmed"]) is confirmed
+    assert row["status"] == ("confirmed" if confirmed else "candidate")
+    # the permutation p compares with the controls only (a NaN effect exceeds none of them)
+    assert row["control_p"] == pytest.approx(1.0 if effect != effect else 1 / 11)

@@ -104,7 +104,7 @@ def confirm_super_weights(lm, base, candidates: pd.DataFrame, *, adapter=None, c
     Controls are drawn (seeded) from the same matrix among the 2·n_controls elements nearest the candidate in
     |W| rank (the candidate excluded), so a control is as large as the candidate, not a random small weight.
     Each zeroing is one paired evaluation on `base`'s windows (prefix cache from the candidate's layer).
-    A candidate is `confirmed` when zeroing it raises ΔNLL above every control, i.e. the one-sided
+    A candidate is `confirmed` when zeroing it hurts (ΔNLL > 0) and raises ΔNLL above every control, i.e. the one-sided
     permutation p-value control_p = (1 + #{controls >= effect}) / (n_controls + 1) is its minimum,
     1 / (n_controls + 1) (Yu et al. 2024 state the super weight as "zeroing it destroys quality"; the matched
     controls make that a comparison, not an anecdote). Unconfirmed candidates keep status "candidate".
@@ -145,7 +145,9 @@ def confirm_super_weights(lm, base, candidates: pd.DataFrame, *, adapter=None, c
         control_values = torch.tensor([zeroed(int(i)) for i in controls], dtype=torch.float64)
         is_nan = effect != effect  # a NaN loss proves nothing about this weight: never confirmed
         exceeded = n_controls if is_nan else int((control_values >= effect).sum())
-        confirmed = not is_nan and exceeded == 0
+        # above every control is not enough: controls that improve the loss more would "confirm" a weight whose
+        # removal improves it too; a super weight's removal hurts
+        confirmed = not is_nan and exceeded == 0 and effect > 0
         rows.append({**candidate, "zero_delta_nll": effect, "n_controls": n_controls,
                      "control_mean": float(control_values.mean()), "control_sd": float(control_values.std()),
                      "control_max": float(control_values.max()),

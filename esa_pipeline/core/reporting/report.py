@@ -444,7 +444,7 @@ def _super_weights_section(supers: pd.DataFrame | None) -> str:
         guide="Per layer, the down-projection weight feeding the largest output activation spike (spike ratio = "
         "that activation over the layer's median) is a candidate. Each candidate is zeroed alone (zero_delta_nll, "
         "nats/token) and compared with 10 controls from the same matrix of matched magnitude rank, each zeroed "
-        "alone: status \"confirmed\" means zeroing the candidate hurt more than every control (permutation "
+        "alone: status \"confirmed\" means zeroing the candidate hurt (ΔNLL > 0) and more than every control (permutation "
         "p = control_p = 1/11); otherwise it stays a \"candidate\" — a spike without that effect is an outlier, "
         "not a super weight.",
     )
