@@ -165,3 +165,36 @@ def test_the_head_runs_only_at_answer_positions_with_the_full_forwards_values(ti
             logprobs = torch.log_softmax(logits[-len(r.continuation_enc) :], dim=-1)
             expected.append(float(logprobs.gather(-1, torch.tensor(r.continuation_enc)[:, None]).sum()))
     np.testing.assert_allclose(scores.loglikelihood, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_item_with_non_finite_log_likelihoods_has_no_answer_and_counts_as_wrong(tiny, monkeypatch) -> None:
+    # An overflowed point (NaN log-likelihoods; `top_delta_nll` picks non-finite sweep points first) was scored by
+    # np.argmax, which returns the first NaN's index: the model "answered" choice 0 and was "correct" on every item
+    # whose gold is 0, a number standing in for no answer.
+    import dataclasses
+
+    import esa_pipeline.core.evaluation.zeroshot_points as zp
+    from esa_pipeline.core.analysis.zero_shot_stats import zero_shot_summary
+
+    lm = tiny("tiny-llama")
+    suite = McSuite.build(lm, ["esa_mc"], limit=8, batch_size=4)
+    real = zp.score_requests
+
+    def overflowed(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        ll = scores.loglikelihood.copy()
+        ll[: len(ll) // 2] = np.nan  # the first half of the requests: NaN (items 0..3 at least partly)
+        ll[len(ll) // 2 :] = -np.inf  # the rest: every choice -inf, no ranking either
+        return dataclasses.replace(scores, loglikelihood=ll)
+
+    monkeypatch.setattr(zp, "score_requests", overflowed)
+    rows = zero_shot_points(suite, [Perturbation(kind="gaussian", component="ffn.down", layer=1, strength=0.1,
+                                                 seed=3)])  # fmt: skip
+    assert rows["pred_after"].isna().all() and str(rows["pred_after"].dtype) == "Int64"
+    assert not rows["correct_after"].any() and not rows["correct_norm_after"].any()
+    assert rows["margin_after"].isna().all()
+    assert rows["pred_before"].notna().all()  # the baseline answered
+    summary = zero_shot_summary(rows).iloc[0]
+    assert summary["n_lost"] == int(rows["correct_before"].sum()) and summary["n_gained"] == 0
+    assert summary["accuracy_after"] == 0.0
+    assert "8 items had non-finite log-likelihoods after the perturbation (no answer): counted as wrong" in summary["note"]

@@ -44,6 +44,7 @@ MIN_POINTS_FOR_CORRELATION = 4
 TOO_FEW_POINTS = "too_few_points"  # `direction` of every point of a (model, task) below that count
 NOTE_NO_ITEMS = "no items: nothing to test"
 NOTE_NO_DISCORDANT = "no item changed: exact McNemar p = 1"
+NOTE_NO_ANSWER = "{n} items had non-finite log-likelihoods after the perturbation (no answer): counted as wrong"
 ITEM_COLUMNS_NEEDED = [*POINT_KEYS, "item_id", "correct_before", "correct_after", "margin_before", "margin_after",
                        "restored"]  # fmt: skip
 
@@ -87,6 +88,9 @@ def zero_shot_summary(items: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         else:
             p = mcnemar_exact_p(counts["n_lost"], counts["n_gained"])
             note = NOTE_NO_DISCORDANT if counts["n_lost"] + counts["n_gained"] == 0 else ""
+            unanswered = int(group["pred_after"].isna().sum()) if "pred_after" in group else 0
+            if unanswered:
+                note = "; ".join(filter(None, [note, NOTE_NO_ANSWER.format(n=unanswered)]))
         rows.append({
             **dict(zip(POINT_KEYS, key, strict=True)), "n_items": n, **counts,
             "accuracy_before": float(before.mean()), "accuracy_after": float(after.mean()),

@@ -105,9 +105,12 @@ def task_items(tasks: dict[str, Any], limit: int | None) -> tuple[list[McItem], 
     return items, requests
 
 
+NO_ANSWER = -1  # `ItemOutcomes.pred` of an item whose log-likelihoods rank nothing (NULL in the stored rows)
+
+
 @dataclass
 class ItemOutcomes:
-    pred: np.ndarray  # [I] int: argmax of log-likelihoods
+    pred: np.ndarray  # [I] int: argmax of log-likelihoods; NO_ANSWER when a choice's is NaN or all are -inf
     correct: np.ndarray  # [I] bool: lm-eval's acc
     correct_norm: np.ndarray  # [I] bool: lm-eval's acc_norm
     margin: np.ndarray  # [I] float: best gold log-likelihood minus best other choice's (nats)
@@ -162,6 +165,11 @@ class McSuite:
         for i, item in enumerate(self.items):
             ll = scores.loglikelihood[item.first : item.first + item.n_choices]  # [C]
             greedy = scores.is_greedy[item.first : item.first + item.n_choices]  # [C]
+            if np.isnan(ll).any() or not np.isfinite(ll).any():
+                # an overflowed model ranks nothing: np.argmax (and lm-eval's acc) would return the first NaN's
+                # index, i.e. "answer 0", right whenever gold is 0. No answer is a wrong answer, as measured.
+                pred[i], margin[i] = NO_ANSWER, np.nan
+                continue
             metrics = self.tasks[item.task].process_results(item.doc, list(zip(ll.tolist(), greedy.tolist(), strict=True)))
             pred[i] = int(np.argmax(ll))
             correct[i] = bool(metrics["acc"])
@@ -169,6 +177,11 @@ class McSuite:
             others = np.delete(ll, item.gold)
             margin[i] = float(ll[item.gold].max() - others.max()) if others.size else np.nan
         return ItemOutcomes(pred, correct, correct_norm, margin)
+
+
+def _answers(pred: np.ndarray) -> pd.arrays.IntegerArray:
+    """Predicted choice per item, NULL for NO_ANSWER."""
+    return pd.array(np.where(pred == NO_ANSWER, None, pred).tolist(), dtype="Int64")
 
 
 def zero_shot_points(suite: McSuite, specs: list[Perturbation], *, selected_by: list[str] | None = None,
@@ -203,7 +216,7 @@ def zero_shot_points(suite: McSuite, specs: list[Perturbation], *, selected_by: 
             **{c: getattr(p, c) for c in SPEC_COLUMNS},
             "item_id": [i.item_id for i in suite.items], "doc_id": [i.doc_id for i in suite.items],
             "n_choices": [i.n_choices for i in suite.items], "gold": [i.gold[0] for i in suite.items],
-            "pred_before": base.pred, "pred_after": after.pred,
+            "pred_before": _answers(base.pred), "pred_after": _answers(after.pred),
             "correct_before": base.correct, "correct_after": after.correct,
             "correct_norm_before": base.correct_norm, "correct_norm_after": after.correct_norm,
             "margin_before": base.margin, "margin_after": after.margin, "join_merged": merged,
