@@ -62,3 +62,17 @@ def test_scale_dose_is_the_distance_of_the_gain_from_one_and_two_strengths_give_
     assert result["slope"].item() == pytest.approx(2.0, abs=1e-9)
     assert result["dose_min"].item() == pytest.approx(0.05)
     assert dose_response(sensitivity_rows({0: SIGMAS[:2] ** 2}, strengths=SIGMAS[:2])).empty
+
+
+def test_scale_gains_below_and_above_one_are_each_monotone_not_one_wobbly_curve() -> None:
+    # The seed portfolio's gains 0.9, 0.95, 1.05, 1.1: sorted by dose |g - 1| they interleave the two sides
+    # (0.95, 1.05, 0.9, 1.1), so a response growing on both sides, faster below 1, was flagged non-monotone.
+    gains = np.array([0.9, 0.95, 1.05, 1.1])
+    deltas = np.where(gains < 1, 2.0, 1.0) * (gains - 1) ** 2
+    row = dose_response(sensitivity_rows({0: deltas}, kind="scale", strengths=gains)).iloc[0]
+    assert row["monotone"] and "non-monotone" not in row["note"]
+    assert row["slope"] == pytest.approx(2.0, abs=1e-9)  # one exponent on both sides, intercepts differ
+    # a rise and a fall on one side is still flagged: below 1, ΔNLL at 0.95, 0.9, 0.8 is 0.01, 0.05, 0.02
+    three_below = np.array([0.8, 0.9, 0.95, 1.05])
+    wobbly = np.array([0.02, 0.05, 0.01, 0.01])
+    assert not dose_response(sensitivity_rows({0: wobbly}, kind="scale", strengths=three_below))["monotone"].item()

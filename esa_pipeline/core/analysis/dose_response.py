@@ -42,6 +42,9 @@ DOSE_RESPONSE_COLUMNS = [
 MIN_STRENGTHS = 3
 # kinds whose strength is not itself a dose: the perturbation's size as a function of the stored strength
 DOSE_OF_STRENGTH = {"scale": lambda s: np.abs(s - 1.0)}
+# Strengths on different sides of the no-op (gains below and above 1) are two dose-response curves sharing a
+# dose axis: monotonicity is judged on each side, or interleaved doses read as a rise and a fall.
+SIDE_OF_STRENGTH = {"scale": lambda s: np.sign(s - 1.0)}
 
 
 def dose_response(sensitivity: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
@@ -61,18 +64,23 @@ def dose_response(sensitivity: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataF
         if len(np.unique(strength)) < MIN_STRENGTHS:
             continue
         dose = DOSE_OF_STRENGTH.get(str(key[1]), lambda s: s)(strength)
-        rows.append(dict(zip(keys, key, strict=True)) | _fit(dose, cell["mean_delta_nll"].to_numpy(float), alpha))
+        side = SIDE_OF_STRENGTH.get(str(key[1]), np.ones_like)(strength)
+        rows.append(dict(zip(keys, key, strict=True)) | _fit(dose, cell["mean_delta_nll"].to_numpy(float), alpha, side))
     out = pd.DataFrame(rows, columns=DOSE_RESPONSE_COLUMNS)
     out["layer"] = as_nullable_int(out["layer"])
     return out
 
 
-def _fit(dose: np.ndarray, delta: np.ndarray, alpha: float) -> dict:
-    order = np.argsort(dose, kind="stable")
-    dose, delta = dose[order], delta[order]
+def _monotone(delta: np.ndarray) -> bool:
+    """delta in dose order: not both a real rise and a real fall (ties are flat, not a change of direction)."""
     steps = np.diff(delta[np.isfinite(delta)])
-    # non-monotone: both a real rise and a real fall (ties are flat, not a change of direction)
-    monotone = not ((steps > 0).any() and (steps < 0).any())
+    return not ((steps > 0).any() and (steps < 0).any())
+
+
+def _fit(dose: np.ndarray, delta: np.ndarray, alpha: float, side: np.ndarray) -> dict:
+    order = np.argsort(dose, kind="stable")
+    dose, delta, side = dose[order], delta[order], side[order]
+    monotone = all(_monotone(delta[side == s]) for s in np.unique(side))
     usable = np.isfinite(delta) & (delta > 0) & (dose > 0)
     result = {
         "n_strengths": len(dose),
