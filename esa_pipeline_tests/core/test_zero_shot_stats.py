@@ -210,3 +210,25 @@ def test_point_labels_name_the_seed_only_when_the_point_has_one() -> None:
                            "layer": pd.array([29, None], dtype="Int64"), "strength": [0.2, 0.9],
                            "seed": pd.array([1337, None], dtype="Int64")})  # fmt: skip
     assert point_labels(points).tolist() == ["gaussian ffn.down L29 s=0.2 #1337", "scale norm.input L— s=0.9"]
+
+
+@pytest.mark.parametrize("overflow", [math.inf, math.nan])
+def test_an_overflowed_point_ranks_as_the_largest_delta_nll_not_dropped(overflow) -> None:
+    # top_delta_nll picks non-finite sweep points first, and task_vs_perplexity dropped them: n_points 4 of 5 and
+    # no disagreement row for the most damaging point. An overflowed loss is the most sensitive outcome.
+    lost = [0, 2, 4, 6, 10]
+    frame = pd.concat([items("m", "t", layer, 0.1, both=20 - n, lost=n, gained=0, neither=0)
+                       for layer, n in enumerate(lost)], ignore_index=True)  # fmt: skip
+    sens = _sensitivity("m", [0, 1, 2, 3, 4], [0.01, 0.02, 0.03, 0.04, overflow])
+    corr, points = task_vs_perplexity(zero_shot_summary(frame), sens)
+    row = corr.set_index("task").loc["t"]
+    expected = stats.spearmanr([1, 2, 3, 4, 5], [0, -0.1, -0.2, -0.3, -0.5])  # the overflow ranks last
+    assert row.n_points == 5 and row.spearman_rho == pytest.approx(expected.statistic) == -1.0
+    assert "1 point with non-finite ΔNLL (loss overflowed) ranked as the largest" in row.note
+    worst = points.loc[(points["task"] == "t") & (points["layer"] == 4)].iloc[0]
+    assert worst.nll_rank_pct == 1.0 and worst.task_rank_pct == 1.0 and worst.direction == "agree"
+    assert worst.delta_nll != worst.delta_nll or worst.delta_nll == math.inf  # stored as measured
+    from esa_pipeline.core.reporting.charts.zero_shot import task_vs_perplexity_chart
+
+    spec = str(task_vs_perplexity_chart(points, corr).to_dict())  # the dot cannot be drawn: the title says so
+    assert "n = 5 (1 point with non-finite ΔNLL (loss overflowed) ranked as the largest; not drawn)" in spec

@@ -165,6 +165,7 @@ def task_vs_perplexity(summary: pd.DataFrame, sensitivity: pd.DataFrame) -> tupl
 
     correlations: per (model, task) and (model, "all"): Spearman rho of ΔNLL vs Δaccuracy (expected negative),
     95% Fisher-z CI, p-value; NaN with a note below MIN_POINTS_FOR_CORRELATION points or without variation.
+    A point whose ΔNLL is non-finite (the loss overflowed) ranks as the largest ΔNLL and the note counts it.
     disagreements: per point, the percentile ranks of ΔNLL and of -Δaccuracy (1 = most damage among the
     model's points), disagreement = nll_rank_pct - task_rank_pct (> 0: perplexity hurt more than the tasks,
     "perplexity_only"; < 0: "task_only"; TOO_FEW_POINTS below MIN_POINTS_FOR_CORRELATION points, where rank
@@ -178,17 +179,26 @@ def task_vs_perplexity(summary: pd.DataFrame, sensitivity: pd.DataFrame) -> tupl
     groups = dict(tuple(both.groupby(["model", "task"], sort=True)))
     for model, task in sorted(measured.itertuples(index=False, name=None)):
         group = groups.get((model, task), both.iloc[:0])
-        finite = group.loc[np.isfinite(group["delta_nll"].astype(float)) & group["delta_accuracy"].notna()]
-        correlations.append({"model": model, "task": task, "n_points": len(finite), **_spearman(finite)})
-        if finite.empty:
+        usable = group.loc[group["delta_accuracy"].notna()].copy()
+        # an overflowed loss (inf/NaN ΔNLL) is the most sensitive outcome: it ranks as the largest ΔNLL, never
+        # dropped (top_delta_nll picks such points first); the stored delta_nll stays as measured
+        overflowed = int((~np.isfinite(usable["delta_nll"].astype(float))).sum())
+        usable["_nll_key"] = usable["delta_nll"].astype(float).where(lambda v: np.isfinite(v), np.inf)
+        fit = _spearman(usable)
+        if overflowed:
+            counted = f"{overflowed} point{'s' if overflowed > 1 else ''} with non-finite ΔNLL (loss overflowed) " \
+                      "ranked as the largest"
+            fit["note"] = "; ".join(filter(None, [fit["note"], counted]))
+        correlations.append({"model": model, "task": task, "n_points": len(usable), **fit})
+        if usable.empty:
             continue
-        ranked = finite.copy()
-        ranked["nll_rank_pct"] = ranked["delta_nll"].rank(pct=True)
+        ranked = usable
+        ranked["nll_rank_pct"] = ranked["_nll_key"].rank(pct=True)
         ranked["task_rank_pct"] = (-ranked["delta_accuracy"]).rank(pct=True)
         ranked["disagreement"] = ranked["nll_rank_pct"] - ranked["task_rank_pct"]
         ranked["direction"] = np.where(ranked["disagreement"] > 0, "perplexity_only",
                                        np.where(ranked["disagreement"] < 0, "task_only", "agree"))  # fmt: skip
-        if len(finite) < MIN_POINTS_FOR_CORRELATION:
+        if len(usable) < MIN_POINTS_FOR_CORRELATION:
             # with 2-3 points any two orders differ by chance: the ranks are kept, no direction is claimed
             ranked["direction"] = TOO_FEW_POINTS
         ranked["disagreement_rank"] = ranked["disagreement"].abs().rank(ascending=False, method="first").astype(int)
@@ -204,7 +214,7 @@ def _spearman(points: pd.DataFrame) -> dict:
     if n < MIN_POINTS_FOR_CORRELATION:
         return {"spearman_rho": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
                 "note": f"{n} points measured both ways; a rank correlation needs >= {MIN_POINTS_FOR_CORRELATION}"}
-    x, y = points["delta_nll"].astype(float), points["delta_accuracy"].astype(float)
+    x, y = points["_nll_key"], points["delta_accuracy"].astype(float)  # _nll_key: ΔNLL, overflow = +inf
     if x.nunique() < 2 or y.nunique() < 2:
         which = "Δaccuracy" if y.nunique() < 2 else "ΔNLL"
         return {"spearman_rho": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,

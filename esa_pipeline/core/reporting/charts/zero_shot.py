@@ -90,6 +90,8 @@ def task_vs_perplexity_chart(points: pd.DataFrame, correlations: pd.DataFrame | 
             if len(match) and pd.notna(match["spearman_rho"].iloc[0]):
                 r = match.iloc[0]
                 rho = f" — Spearman ρ = {r.spearman_rho:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}], n = {int(r.n_points)}"
+                if r.note:  # overflowed points: counted in n and ranked, but a non-finite ΔNLL has no x position
+                    rho += f" ({r.note}; not drawn)"
             elif len(match):
                 rho = f" — ρ not computed: {match['note'].iloc[0]}"
         base = alt.Chart(part).encode(
