@@ -410,3 +410,14 @@ def test_seeds_that_stopped_at_different_windows_get_the_across_draw_test_on_the
     assert pd.isna(row["p_value"]) and pd.isna(row["test_used"])
     assert NOTE_UNBALANCED.format(unit="document") in row["note"]
     assert row["conditional_p_value"] == row["conditional_p_value"]  # still tested, conditionally
+
+
+def test_zero_variance_of_the_seed_average_does_not_claim_an_infinite_headline_t() -> None:
+    # Two seeds, each constant over windows (0.3 and 0.5): the seed-averaged windows are identical (conditional
+    # t infinite), but the across-draw headline has a finite t from the two draws. The note said "zero
+    # variance, t is infinite" beside a finite headline t_stat.
+    row = one_row(significance(window_rows(np.array([[0.3] * 5, [0.5] * 5]))))
+    assert row["test_used"] == TEST_ACROSS_DRAWS and np.isfinite(row["t_stat"]) and row["p_value"] > 0.05
+    assert row["note"] == "identical seed-averaged ΔNLL per token in every window: zero variance, the conditional " \
+                          "t is infinite"
+    assert row["conditional_p_value"] == 0.0

@@ -108,7 +108,7 @@ NOTE_NONFINITE = (
 NOTE_FEW_CLUSTERS = "fewer than 2 {unit}s: not tested"
 NOTE_NO_WINDOWS = "no per-window rows stored for this cell: not tested"
 NOTE_ALL_ZERO = "ΔNLL exactly zero in every window: the perturbation changed nothing measurable"
-NOTE_ZERO_VARIANCE = "identical ΔNLL per token in every {unit}: zero variance, t is infinite"
+NOTE_ZERO_VARIANCE = "identical seed-averaged ΔNLL per token in every {unit}: zero variance, the conditional t is infinite"
 NOTE_ONE_SEED = (
     "one seed of a stochastic kind: draw-to-draw variance cannot be estimated, no across-draw test "
     "(conditional_* columns test these draws only)"
