@@ -79,3 +79,30 @@ def test_evaluate_against_names_a_wrong_argument_type(llama, texts, base, spec, 
     base = perplexity(llama, texts, window=16, max_tokens=32) if base == "BASE" else base
     with pytest.raises(TypeError, match=message):
         evaluate_against(llama, base, spec)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_docs": True}, "max_docs must be an int"),  # was 1 document
+    ({"max_docs": 2.5}, "max_docs must be an int"),  # was 3 documents
+    ({"max_docs": 0}, "max_docs must be >= 1"),
+    ({"seed": 1.5}, "seed must be an int"),
+])  # fmt: skip
+def test_load_texts_refuses_bad_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_texts("bundled", **kwargs)
+
+
+def test_zero_shot_refuses_a_bool_as_the_number_of_shots(llama):
+    from esa_pipeline.core import zero_shot
+
+    with pytest.raises(ValueError, match="num_fewshot must be an int"):  # True ran 1-shot, recorded as True
+        zero_shot(llama, ["esa_knowledge"], limit=2, num_fewshot=True)
+
+
+def test_adapter_for_takes_the_loaded_model_and_names_a_wrong_argument(llama):
+    from esa_pipeline.core import adapter_for
+
+    # adapter_for(lm) raised "unhashable type: 'LoadedModel'"; the README passes lm.model, a user passes lm
+    assert adapter_for(llama).components() == adapter_for(llama.model).components()
+    with pytest.raises(TypeError, match=r"adapter_for\(\) takes a model .* got NoneType"):
+        adapter_for(None)

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from esa_pipeline.core.checks import check_int
+
 BUNDLED_CORPUS_DIR = Path(__file__).resolve().parents[3] / "data" / "corpus"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Streamed sets are effectively unbounded: without max_docs we stop here rather than read for hours.
@@ -56,8 +58,8 @@ def load_texts(source: str, *, max_docs: int | None = None, seed: int = DEFAULT_
     (`sample_documents`; streamed sets through a `seed`ed shuffle buffer of STREAM_SHUFFLE_BUFFER rows), so a
     small budget measures the corpus, not its first articles. Every document keeps its id (recorded per window).
     """
-    if max_docs is not None and max_docs < 1:
-        raise ValueError(f"max_docs must be >= 1 or None, got {max_docs}")
+    check_int("max_docs", max_docs, minimum=1, allow_none=True)  # a bool or float passed as a count before
+    check_int("seed", seed)
     if source == "bundled":
         docs = _load_directory(BUNDLED_CORPUS_DIR, max_docs)
         if not docs:

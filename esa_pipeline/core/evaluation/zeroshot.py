@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
+from esa_pipeline.core.checks import check_int
+
 if TYPE_CHECKING:
     import torch
     from lm_eval.api.task import Task
@@ -329,8 +331,7 @@ def zero_shot(
         raise ValueError(f"tasks must be a non-empty list of task names, e.g. ['esa_mc'], got {tasks!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    if num_fewshot < 0:
-        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    check_int("num_fewshot", num_fewshot, minimum=0)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 

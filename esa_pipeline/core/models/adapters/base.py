@@ -491,7 +491,13 @@ def adapter_for(model: torch.nn.Module, family: str | None = None) -> Adapter:
 
     A model bound with `bind_family` keeps its family. Raises UnsupportedArchitecture for an unknown class,
     an unknown family, or a family whose layout the model's parameters do not match (the message lists what
-    is missing and the families that do match)."""
+    is missing and the families that do match). `model` may be the LoadedModel itself (its `.model` is used);
+    anything but a torch module raises TypeError."""
+    if all(hasattr(model, a) for a in ("model", "tokenizer", "spec")):  # a LoadedModel (registry imports us)
+        model = model.model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"adapter_for() takes a model (a LoadedModel or its .model, a torch module), got "
+                        f"{type(model).__name__}")
     name = type(model).__name__
     family = family or _BOUND.get(model)
     if family is not None:
