@@ -51,7 +51,7 @@ def main() -> None:
           .to_string(index=False))
     print("\nrecipes (measured whole vs predicted sum):")
     cols = ["kind", "allocation", "budget", "achieved", "predicted_delta_nll", "measured_delta_nll", "measured_kl",
-            "additivity_ratio", "ratio_ci_low", "ratio_ci_high", "restored"]
+            "additivity_ratio", "ratio_ci_low", "ratio_ci_high", "restored", "note"]
     print(out["compression_recipe"][cols].to_string(index=False))
     print("\nBlock Influence vs layer_drop ΔNLL:")
     print(out["layer_drop_agreement"].to_string(index=False))

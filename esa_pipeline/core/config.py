@@ -538,7 +538,7 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
                                           "neuron_mode", "layers"), upstream=("sensitivity",)),
     # quantize/prune/layer_drop sweeps, Block Influence and recipes (core/compression/study.py): its own
     # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
-    "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=2),
+    "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=3),
 }
 # The small-σ expansion of the prediction check (core/importance/prediction.py) holds only up to here.
 PREDICTION_MAX_SIGMA = 0.05

@@ -81,6 +81,38 @@ def test_additivity_ratio_and_document_bootstrap_on_known_sums():
     assert out["predicted_delta_nll"] == pytest.approx(0.25) and out["n_docs"] == 3
 
 
+def _additivity(measured_sums, unit_sums, docs=("a", "a", "b", "c")):
+    measured = pd.DataFrame({"window_id": [0, 1, 2, 3], "delta_nll_sum": measured_sums, "n_tokens": [10] * 4})
+    pw = pd.DataFrame({"window_id": [0, 1, 2, 3], "layer": 0, "component": "ffn.up", "value": 4,
+                       "delta_nll_sum": unit_sums})
+    assignment = pd.DataFrame({"layer": [0], "component": ["ffn.up"], "value": [4]})
+    return additivity(measured, pw, assignment, dict(enumerate(docs)))
+
+
+@pytest.mark.parametrize(("measured", "units", "docs", "ratio", "ci", "note"), [
+    # a negative predicted sum (units that measured below 0: noise, or a real gain): measured/predicted is no
+    # additivity ratio (README's SmolLM2 recipe: -0.063 / -0.47 was stored as 0.13)
+    ([-1.0, 0.5, 0.2, 0.1], [-8.0, -4.0, -4.0, -2.8], ("a", "a", "b", "c"), None, None,
+     "predicted ΔNLL -0.47 <= 0: measured/predicted is not an additivity ratio"),
+    ([0.0] * 4, [0.0] * 4, ("a", "a", "b", "c"), None, None, "predicted ΔNLL 0 <= 0"),
+    ([1.0, np.inf, 1.0, 1.0], [1.0] * 4, ("a", "a", "b", "c"), None, None, "non-finite ΔNLL (loss overflowed)"),
+    # one document: the ratio, no CI, and why
+    ([2.0, 4.0, 6.0, 8.0], [1.0, 2.0, 3.0, 4.0], ("a",) * 4, 2.0, None, "1 document: no bootstrap CI"),
+    # resamples whose predicted sum is <= 0 make the bootstrap ratio meaningless: no CI, the reason
+    ([1.0, 1.0, 1.0, 1.0], [3.0, 0.0, -1.0, -1.0], ("a", "b", "c", "d"), 4.0, None,
+     "the predicted sum is <= 0 in some document resamples: no bootstrap CI"),
+    ([2.0, 4.0, 6.0, 8.0], [1.0, 2.0, 3.0, 4.0], ("a", "a", "b", "c"), 2.0, (2.0, 2.0), ""),
+])  # fmt: skip
+def test_additivity_ratio_is_null_with_the_reason_when_it_means_nothing(measured, units, docs, ratio, ci, note):
+    out = _additivity(measured, units, docs)
+    assert out["note"].startswith(note) if note else out["note"] == ""
+    assert (math.isnan(out["additivity_ratio"]) if ratio is None else out["additivity_ratio"] == pytest.approx(ratio))
+    if ci is None:
+        assert math.isnan(out["ratio_ci_low"]) and math.isnan(out["ratio_ci_high"])
+    else:
+        assert (out["ratio_ci_low"], out["ratio_ci_high"]) == pytest.approx(ci)
+
+
 @pytest.fixture
 def llama_setup(tiny):
     lm = tiny("tiny-llama")

@@ -35,7 +35,7 @@ from esa_pipeline.core.perturbation.perturb import Perturbation, perturbed, reso
 RECIPE_COLUMNS = [
     "model", "dataset", "window_tokens", "kind", "allocation", "budget", "achieved", "n_units", "predicted_delta_nll",
     "measured_delta_nll", "measured_kl", "top1_agreement", "additivity_ratio", "ratio_ci_low", "ratio_ci_high",
-    "n_windows", "n_docs", "restored", "method", "assignment_json", "random_weights",
+    "n_windows", "n_docs", "restored", "method", "assignment_json", "random_weights", "note",
 ]  # fmt: skip
 METHOD = "multiple-choice knapsack ILP (HAWQ-V3 §3.4), scipy.optimize.milp/HiGHS"
 
@@ -159,8 +159,10 @@ def additivity(measured_windows: pd.DataFrame, point_windows: pd.DataFrame, assi
 
     measured_windows: window_id, delta_nll_sum, n_tokens of the whole-recipe run. point_windows: window_id,
     layer, component, value, delta_nll_sum of the single-unit points (sensitivity_windows with value = strength).
-    The predicted per-window sum adds the assigned units' window sums. NaN ratio/CI (with the reason in the
-    caller's note) when the predicted total is 0 or non-finite.
+    The predicted per-window sum adds the assigned units' window sums. The ratio is NaN, with the reason in
+    `note`, when a sum is non-finite or the predicted total is <= 0 (a negative prediction — units that measured
+    below 0 — makes measured/predicted a number with no additivity meaning); the CI is NaN, with the reason,
+    with fewer than 2 documents or when some document resample's predicted sum is <= 0.
     """
     keyed = point_windows.merge(assignment[["layer", "component", "value"]], on=["layer", "component", "value"])
     found = keyed[["layer", "component"]].drop_duplicates()
@@ -175,13 +177,24 @@ def additivity(measured_windows: pd.DataFrame, point_windows: pd.DataFrame, assi
     n_tokens = by_doc["n_tokens"].sum()
     out = {"predicted_delta_nll": float(p.sum() / n_tokens), "measured_delta_nll": float(m.sum() / n_tokens),
            "additivity_ratio": math.nan, "ratio_ci_low": math.nan, "ratio_ci_high": math.nan,
-           "n_windows": len(frame), "n_docs": len(by_doc)}  # fmt: skip
-    if not (np.isfinite(p).all() and np.isfinite(m).all()) or p.sum() == 0:
+           "n_windows": len(frame), "n_docs": len(by_doc), "note": ""}  # fmt: skip
+    if not (np.isfinite(p).all() and np.isfinite(m).all()):
+        out["note"] = "non-finite ΔNLL (loss overflowed): no ratio"
+        return out
+    if p.sum() <= 0:
+        out["note"] = (f"predicted ΔNLL {out['predicted_delta_nll']:.3g} <= 0: measured/predicted is not an "
+                       "additivity ratio (compare the two ΔNLLs)")  # fmt: skip
         return out
     out["additivity_ratio"] = float(m.sum() / p.sum())
-    if len(by_doc) >= 2:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, len(by_doc), size=(n_boot, len(by_doc)))
-        ratios = m[idx].sum(axis=1) / p[idx].sum(axis=1)
-        out["ratio_ci_low"], out["ratio_ci_high"] = (float(x) for x in np.percentile(ratios, [2.5, 97.5]))
+    if len(by_doc) < 2:
+        out["note"] = f"{len(by_doc)} document: no bootstrap CI (it resamples documents)"
+        return out
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(by_doc), size=(n_boot, len(by_doc)))
+    resampled = p[idx].sum(axis=1)
+    if (resampled <= 0).any():
+        out["note"] = "the predicted sum is <= 0 in some document resamples: no bootstrap CI"
+        return out
+    ratios = m[idx].sum(axis=1) / resampled
+    out["ratio_ci_low"], out["ratio_ci_high"] = (float(x) for x in np.percentile(ratios, [2.5, 97.5]))
     return out

@@ -131,7 +131,7 @@ def compression_study(
             })  # fmt: skip
             if log is not None:
                 log(f"{kind} {allocation} at {budget}: predicted {check['predicted_delta_nll']:.4f}, measured "
-                    f"{check['measured_delta_nll']:.4f}, ratio {check['additivity_ratio']:.3f}")
+                    f"{check['measured_delta_nll']:.4f}, ratio {check['additivity_ratio']:.3f} {check['note']}")
     return {
         "sensitivity": sensitivity, "sensitivity_windows": sensitivity_windows, "block_influence": similarity,
         "layer_drop_agreement": agreement, "compression_recipe": pd.DataFrame(recipes, columns=RECIPE_COLUMNS),

@@ -48,7 +48,7 @@ REPORT_RELATIONS = [
 ]  # fmt: skip
 RECIPE_REPORT_COLUMNS = ["model", "kind", "allocation", "budget", "achieved", "predicted_delta_nll",
                          "measured_delta_nll", "measured_kl", "additivity_ratio", "ratio_ci_low", "ratio_ci_high",
-                         "restored"]  # fmt: skip
+                         "restored", "note"]  # fmt: skip
 SUPER_WEIGHT_COLUMNS = ["model", "layer", "param_name", "row", "col", "weight_value", "activation_in",
                         "activation_out", "spike_ratio"]  # fmt: skip
 SUPER_WEIGHT_CAUSAL_COLUMNS = ["status", "zero_delta_nll", "control_mean", "control_max", "control_p"]
@@ -494,7 +494,8 @@ def _compression_sections(tables: dict[str, pd.DataFrame]) -> list[str]:
             "single-unit ΔNLLs under the average budget (exact knapsack ILP); 'uniform' gives every unit the budget. "
             "Both are then applied all at once and measured. additivity_ratio = measured / predicted ΔNLL with a "
             "95% document-bootstrap interval: near 1 the single-unit measurements can be trusted to build recipes; "
-            "far above 1 the units interact and the recipe's prediction is optimistic.",
+            "far above 1 the units interact and the recipe's prediction is optimistic. A ratio to a predicted ΔNLL <= 0 "
+            "means nothing: it is empty, and note says why.",
         ),
         _table_section(
             "quantize-top", "Most quantization-sensitive units (lowest bit width measured)", "compression_sensitivity",
