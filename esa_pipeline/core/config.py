@@ -527,15 +527,19 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "neuron_sigma",
                                 "neuron_selection", "experts", "adaptive"), version=2),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
+    # version 3: a super weight is confirmed only when zeroing it hurts (ΔNLL > 0)
     "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
-                                      "strengths.prediction_sigmas"), version=2),
+                                      "strengths.prediction_sigmas"), version=3),
     "moe_routing": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "seeds", "strengths.routing_strengths"),
                                version=2),
-    "significance": HashedAsset((), upstream=("sensitivity",)),
+    # version 2: dose_response's monotone flag per side of gain 1 (scale); the zero-variance note's wording
+    "significance": HashedAsset((), upstream=("sensitivity",), version=2),
     "critical_layers": HashedAsset((), upstream=("significance", "model_card")),
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
+    # version 2: an item with NaN (or all -inf) log-likelihoods has no answer (pred NULL), not choice 0;
+    # task_vs_perplexity ranks overflowed points as the largest ΔNLL instead of dropping them
     "zero_shot_sensitivity": HashedAsset((*MODEL_IDENTITY, "sweep_dataset", "batch_size", "zero_shot", "seeds",
-                                          "neuron_mode", "layers"), upstream=("sensitivity",)),
+                                          "neuron_mode", "layers"), upstream=("sensitivity",), version=2),
     # quantize/prune/layer_drop sweeps, Block Influence and recipes (core/compression/study.py): its own
     # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
     "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=3),
