@@ -683,6 +683,11 @@ def experiment_path(name_or_path: str | os.PathLike | None = None) -> pathlib.Pa
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.exists():
             raise ConfigError(f"experiment file {candidate} does not exist; check ESA_EXPERIMENT or the path")
+        if candidate.is_dir():
+            inside = sorted(candidate.glob("*.y*ml"))
+            example = f", e.g. {inside[0]}" if inside else ""
+            raise ConfigError(f"{candidate} is a directory, not an experiment file: name one of its YAML files"
+                              f"{example}")  # fmt: skip
         return candidate.resolve()
     named = EXPERIMENTS_DIR / f"{raw}.yaml"
     if named.exists():

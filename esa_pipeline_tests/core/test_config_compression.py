@@ -1,4 +1,5 @@
-"""The `compression:` section is checked like the sweep's own keys: before any run, naming file, key and fix.
+"""The `compression:` section is checked like the sweep's own keys: before any run, naming file, key and fix
+(and, at the end, an experiment path that is a directory).
 
 Each value below passed `esa validate` and failed only inside the compression step, after the model load, the
 baseline and (for spans, empty components, repeated bits) the whole quantize/prune/layer_drop sweep — on
@@ -84,3 +85,13 @@ def test_compression_study_refuses_bad_arguments_before_any_work(tiny):
     ]:
         with pytest.raises(ValueError, match=message):
             compression_study(lm, base, sparsities=(), bits=kwargs.pop("bits", (4,)), bit_budget=4, **kwargs)
+
+
+def test_a_directory_given_as_the_experiment_is_a_clear_error(tmp_path):
+    # `esa validate -e data/experiments` ended in a traceback (IsADirectoryError)
+    from esa_pipeline.core.config import experiment_path
+
+    (tmp_path / "mine.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"is a directory, not an experiment file: name one of its YAML files, "
+                                          r"e\.g\. .*mine\.yaml"):
+        experiment_path(tmp_path)
