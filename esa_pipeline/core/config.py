@@ -534,7 +534,8 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
                                version=2),
     # version 2: dose_response's monotone flag per side of gain 1 (scale); the zero-variance note's wording
     "significance": HashedAsset((), upstream=("sensitivity",), version=2),
-    "critical_layers": HashedAsset((), upstream=("significance", "model_card")),
+    # version 2: a profile with no tested layer says "none tested", not "none significant"
+    "critical_layers": HashedAsset((), upstream=("significance", "model_card"), version=2),
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
     # version 2: an item with NaN (or all -inf) log-likelihoods has no answer (pred NULL), not choice 0;
     # task_vs_perplexity ranks overflowed points as the largest ΔNLL instead of dropping them

@@ -221,3 +221,22 @@ def test_jaccard_matches_hand_computed_overlaps() -> None:
     assert jaccard({1}, {2}) == 0.0
     assert jaccard([(0, 1), (2, 3)], [(2, 3)]) == 0.5
     assert math.isnan(jaccard([], set()))
+
+
+def test_a_profile_with_no_tested_layer_says_untested_not_none_significant() -> None:
+    # One seed of a stochastic kind (or one window) leaves every headline flag NULL: "none significant: no
+    # layer's effect survives the correction" stood in for "could not test".
+    from esa_pipeline.core.analysis.consistency import NOTE_NONE_TESTED
+
+    rows = significance_rows({"ffn.down": [0.5, 0.9, 0.2]}, {"ffn.down": [None, None, None]})
+    result = critical_layers(rows, {"m": 3})
+    for component in ("ffn.down", "all"):
+        part = result.loc[result["component"] == component]
+        assert not part["is_critical"].any() and part["significant"].isna().all()
+        assert (part["note"] == NOTE_NONE_TESTED).all(), part["note"].tolist()
+    assert NOTE_NONE_TESTED.startswith("none tested:")
+    # an overflowed layer needs no test: it stays critical
+    overflow = critical_layers(significance_rows({"ffn.down": [0.5, np.inf, 0.2]}, {"ffn.down": [None] * 3}),
+                               {"m": 3})  # fmt: skip
+    ffn = overflow.loc[overflow["component"] == "ffn.down"]
+    assert ffn.loc[ffn["is_critical"], "layer"].tolist() == [1] and (ffn["note"] == "").all()

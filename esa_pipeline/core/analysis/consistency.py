@@ -52,6 +52,8 @@ CRITICAL_LAYERS_COLUMNS = [
     "note",
 ]
 NOTE_NONE_SIGNIFICANT = "none significant: no layer's effect survives the correction, so no layer is critical"
+NOTE_NONE_TESTED = ("none tested: no layer's cell could be tested (significance.note says why, e.g. one seed of a "
+                    "stochastic kind), so critical layers cannot be chosen")  # fmt: skip
 OVERALL_COMPONENT = "all"
 
 
@@ -136,8 +138,9 @@ def critical_layers(
     A layer may be critical only if its cell is significant after correction with a positive mean ΔNLL, or
     its ΔNLL is non-finite (the loss overflowed: the most sensitive outcome, ranked first). At most
     max(1, floor(top_fraction × measured layers)) are critical, and no minimum is forced: when no layer
-    qualifies none is critical and `note` says "none significant". `significant` is NULL for an untested
-    finite cell. Rank 1 = most sensitive; ties go to the shallower layer.
+    qualifies none is critical and `note` says "none significant" — or "none tested" when no layer of the
+    profile could be tested. `significant` is NULL for an untested finite cell. Rank 1 = most sensitive; ties
+    go to the shallower layer.
     """
     if not 0 < top_fraction <= 1:
         raise ValueError(f"critical_layers(): top_fraction must be in (0, 1], got {top_fraction}")
@@ -175,7 +178,9 @@ def critical_layers(
     qualifying_rank = ranked["_eligible"].astype(int).groupby([ranked[c] for c in PROFILE_KEYS]).cumsum()
     ranked["is_critical"] = ranked["_eligible"] & (qualifying_rank <= k)
     none = ~ranked.groupby(PROFILE_KEYS, sort=False)["_eligible"].transform("any")
-    ranked["note"] = np.where(none, NOTE_NONE_SIGNIFICANT, "")
+    # untested is not "not significant": a profile without any tested layer says so
+    tested = ranked["significant"].notna().groupby([ranked[c] for c in PROFILE_KEYS]).transform("any")
+    ranked["note"] = np.where(none & tested, NOTE_NONE_SIGNIFICANT, np.where(none, NOTE_NONE_TESTED, ""))
     ranked["layer"] = as_nullable_int(ranked["layer"])
     ranked["depth"] = depth_of(ranked["layer"], ranked["model"], lookup, function="critical_layers")
     ranked = ranked.sort_values([*PROFILE_KEYS, "rank"], kind="mergesort")

@@ -95,7 +95,7 @@ def critical_layers_chart(
     )
     notes = [
         "red bars: layers significant after BH correction (or overflowed) within the top 10% by seed-averaged ΔNLL "
-        "(labelled with the layer index); none red = none significant",
+        "(labelled with the layer index); none red = none significant, or none tested (see the critical_layers note)",
         f"{n_dropped} layer(s) with non-finite ΔNLL not shown" if n_dropped else None,
     ]
     return finish(
