@@ -232,3 +232,18 @@ def test_an_overflowed_point_ranks_as_the_largest_delta_nll_not_dropped(overflow
 
     spec = str(task_vs_perplexity_chart(points, corr).to_dict())  # the dot cannot be drawn: the title says so
     assert "n = 5 (1 point with non-finite ΔNLL (loss overflowed) ranked as the largest; not drawn)" in spec
+
+
+def test_the_accuracy_chart_never_draws_an_untested_point_as_not_significant() -> None:
+    from esa_pipeline.core.reporting.charts.zero_shot import zero_shot_accuracy_chart
+
+    frame = pd.concat([items("m", "t", layer, 0.1, both=5, lost=layer, gained=0, neither=1) for layer in range(2)],
+                      ignore_index=True)  # fmt: skip
+    summary = zero_shot_summary(frame)
+    summary.loc[1, ["mcnemar_p", "p_bh"]] = math.nan  # untested (e.g. no items)
+    summary["significant_bh"] = summary["significant_bh"].astype("boolean")
+    summary.loc[1, "significant_bh"] = pd.NA
+    data = zero_shot_accuracy_chart(summary).to_dict()
+    assert "not tested" in str(data)
+    values = [row["significant"] for d in data["datasets"].values() for row in d]
+    assert sorted(values) == ["no", "not tested"]

@@ -4,6 +4,7 @@ accuracy disagree (`task_vs_perplexity_points` with `task_vs_perplexity`)."""
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from esa_pipeline.core.reporting.charts._common import (
@@ -40,7 +41,9 @@ def zero_shot_accuracy_chart(summary: pd.DataFrame, *, models: pd.DataFrame | No
     chart = "zero_shot_accuracy_chart"
     df = require_rows(summary, ACCURACY_NEEDED, chart=chart, relation="zero_shot_significance").copy()
     df["point"] = point_labels(df)
-    df["significant"] = df["significant_bh"].fillna(False).astype(bool).map({True: "yes (BH)", False: "no"})
+    # untested (NULL flag) is not "not significant": its own, grey, legend entry
+    flag = df["significant_bh"].astype("boolean")
+    df["significant"] = np.where(flag.isna(), "not tested", np.where(flag.fillna(False), "yes (BH)", "no"))
     random_models = random_weight_models(df, models)
     rows = []
     for model in pretrained_first(df["model"], random_models):
@@ -53,7 +56,8 @@ def zero_shot_accuracy_chart(summary: pd.DataFrame, *, models: pd.DataFrame | No
         # hollow = not significant: a dark outline keeps a white fill visible on the white background
         dots = base.mark_point(filled=True, size=60, stroke="#1b9e77", strokeWidth=1.5).encode(
             x="delta_accuracy:Q",
-            fill=alt.Fill("significant:N", scale=alt.Scale(domain=["yes (BH)", "no"], range=["#1b9e77", "white"]),
+            fill=alt.Fill("significant:N", scale=alt.Scale(domain=["yes (BH)", "no", "not tested"],
+                                                           range=["#1b9e77", "white", "#bbbbbb"]),
                           title="McNemar significant"),
             tooltip=["task", "point", "delta_accuracy", "ci_low", "ci_high", "significant"],
         )  # fmt: skip
