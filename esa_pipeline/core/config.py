@@ -538,12 +538,14 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     "critical_layers": HashedAsset((), upstream=("significance", "model_card"), version=2),
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
     # version 2: an item with NaN (or all -inf) log-likelihoods has no answer (pred NULL), not choice 0;
-    # task_vs_perplexity ranks overflowed points as the largest ΔNLL instead of dropping them
+    # task_vs_perplexity ranks overflowed points as the largest ΔNLL instead of dropping them; version 3: its
+    # Spearman p is exact for <= 8 points (analysis._common.spearman_test)
     "zero_shot_sensitivity": HashedAsset((*MODEL_IDENTITY, "sweep_dataset", "batch_size", "zero_shot", "seeds",
-                                          "neuron_mode", "layers"), upstream=("sensitivity",), version=2),
+                                          "neuron_mode", "layers"), upstream=("sensitivity",), version=3),
     # quantize/prune/layer_drop sweeps, Block Influence and recipes (core/compression/study.py): its own
     # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
-    "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=3),
+    # version 3: additivity_ratio NULL + note for a prediction <= 0; 4: layer_drop_agreement's exact Spearman p
+    "compression": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "compression"), version=4),
 }
 # The small-σ expansion of the prediction check (core/importance/prediction.py) holds only up to here.
 PREDICTION_MAX_SIGMA = 0.05

@@ -1,5 +1,6 @@
 """Paired statistics of zero-shot accuracy on synthetic items with known answers."""
 
+import itertools
 import math
 
 import numpy as np
@@ -108,7 +109,10 @@ def test_task_vs_perplexity_rank_correlation_and_disagreement() -> None:
     row = corr.set_index("task").loc["t"]
     expected = stats.spearmanr([0.01, 0.02, 0.03, 0.04, 0.50], [0, -0.1, -0.2, -0.3, 0])
     assert row.n_points == 5 and row.spearman_rho == pytest.approx(expected.statistic)
-    assert row.p_value == pytest.approx(expected.pvalue)
+    # 5 points: the exact permutation p (share of the 120 pairings with |rho| at least as large), not t's
+    pairings = [abs(stats.spearmanr([0.01, 0.02, 0.03, 0.04, 0.50], [[0, -0.1, -0.2, -0.3, 0][i] for i in perm])
+                    .statistic) for perm in itertools.permutations(range(5))]  # fmt: skip
+    assert row.p_value == pytest.approx(np.mean(np.array(pairings) >= abs(expected.statistic) - 1e-12))
     assert row.ci_low < row.spearman_rho < row.ci_high
     top = points.loc[(points["task"] == "t") & (points["disagreement_rank"] == 1)].iloc[0]
     assert top.layer == 4 and top.direction == "perplexity_only"

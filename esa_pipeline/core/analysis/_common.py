@@ -29,6 +29,30 @@ def require_columns(df: object, needed: Iterable[str], *, function: str, relatio
         )
 
 
+# Up to this many points the Spearman p is exact: every one of the n! pairings (8! = 40,320) is enumerated.
+EXACT_SPEARMAN_MAX_N = 8
+
+
+def spearman_test(x: Iterable[float], y: Iterable[float]) -> tuple[float, float]:
+    """(Spearman rho, two-sided p) of two equal-length samples; (nan, nan) when a value is not finite.
+
+    For n <= EXACT_SPEARMAN_MAX_N the p-value is exact: Pearson's r of the (average) ranks under every pairing
+    (scipy.stats.pearsonr with PermutationMethod(n_resamples=inf)), conditional on ties. Above that it is
+    scipy.stats.spearmanr's Student-t approximation, which is poor for few points: it gives p = 0 whenever
+    |rho| = 1, whatever n (exact: 2/n!, e.g. 1/12 for 4 points).
+    """
+    from scipy import stats
+
+    a, b = np.asarray(list(x), dtype=float), np.asarray(list(y), dtype=float)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan"), float("nan")
+    if len(a) > EXACT_SPEARMAN_MAX_N:
+        result = stats.spearmanr(a, b)
+        return float(result.statistic), float(result.pvalue)
+    exact = stats.pearsonr(stats.rankdata(a), stats.rankdata(b), method=stats.PermutationMethod(n_resamples=np.inf))
+    return float(stats.spearmanr(a, b).statistic), float(exact.pvalue)
+
+
 def as_nullable_int(series: pd.Series) -> pd.Series:
     """layer/expert as pandas Int64 (NULL = not applicable), whatever the reader produced (float NaN, object None)."""
     return pd.to_numeric(series, errors="raise").astype("Int64")

@@ -24,7 +24,8 @@ from typing import Any
 
 import pandas as pd
 import torch
-from scipy import stats
+
+from esa_pipeline.core.analysis._common import spearman_test
 
 BLOCK_INFLUENCE_COLUMNS = ["model", "dataset", "window_tokens", "layer", "span", "block_influence", "angular_distance",
                            "n_tokens", "random_weights"]  # fmt: skip
@@ -79,8 +80,7 @@ def layer_drop_agreement(similarity: pd.DataFrame, sensitivity: pd.DataFrame, *,
             elif merged[measure].nunique() < 2 or merged["delta_nll"].nunique() < 2:
                 note = "a constant column has no ranking"
             else:
-                result = stats.spearmanr(merged[measure], merged["delta_nll"])
-                rho, p_value = float(result.statistic), float(result.pvalue)
+                rho, p_value = spearman_test(merged[measure], merged["delta_nll"])  # exact p for few layers
             rows.append({"model": model, "measure": measure, "span": span, "drop_component": drop_component,
                          "spearman_rho": rho, "p_value": p_value, "n_layers": len(merged), "note": note})
     return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)

@@ -25,7 +25,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from esa_pipeline.core.analysis._common import require_columns
+from esa_pipeline.core.analysis._common import require_columns, spearman_test
 
 SPEC_COLUMNS = ["kind", "component", "layer", "expert", "strength", "seed", "mode", "selection", "group_size"]
 POINT_KEYS = ["model", "task", *SPEC_COLUMNS]
@@ -219,8 +219,9 @@ def _spearman(points: pd.DataFrame) -> dict:
         which = "Δaccuracy" if y.nunique() < 2 else "ΔNLL"
         return {"spearman_rho": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
                 "note": f"{which} is the same at every point: no rank correlation"}
-    result = stats.spearmanr(x, y)
-    rho = float(result.statistic)
+    # ranks first: an overflowed point's +inf key is the largest rank (spearman_test refuses non-finite values);
+    # the p-value is exact for few points
+    rho, p_value = spearman_test(stats.rankdata(x), y)
     if n > 3 and abs(rho) < 1:
         se = math.sqrt((1 + rho**2 / 2) / (n - 3))
         z = math.atanh(rho)
@@ -228,4 +229,4 @@ def _spearman(points: pd.DataFrame) -> dict:
         low, high = math.tanh(z - half), math.tanh(z + half)
     else:
         low = high = rho
-    return {"spearman_rho": rho, "ci_low": low, "ci_high": high, "p_value": float(result.pvalue), "note": ""}
+    return {"spearman_rho": rho, "ci_low": low, "ci_high": high, "p_value": p_value, "note": ""}
