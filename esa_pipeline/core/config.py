@@ -527,9 +527,10 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     "sensitivity": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "strengths", "neuron_mode", "neuron_sigma",
                                 "neuron_selection", "experts", "adaptive"), version=2),
     # importance scores + causal validation (seeds, validation_fraction) + prediction check (small gaussian σ)
-    # version 3: a super weight is confirmed only when zeroing it hurts (ΔNLL > 0)
+    # version 3: a super weight is confirmed only when zeroing it hurts (ΔNLL > 0); 4: prediction_check has no
+    # ratio to a prediction <= 0, and a note
     "weight_importance": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "components", "layers", "importance", "seeds",
-                                      "strengths.prediction_sigmas"), version=3),
+                                      "strengths.prediction_sigmas"), version=4),
     "moe_routing": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "seeds", "strengths.routing_strengths"),
                                version=2),
     # version 2: dose_response's monotone flag per side of gain 1 (scale); the zero-variance note's wording

@@ -134,3 +134,20 @@ def test_points_below_the_noise_floor_are_flagged_and_get_no_ratio(tiny):
     assert abs(tiny_sigma["measured_delta_nll"]) < tiny_sigma["noise_floor"]
     assert not usable["below_noise_floor"] and np.isfinite(usable["ratio"])
     assert usable["noise_floor"] >= 2 * usable["measured_se"] and np.isfinite(usable["measured_se"])
+
+
+@pytest.mark.parametrize("predicted", [-0.01, 0.0])
+def test_a_prediction_that_is_not_positive_gets_no_ratio_and_the_reason(tiny, monkeypatch, predicted):
+    # Hutchinson estimates H_ii itself, which need not be positive: ½σ²Σ rms²·H_ii <= 0 is no expected loss
+    # increase, and measured / predicted was stored as a (negative) ratio.
+    import esa_pipeline.core.importance.prediction as prediction
+
+    base = perplexity(tiny, [TEXT], window=48, max_tokens=96)
+    adapter = adapter_for(tiny.model)
+    result = importance_scores(tiny, adapter, base, ("grad_sq",), components=["norm.input"], layers=[1])
+    monkeypatch.setattr(prediction, "predicted_delta_nll", lambda *args, **kwargs: predicted)
+    row = prediction_check(tiny, base, result, [0.05], seeds=(0, 1)).iloc[0]
+    assert not row["below_noise_floor"] and np.isnan(row["ratio"])
+    assert row["note"] == f"predicted ΔNLL {predicted:g} <= 0 (the curvature estimate is not positive): no ratio"
+    below = prediction_check(tiny, base, result, [1e-9], seeds=(0, 1)).iloc[0]
+    assert below["note"] == "below the noise floor: no ratio"

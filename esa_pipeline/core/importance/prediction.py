@@ -39,7 +39,7 @@ import pandas as pd
 from esa_pipeline.core.importance.metrics import ImportanceResult, unwrap_model
 
 PREDICTION_COLUMNS = ["model", "component", "layer", "strength", "predicted_delta_nll", "measured_delta_nll",
-                      "measured_se", "noise_floor", "below_noise_floor", "ratio", "antithetic"]
+                      "measured_se", "noise_floor", "below_noise_floor", "ratio", "antithetic", "note"]
 CURVATURES = ("grad_sq", "hutchinson")
 
 
@@ -77,7 +77,8 @@ def prediction_check(lm, base, result: ImportanceResult, strengths: Sequence[flo
     """`prediction_check` rows: predicted vs measured (seed-averaged) gaussian ΔNLL per component, layer, σ.
 
     antithetic=True measures each seed at +δ and −δ (two evaluations) and keeps their mean; False measures +δ.
-    Rows below the noise floor (noise_floor()) are flagged below_noise_floor with ratio NaN.
+    Rows below the noise floor (noise_floor()) are flagged below_noise_floor with ratio NaN; a prediction <= 0
+    (possible with curvature "hutchinson") also gets ratio NaN; `note` says which.
 
     `result` must have been scored on `base` (pass the PerplexityResult as `token_batches`) so that both use
     the same N tokens; groups default to every (component, layer) group of `result`.
@@ -105,12 +106,17 @@ def prediction_check(lm, base, result: ImportanceResult, strengths: Sequence[flo
             mean_measured = float(np.mean(measured))
             se, floor = noise_floor(measured, base.nll_sum / base.n_tokens)
             below = not abs(mean_measured) >= floor  # NaN measured counts as below: no ratio from it
+            note = ""
+            if below:
+                note = "below the noise floor: no ratio"
+            elif not predicted > 0:  # Hutchinson's H_ii need not be positive: no expected increase to compare
+                note = f"predicted ΔNLL {predicted:g} <= 0 (the curvature estimate is not positive): no ratio"
             rows.append({"model": result.model, "component": component, "layer": layer,
                          "strength": float(strength), "predicted_delta_nll": predicted,
                          "measured_delta_nll": mean_measured, "measured_se": se, "noise_floor": floor,
                          "below_noise_floor": below,
-                         "ratio": mean_measured / predicted if predicted != 0 and not below else float("nan"),
-                         "antithetic": antithetic})
+                         "ratio": float("nan") if note else mean_measured / predicted,
+                         "antithetic": antithetic, "note": note})
     df = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     df["layer"] = df["layer"].astype("Int64")
     return df
