@@ -533,8 +533,9 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
                                       "strengths.prediction_sigmas"), version=4),
     "moe_routing": HashedAsset((*MODEL_IDENTITY, *EVALUATION, "layers", "seeds", "strengths.routing_strengths"),
                                version=2),
-    # version 2: dose_response's monotone flag per side of gain 1 (scale); the zero-variance note's wording
-    "significance": HashedAsset((), upstream=("sensitivity",), version=2),
+    # version 2: dose_response's monotone flag per side of gain 1 (scale); the zero-variance note's wording;
+    # 3: seed_consistency's note
+    "significance": HashedAsset((), upstream=("sensitivity",), version=3),
     # version 2: a profile with no tested layer says "none tested", not "none significant"
     "critical_layers": HashedAsset((), upstream=("significance", "model_card"), version=2),
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep

@@ -240,3 +240,15 @@ def test_a_profile_with_no_tested_layer_says_untested_not_none_significant() -> 
                                {"m": 3})  # fmt: skip
     ffn = overflow.loc[overflow["component"] == "ffn.down"]
     assert ffn.loc[ffn["is_critical"], "layer"].tolist() == [1] and (ffn["note"] == "").all()
+
+
+def test_a_null_seed_consistency_rho_says_why() -> None:
+    from esa_pipeline.core.analysis.consistency import SEED_CONSISTENCY_COLUMNS
+
+    constant = seed_consistency(sensitivity_rows({("ffn.down", 0): [1, 1, 1], ("ffn.down", 1): [1, 2, 3]})).iloc[0]
+    assert constant["note"] == "a constant layer profile has no ranking"
+    two = seed_consistency(sensitivity_rows({("ffn.down", 0): [1, 2], ("ffn.down", 1): [1, 2]})).iloc[0]
+    assert two["note"] == "2 layers measured in both seeds (a rank correlation needs 3)"
+    fine = seed_consistency(sensitivity_rows({("ffn.down", 0): [1, 2, 3], ("ffn.down", 1): [1, 3, 2]})).iloc[0]
+    assert fine["note"] == "" and fine["spearman_rho"] == pytest.approx(0.5)
+    assert SEED_CONSISTENCY_COLUMNS[-1] == "note"

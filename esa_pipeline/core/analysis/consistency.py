@@ -37,6 +37,7 @@ SEED_CONSISTENCY_COLUMNS = [
     "seed_b",
     "spearman_rho",
     "n_layers",
+    "note",  # why spearman_rho is NULL ("" when it is not)
 ]
 CRITICAL_LAYERS_COLUMNS = [
     "model",
@@ -92,7 +93,7 @@ def seed_consistency(sensitivity: pd.DataFrame) -> pd.DataFrame:
     construction (ρ = 1, a check that cannot fail).
 
     Only layers measured (non-NaN) in both seeds count; n_layers says how many. ρ is NaN with fewer than 3
-    common layers (2 points always give ±1) or when a profile is constant (ranks undefined).
+    common layers (2 points always give ±1) or when a profile is constant (ranks undefined); `note` says which.
     """
     require_columns(sensitivity, ["seed"], function="seed_consistency", relation="sensitivity")
     # deterministic kinds are measured once (seed NULL, or a true `deterministic` column): a rank correlation
@@ -109,15 +110,19 @@ def seed_consistency(sensitivity: pd.DataFrame) -> pd.DataFrame:
         by_layer = group.pivot(index="layer", columns="seed", values="mean_delta_nll")
         for seed_a, seed_b in combinations(sorted(by_layer.columns), 2):
             pair = by_layer[[seed_a, seed_b]].dropna()
-            rows.append((*key, seed_a, seed_b, _spearman(pair[seed_a], pair[seed_b]), len(pair)))
-    out = pd.DataFrame(rows, columns=SEED_CONSISTENCY_COLUMNS)
+            rows.append((*key, seed_a, seed_b, *_spearman(pair[seed_a], pair[seed_b]), len(pair)))
+    columns = [c for c in SEED_CONSISTENCY_COLUMNS if c not in ("n_layers", "note")] + ["note", "n_layers"]
+    out = pd.DataFrame(rows, columns=columns)[SEED_CONSISTENCY_COLUMNS]
     return out.astype({"n_layers": int})
 
 
-def _spearman(a: pd.Series, b: pd.Series) -> float:
-    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
-        return float("nan")
-    return float(stats.spearmanr(a.to_numpy(), b.to_numpy()).statistic)
+def _spearman(a: pd.Series, b: pd.Series) -> tuple[float, str]:
+    """(rho, "") or (nan, why it could not be computed)."""
+    if len(a) < 3:
+        return float("nan"), f"{len(a)} layers measured in both seeds (a rank correlation needs 3)"
+    if a.nunique() < 2 or b.nunique() < 2:
+        return float("nan"), "a constant layer profile has no ranking"
+    return float(stats.spearmanr(a.to_numpy(), b.to_numpy()).statistic), ""
 
 
 def critical_layers(
