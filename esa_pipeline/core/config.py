@@ -286,7 +286,8 @@ class ModelSection(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
-    components: list[str] | None = None
+    # [] was silently replaced by the global list (`or`): an empty override is refused instead
+    components: Annotated[list[str], Field(min_length=1)] | None = None
     layers: LayerSelection | None = None
     experts: ExpertSelection | None = Field(default=None, description="MoE: all (default) | each | [0, 3]")
     adapter: str | None = Field(default=None, description="adapter family for a class the registry cannot name")
@@ -1052,6 +1053,14 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             select_layers(plan.layers, n_layers)
         except ConfigError as exc:
             problems.append(f"{where}.layers: {exc}" if own else f"layers: {exc} (inherited by {name})")
+    applicable = [c for c in plan.components if c in available]
+    if applicable and not plan.variants(available):
+        # every model stage would run and the analyses fail on a sweep of nothing ("no sensitivity rows")
+        kinds = [k for k in KINDS if getattr(plan.strengths, k)]
+        problems.append(f"{where}: no sweep point: none of its components ({', '.join(applicable)}) takes a kind "
+                        f"it has strengths for ({', '.join(kinds) or 'none'}). Fix: give {where}.strengths (or the "
+                        "global strengths) a kind these components take — gaussian takes every component — or "
+                        "add components")  # fmt: skip
     if plan.compression is not None:
         problems.extend(_compression_problems(plan.compression, name, architecture, available, n_layers))
     grid = plan.zero_shot.at.grid if plan.zero_shot.at is not None and plan.zero_shot.tasks else None

@@ -1,0 +1,56 @@
+"""A model whose settings leave it no sweep point is refused by `esa validate`, naming the file, key and fix.
+
+Both inputs below passed validation: the model stage ran, no sensitivity partition existed, and the analyses
+failed with "no sensitivity rows for tiny-llama under its current settings: materialize ... first". And a
+model's `components: []` was silently replaced by the global list (it swept ffn.down anyway).
+"""
+
+import pytest
+
+from esa_pipeline.core.config import ConfigError, load_experiment
+
+BASE = """\
+protocol: smoke
+datasets: [bundled]
+window: 64
+token_budget: 128
+seeds: [1]
+strengths: {gaussian: [0.1]}
+components: [ffn.down, norm.input]
+layers: [0]
+models:
+  tiny-llama: {}
+"""
+
+
+def error_for(tmp_path, text: str) -> str:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("  tiny-llama: {}", "  tiny-llama: {strengths: {gaussian: []}}",
+     "models.tiny-llama: no sweep point: none of its components (ffn.down, norm.input) takes a kind it has "
+     "strengths for (none)"),
+    # scale acts on norms only: ffn.down alone gets nothing
+    ("strengths: {gaussian: [0.1]}\ncomponents: [ffn.down, norm.input]",
+     "strengths: {scale: [0.9]}\ncomponents: [ffn.down]",
+     "models.tiny-llama: no sweep point: none of its components (ffn.down) takes a kind it has strengths for "
+     "(scale)"),
+    ("  tiny-llama: {}", "  tiny-llama: {components: []}",
+     "models.tiny-llama.components: List should have at least 1 item"),
+])  # fmt: skip
+def test_a_model_without_sweep_points_is_refused(tmp_path, old, new, expected):
+    assert old in BASE
+    assert expected in error_for(tmp_path, BASE.replace(old, new))
+
+
+def test_a_model_that_keeps_one_kind_is_fine(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(BASE.replace("{gaussian: [0.1]}", "{gaussian: [0.1], scale: [0.9]}").replace(
+        "  tiny-llama: {}", "  tiny-llama: {strengths: {gaussian: []}}"))
+    assert load_experiment(path).section("tiny-llama").strengths.gaussian == []
