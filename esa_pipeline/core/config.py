@@ -991,6 +991,9 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
     """Resolve the model's architecture without loading weights and check components/layers against it."""
     plan = model_plan(cfg, name)
     where = f"models.{name}"
+    placement = _placement_problem(plan, where)
+    if placement:
+        return [placement]
     facts = describe_source(plan.source, plan.revision)
     if facts is None:
         from esa_pipeline.core.models.registry import registered_models
@@ -1080,6 +1083,22 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
             except ConfigError as exc:
                 problems.append(f"{path}.layers: {exc}{inherited}")
     return problems
+
+
+def _placement_problem(plan: ModelPlan, where: str) -> str | None:
+    """The loader's own device/dtype rules on this machine (an unknown device, cuda without a GPU, float16 on
+    CPU), which failed only when the model stage loaded the model."""
+    from esa_pipeline.core.models.registry import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(plan.device)
+    except ValueError as exc:
+        return f"{where}.device: {exc}"
+    try:
+        resolve_dtype(plan.dtype, device)
+    except ValueError as exc:
+        return f"{where}.dtype: {exc}"
+    return None
 
 
 def _compression_problems(section: Compression, name: str, architecture: str, available: list[str],

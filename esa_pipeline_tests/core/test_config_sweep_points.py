@@ -54,3 +54,25 @@ def test_a_model_that_keeps_one_kind_is_fine(tmp_path):
     path.write_text(BASE.replace("{gaussian: [0.1]}", "{gaussian: [0.1], scale: [0.9]}").replace(
         "  tiny-llama: {}", "  tiny-llama: {strengths: {gaussian: []}}"))
     assert load_experiment(path).section("tiny-llama").strengths.gaussian == []
+
+
+@pytest.mark.parametrize(("section", "expected"), [
+    ("{device: gpu}", "models.tiny-llama.device: unknown device 'gpu': use 'auto', 'cpu', 'cuda', 'cuda:N' or "
+     "'auto-map'"),
+    ("{dtype: float16, device: cpu}", "models.tiny-llama.dtype: float16 on CPU is pathologically slow"),
+])  # fmt: skip
+def test_a_device_or_dtype_the_model_loader_refuses_is_refused_at_validation(tmp_path, section, expected):
+    # both passed `esa validate` and failed when the model stage loaded the model
+    assert expected in error_for(tmp_path, BASE.replace("  tiny-llama: {}", f"  tiny-llama: {section}"))
+
+
+def test_cuda_on_a_machine_without_a_gpu_is_refused_at_validation(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert "models.tiny-llama.device: device='cuda' but no CUDA GPU is visible" in error_for(
+        tmp_path, BASE.replace("  tiny-llama: {}", "  tiny-llama: {device: cuda}"))
+    path = tmp_path / "exp.yaml"
+    path.write_text(BASE.replace("  tiny-llama: {}", "  tiny-llama: {device: cuda}"))
+    load_experiment(path, check_models=False)  # what this machine has is checked only with check_models
