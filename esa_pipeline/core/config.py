@@ -1086,10 +1086,15 @@ def _model_problems(cfg: ExperimentConfig, name: str) -> list[str]:
 
 
 def _placement_problem(plan: ModelPlan, where: str) -> str | None:
-    """The loader's own device/dtype rules on this machine (an unknown device, cuda without a GPU, float16 on
-    CPU), which failed only when the model stage loaded the model."""
-    from esa_pipeline.core.models.registry import resolve_device, resolve_dtype
+    """The loader's own revision/device/dtype rules on this machine (a revision on a model that has none, an
+    unknown device, cuda without a GPU, float16 on CPU), which failed (or were ignored) only when the model stage
+    loaded the model."""
+    from esa_pipeline.core.models.registry import check_revision, resolve_device, resolve_dtype
 
+    try:
+        check_revision(plan.source, plan.revision)
+    except ValueError as exc:
+        return f"{where}.revision: {exc}"
     try:
         device = resolve_device(plan.device)
     except ValueError as exc:

