@@ -106,3 +106,24 @@ def test_adapter_for_takes_the_loaded_model_and_names_a_wrong_argument(llama):
     assert adapter_for(llama).components() == adapter_for(llama.model).components()
     with pytest.raises(TypeError, match=r"adapter_for\(\) takes a model .* got NoneType"):
         adapter_for(None)
+
+
+def test_numpy_integers_from_a_frame_are_indices_like_ints(llama):
+    # Indices read from a DataFrame are numpy ints: Perturbation(layer=np.int64(1)) was refused ("must be a
+    # non-negative int, got np.int64(1)"), seed=np.int64(1) was accepted and then failed inside perturbed()
+    # ("Object of type int64 is not JSON serializable"), and adapter.slices refused np.int64 layers.
+    import numpy as np
+
+    from esa_pipeline.core import adapter_for, perturbed
+
+    spec = Perturbation(kind="gaussian", component="ffn.down", layer=np.int64(1), strength=np.float64(0.1),
+                        seed=np.int64(1), expert=None)  # fmt: skip
+    assert spec == SPEC and type(spec.layer) is int and type(spec.seed) is int
+    assert spec.spec_seed() == SPEC.spec_seed()
+    adapter = adapter_for(llama)
+    assert adapter.slices("ffn.down", np.int64(1)) == adapter.slices("ffn.down", 1)
+    with perturbed(llama.model, adapter, spec) as report:
+        pass
+    assert report.restored
+    with pytest.raises(ValueError, match=r"got (np\.)?True"):  # bools stay refused
+        adapter.slices("ffn.down", np.bool_(True))

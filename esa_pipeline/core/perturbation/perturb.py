@@ -132,6 +132,10 @@ class Perturbation:
             raise ValueError(f"antithetic must be True or False, got {self.antithetic!r}")
         object.__setattr__(self, "strength", check_real("strength", self.strength, positive=True))
         object.__setattr__(self, "noise_sigma", check_real("noise_sigma", self.noise_sigma, positive=True))
+        for name in ("layer", "expert", "seed", "bit", "group_size"):  # numpy ints (read from a frame) -> int:
+            value = getattr(self, name)  # the spec hash serialises them, and equal specs must compare equal
+            if value is not None:
+                object.__setattr__(self, name, int(value))
         _validate_spec(self)
 
     def to_dict(self) -> dict:

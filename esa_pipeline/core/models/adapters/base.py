@@ -29,6 +29,7 @@ name, or by family name (`family=`) for an unregistered class after a structural
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,6 +237,9 @@ class Adapter:
         expert None = all experts. Global roles (embedding, norm.final, lm_head) take layer None.
         Raises ValueError for a bad name/layer/expert, ComponentNotApplicable for a role the family lacks."""
         role = self.role_of(component)
+        # numpy ints (indices read from a frame) are indices; bools are not (True would silently mean 1)
+        layer, expert = (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+                         for v in (layer, expert))  # fmt: skip
         if role in self.lacks:
             raise ComponentNotApplicable(
                 f"{role} is not applicable to {self.architecture}: {self.lacks[role]} "
