@@ -127,3 +127,14 @@ def test_numpy_integers_from_a_frame_are_indices_like_ints(llama):
     assert report.restored
     with pytest.raises(ValueError, match=r"got (np\.)?True"):  # bools stay refused
         adapter.slices("ffn.down", np.bool_(True))
+
+
+def test_run_sweep_and_the_prefix_cache_name_a_wrong_argument(llama, texts):
+    from esa_pipeline.core import PrefixCache, run_sweep
+
+    base = perplexity(llama, texts, window=16, max_tokens=32)
+    for specs in (SPEC, [SPEC.to_dict()]):  # was "'Perturbation' object is not iterable" / "'dict' ... no 'layer'"
+        with pytest.raises(TypeError, match=r"specs must be a list of Perturbation"):
+            run_sweep(llama, base, specs)
+    # the adapter is looked up when not given, as everywhere else (was "'NoneType' ... no attribute")
+    assert PrefixCache.build(llama, base, None).enabled

@@ -110,12 +110,17 @@ class PrefixCache:
         return len(self._layers)
 
     @classmethod
-    def build(cls, lm: Any, base: PerplexityResult, adapter: Any, *,
+    def build(cls, lm: Any, base: PerplexityResult, adapter: Any = None, *,
               memory_budget_bytes: int | None = None,
               baseline_logits_bytes: int = DEFAULT_BASELINE_LOGITS_BYTES) -> PrefixCache:  # fmt: skip
         """One baseline forward per batch with capture hooks; checks it reproduces `base`'s NLL.
-        baseline_logits_bytes: budget of the kept baseline logits (`scoring.BaselineLogits`; 0 keeps none)."""
+        baseline_logits_bytes: budget of the kept baseline logits (`scoring.BaselineLogits`; 0 keeps none).
+        adapter: default adapter_for(the model)."""
         model, _, _ = unwrap(lm)
+        if adapter is None:
+            from esa_pipeline.core.models.adapters import adapter_for
+
+            adapter = adapter_for(model)
         start = time.perf_counter()
         batches = base.batches()
         layers = adapter.decoder_layers(model)

@@ -49,7 +49,13 @@ def run_sweep(
     (`sequential.SequentialRule`) every point visits the windows in the seeded random order of
     `adaptive.visit_ordered(base)` and stops scoring once its decision is made (adaptive budget); a given `cache`
     must then be built from that visit-ordered baseline (ValueError otherwise).
-    `scores(p)` gives a spec its `scores=` (e.g. Wanda's |W|·‖X‖ for prune mode "wanda"), None for most."""
+    `scores(p)` gives a spec its `scores=` (e.g. Wanda's |W|·‖X‖ for prune mode "wanda"), None for most.
+    Raises TypeError, before any work, unless `specs` is a list (or tuple) of Perturbation."""
+    if not isinstance(specs, list | tuple) or not all(isinstance(p, Perturbation) for p in specs):
+        raise TypeError(f"specs must be a list of Perturbation, got {type(specs).__name__}"
+                        + ("" if not isinstance(specs, list | tuple) else
+                           f" of {sorted({type(p).__name__ for p in specs})}")
+                        + "; wrap one spec as [p], build dicts with Perturbation(**d)")  # fmt: skip
     model, _, spec = unwrap(lm)
     if adapter is None:
         from esa_pipeline.core.models.adapters import adapter_for
