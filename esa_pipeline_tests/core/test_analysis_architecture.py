@@ -145,3 +145,13 @@ def test_single_model_groups_are_warned_not_tested_and_random_weight_models_neve
     assert instruct_vs_base(leaked, models).iloc[0]["mean_a"] == pytest.approx(0.3)
     only_tiny = architecture_comparison(frames[3], models)
     assert only_tiny.empty and list(only_tiny.columns) == ARCHITECTURE_COLUMNS
+
+
+@pytest.mark.parametrize("overflow", [np.inf, np.nan])
+def test_an_overflowed_component_ranks_first_not_unranked(overflow) -> None:
+    # component_rank used na_option="keep": a component whose loss overflowed to NaN got no rank, beside the
+    # finite ones ranked 1..n, as if it were not measured; an overflow is the most sensitive outcome
+    sens = sensitivity_for("a", 4, {"attention.query": 0.1, "ffn.down": 0.5, "ffn.up": overflow})
+    out = architecture_comparison(sens, models_relation([("a", 4, False, False, False)]))
+    ranks = out.groupby("component")["component_rank"].first().to_dict()
+    assert ranks == {"ffn.up": 1, "ffn.down": 2, "attention.query": 3}

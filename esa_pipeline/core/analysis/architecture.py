@@ -110,9 +110,11 @@ def architecture_comparison(
     out["depth_bin"] = depth_bins(out["depth"], n_bins)
 
     by_component = nan_propagating_mean(out, ["model", "kind", "strength", "component"], "mean_delta_nll")
+    # an overflowed component (inf/NaN mean ΔNLL) is the most sensitive: it ranks first, never unranked
+    rank_key = by_component["mean_delta_nll"].astype(float).where(lambda v: np.isfinite(v) | (v < 0), np.inf)
     by_component["component_rank"] = (
-        by_component.groupby(["model", "kind", "strength"])["mean_delta_nll"]
-        .rank(method="min", ascending=False, na_option="keep")
+        rank_key.groupby([by_component[c] for c in ("model", "kind", "strength")])
+        .rank(method="min", ascending=False)
         .astype("Int64")
     )
     out = out.merge(
