@@ -392,3 +392,20 @@ def test_a_misspelt_component_of_a_compression_kind_is_called_unknown(kind):
         Perturbation(kind, "ffn.dwn", 0, 4 if kind == "quantize" else 0.5, 0,
                      mode="symmetric" if kind == "quantize" else "magnitude",
                      group_size=32 if kind == "quantize" else None)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_importance_scores_are_refused_before_any_weight_changes(tiny, bad):
+    # torch.topk ranks NaN above every number: a NaN score (e.g. a gradient that overflowed in bf16) made its
+    # weight the "top" one, silently
+    lm = tiny("tiny-llama")
+    adapter = adapter_for(lm.model)
+    view = adapter.slices("ffn.down", 0)[0].get(lm.model)
+    before = view.clone()
+    scores = view.abs().clone()
+    scores[0, 0] = bad
+    p = Perturbation("zero", "ffn.down", 0, 0.01, 0, selection="top")
+    with pytest.raises(ValueError, match=r"scores\[0\] has 1 non-finite value"):
+        with perturbed(lm.model, adapter, p, [scores]):
+            pass
+    assert torch.equal(view, before)

@@ -300,6 +300,10 @@ def _check_scores(p: Perturbation, views: list[torch.Tensor], scores: list[torch
     for i, (s, v) in enumerate(zip(scores, views, strict=True)):
         if tuple(s.shape) != tuple(v.shape):
             raise ValueError(f"scores[{i}] has shape {tuple(s.shape)} but slice {i} has {tuple(v.shape)}")
+        bad = int((~torch.isfinite(s)).sum())
+        if bad:  # torch.topk ranks NaN above every number: that weight would silently be "top"
+            raise ValueError(f"scores[{i}] has {bad} non-finite value{'s' if bad > 1 else ''} (NaN/inf): a ranking "
+                             "of them means nothing; recompute the importance scores (in float32 if they overflowed)")
 
 
 def _check_bit(p: Perturbation, views: list[torch.Tensor]) -> None:
