@@ -210,3 +210,14 @@ def test_bad_input_raises_clear_errors(llama):
         importance_scores(llama, adapter, [_ids(1, 4)], ("magnitude",), components=["moe.router"], layers=[0])
     with pytest.raises(TypeError, match="token-id"):
         importance_scores(llama, adapter, [torch.randn(1, 4)], ("magnitude",), components=["ffn.up"], layers=[0])
+
+
+def test_top_k_refuses_non_finite_scores_instead_of_ranking_them_first():
+    # torch.topk put a NaN score at rank 1: weight_importance stored "the most important weight" with score NaN
+    from esa_pipeline.core.models.adapters import ParamSlice
+
+    a = SliceGroupScores("ffn.down", 0, None, [ParamSlice("a.weight", None, (), 1)],
+                         {"grad_sq": [torch.tensor([[0.0, float("nan"), 1.0], [2.0, 0.5, 9.0]])]})
+    result = ImportanceResult("m", ("grad_sq",), [a], 1, 1, "token", 0, 0, param_shapes={"a.weight": (2, 3)})
+    with pytest.raises(ValueError, match=r"grad_sq has 1 non-finite score \(NaN/inf\), the first in ffn.down layer 0"):
+        top_k(result, 2, "layer")

@@ -466,6 +466,13 @@ def _top_rows(result: ImportanceResult, metric: str, scope: str, groups: list[Sl
             owner.append(torch.full((sc.numel(),), len(owners), dtype=torch.int64))
             owners.append((g, ps))
     all_scores, all_flat, all_owner = torch.cat(scores), torch.cat(flat), torch.cat(owner)  # [n] each
+    bad = ~torch.isfinite(all_scores)
+    if bad.any():  # torch.topk ranks NaN above every number: it would be stored as the most important weight
+        g = owners[int(all_owner[bad.nonzero()[0, 0]])][0]
+        where = f"{g.component} layer {g.layer}" + (f" expert {g.expert}" if g.expert is not None else "")
+        n_bad = int(bad.sum())
+        raise ValueError(f"{metric} has {n_bad} non-finite score{'s' if n_bad > 1 else ''} (NaN/inf), the first in {where}: "
+                         "a ranking of them means nothing; score in float32 (a bf16 gradient can overflow)")
     top = torch.topk(all_scores, min(k, all_scores.numel()))
     rows = []
     for rank, (value, pos) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), start=1):
