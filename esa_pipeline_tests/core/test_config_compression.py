@@ -95,3 +95,20 @@ def test_a_directory_given_as_the_experiment_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"is a directory, not an experiment file: name one of its YAML files, "
                                           r"e\.g\. .*mine\.yaml"):
         experiment_path(tmp_path)
+
+
+def test_compression_study_without_a_prefix_cache_stops_before_the_sweeps(tiny, monkeypatch):
+    # Block Influence reads the cache's captured streams; with the cache disabled (over its memory budget) the
+    # study ran every quantize/prune/layer_drop point and then failed in layer_similarity
+    import esa_pipeline.core.compression.study as study
+    import esa_pipeline.core.evaluation.prefix_cache as prefix_cache
+    from esa_pipeline.core import load_texts, perplexity
+
+    lm = tiny("tiny-llama")
+    base = perplexity(lm, load_texts("bundled", max_docs=1), window=32, max_tokens=32)
+    monkeypatch.setattr(prefix_cache, "default_budget_bytes", lambda device: 1)
+    monkeypatch.setattr(study, "run_sweep", lambda *a, **k: pytest.fail("a sweep ran before the check"))
+    with pytest.raises(ValueError, match=r"Block Influence needs the prefix cache, which is disabled \(captured "
+                                         r"hidden states .* exceed the budget"):
+        study.compression_study(lm, base, layers=[0], components=["ffn.down"], bits=(4,), bit_budget=4,
+                                sparsities=())  # fmt: skip

@@ -86,6 +86,9 @@ def compression_study(
         for component in components:
             adapter.slices(component, layer)
     cache = PrefixCache.build(lm, base, adapter)
+    if not cache.enabled:  # step 4 reads its captured streams: fail now, not after every sweep point
+        raise ValueError(f"Block Influence needs the prefix cache, which is disabled ({cache.reason}): lower "
+                         "compression.token_budget (or the window) so the captured streams fit")
     frames, windows = [], []
     for name, specs, scores in (("quantize", q_specs, None), ("prune", p_specs, prune_scores),
                                 ("layer_drop", d_specs, None)):  # fmt: skip
