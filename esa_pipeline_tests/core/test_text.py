@@ -95,3 +95,21 @@ def test_hub_document_sample_is_seeded_order_preserving_and_stable():
     bigger = {d.doc_id for d in sample_documents(more, 10, 0)}
     assert {d.doc_id for d in docs if d.doc_id in bigger} <= {d.doc_id for d in chosen}
     assert [d.doc_id for d in sample_documents(docs, None, 0)] == [d.doc_id for d in docs]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("not json", r"bad\.jsonl:2: not valid JSON \(Expecting value\)"),  # was a bare JSONDecodeError
+    ('{"text": 5}', r"bad\.jsonl:2: 'text' must be a string, got int"),  # was the document "5"
+])  # fmt: skip
+def test_a_bad_jsonl_line_names_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a fine first document"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_texts(str(path))
+
+
+def test_a_null_parquet_text_is_an_error_not_the_document_none(tmp_path):
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"text": ["a fine document", None]}).to_parquet(path)  # was scored as the text "None"
+    with pytest.raises(ValueError, match=r"t\.parquet row 1: 'text' must be a string, got NoneType"):
+        load_texts(str(path))

@@ -105,11 +105,17 @@ def _load_file(path: Path) -> Iterable[Document]:
             for line_no, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg}); each JSONL line must be an "
+                                     "object with a 'text' field") from None  # fmt: skip
                 if not isinstance(record, dict) or "text" not in record:
                     raise ValueError(f"{path}:{line_no}: each JSONL line must be an object with a 'text' field")
+                if not isinstance(record["text"], str):  # a number would be scored as its digits
+                    raise ValueError(f"{path}:{line_no}: 'text' must be a string, got {type(record['text']).__name__}")
                 doc_id = str(record.get("id", f"{path.stem}:{line_no}"))
-                yield Document(doc_id, str(record["text"]))
+                yield Document(doc_id, record["text"])
     elif path.suffix == ".parquet":
         import pandas as pd
 
@@ -117,8 +123,10 @@ def _load_file(path: Path) -> Iterable[Document]:
         if "text" not in frame.columns:
             raise ValueError(f"{path}: parquet needs a 'text' column; found {list(frame.columns)}")
         ids = frame["id"].astype(str) if "id" in frame.columns else [f"{path.stem}:{i}" for i in range(len(frame))]
-        for doc_id, text in zip(ids, frame["text"], strict=True):
-            yield Document(str(doc_id), str(text))
+        for row, (doc_id, text) in enumerate(zip(ids, frame["text"], strict=True)):
+            if not isinstance(text, str):  # str() made a NULL cell the document "None"
+                raise ValueError(f"{path} row {row}: 'text' must be a string, got {type(text).__name__}")
+            yield Document(str(doc_id), text)
     else:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
 
