@@ -9,6 +9,7 @@ SmolLM2 that sweep is most of an hour.
 import pytest
 
 from esa_pipeline.core.config import ConfigError, load_experiment
+from esa_pipeline_tests.core.test_config import error_for
 
 BASE = """\
 protocol: smoke
@@ -24,16 +25,6 @@ models:
   tiny-llama: {}
   tiny-pythia: {}
 """
-
-
-def error_for(tmp_path, text: str) -> str:
-    path = tmp_path / "exp.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_experiment(path)
-    message = str(info.value)
-    assert str(path) in message, "the message names the file"
-    return message
 
 
 def test_the_base_compression_section_is_valid(tmp_path):

@@ -7,7 +7,8 @@ model's `components: []` was silently replaced by the global list (it swept ffn.
 
 import pytest
 
-from esa_pipeline.core.config import ConfigError, load_experiment
+from esa_pipeline.core.config import load_experiment
+from esa_pipeline_tests.core.test_config import error_for
 
 BASE = """\
 protocol: smoke
@@ -21,15 +22,6 @@ layers: [0]
 models:
   tiny-llama: {}
 """
-
-
-def error_for(tmp_path, text: str) -> str:
-    path = tmp_path / "exp.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_experiment(path)
-    assert str(path) in str(info.value)
-    return str(info.value)
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
