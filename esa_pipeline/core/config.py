@@ -542,9 +542,10 @@ HASHED_ASSETS: dict[str, HashedAsset] = {
     # task items at zero_shot.at points; top-ΔNLL/random-control points are picked from the stored sweep
     # version 2: an item with NaN (or all -inf) log-likelihoods has no answer (pred NULL), not choice 0;
     # task_vs_perplexity ranks overflowed points as the largest ΔNLL instead of dropping them; version 3: its
-    # Spearman p is exact for <= 8 points (analysis._common.spearman_test)
+    # Spearman p is exact for <= 8 points (analysis._common.spearman_test); version 4: a point's disagreement
+    # direction only where the rank correlation has a value (not_ranked otherwise)
     "zero_shot_sensitivity": HashedAsset((*MODEL_IDENTITY, "sweep_dataset", "batch_size", "zero_shot", "seeds",
-                                          "neuron_mode", "layers"), upstream=("sensitivity",), version=3),
+                                          "neuron_mode", "layers"), upstream=("sensitivity",), version=4),
     # quantize/prune/layer_drop sweeps, Block Influence and recipes (core/compression/study.py): its own
     # section; the baseline's windows come from the evaluation settings (compression.token_budget overrides)
     # version 3: additivity_ratio NULL + note for a prediction <= 0; 4: layer_drop_agreement's exact Spearman p

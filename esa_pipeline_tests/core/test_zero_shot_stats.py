@@ -126,13 +126,15 @@ def test_task_vs_perplexity_needs_enough_points_and_says_so() -> None:
     corr, points = task_vs_perplexity(zero_shot_summary(frame), _sensitivity("m", [0, 1, 2], [0.3, 0.1, 0.2]))
     assert corr["spearman_rho"].isna().all() and corr["note"].str.contains(">= 4").all()
     # the ranks are stored, but 3 points claim no direction of disagreement
-    assert set(points["direction"]) == {"too_few_points"} and points["disagreement"].abs().max() > 0
+    assert set(points["direction"]) == {"not_ranked"} and points["disagreement"].abs().max() > 0
 
 
 def test_constant_accuracy_is_not_a_correlation() -> None:
     frame = pd.concat([items("m", "t", layer, 0.1, 5, 0, 0, 5) for layer in range(5)], ignore_index=True)
-    corr, _ = task_vs_perplexity(zero_shot_summary(frame), _sensitivity("m", list(range(5)), [0.1, 0.2, 0.3, 0.4, 0.5]))
+    corr, points = task_vs_perplexity(zero_shot_summary(frame), _sensitivity("m", list(range(5)), [0.1, 0.2, 0.3, 0.4, 0.5]))
     assert corr["spearman_rho"].isna().all() and corr["note"].str.contains("same at every point").all()
+    # no task changed anywhere: no point "hurts perplexity more than tasks" by rank arithmetic alone
+    assert set(points["direction"]) == {"not_ranked"}
 
 
 def test_charts_draw_accuracy_and_disagreement(tmp_path) -> None:

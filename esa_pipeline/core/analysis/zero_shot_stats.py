@@ -41,7 +41,7 @@ DISAGREEMENT_COLUMNS = [
 ]  # fmt: skip
 ALL_TASKS = "all"
 MIN_POINTS_FOR_CORRELATION = 4
-TOO_FEW_POINTS = "too_few_points"  # `direction` of every point of a (model, task) below that count
+NOT_RANKED = "not_ranked"  # `direction` of every point of a (model, task) whose rank correlation has no value
 NOTE_NO_ITEMS = "no items: nothing to test"
 NOTE_NO_DISCORDANT = "no item changed: exact McNemar p = 1"
 NOTE_NO_ANSWER = "{n} items had non-finite log-likelihoods after the perturbation (no answer): counted as wrong"
@@ -168,8 +168,8 @@ def task_vs_perplexity(summary: pd.DataFrame, sensitivity: pd.DataFrame) -> tupl
     A point whose ΔNLL is non-finite (the loss overflowed) ranks as the largest ΔNLL and the note counts it.
     disagreements: per point, the percentile ranks of ΔNLL and of -Δaccuracy (1 = most damage among the
     model's points), disagreement = nll_rank_pct - task_rank_pct (> 0: perplexity hurt more than the tasks,
-    "perplexity_only"; < 0: "task_only"; TOO_FEW_POINTS below MIN_POINTS_FOR_CORRELATION points, where rank
-    differences are chance), disagreement_rank 1 = largest |disagreement|.
+    "perplexity_only"; < 0: "task_only"; NOT_RANKED when the (model, task) has no rank correlation — fewer than
+    MIN_POINTS_FOR_CORRELATION points or no variation, its note says which — where rank differences are chance), disagreement_rank 1 = largest |disagreement|.
     """
     both = _with_delta_nll(summary, sensitivity)
     correlations, disagreements = [], []
@@ -198,9 +198,9 @@ def task_vs_perplexity(summary: pd.DataFrame, sensitivity: pd.DataFrame) -> tupl
         ranked["disagreement"] = ranked["nll_rank_pct"] - ranked["task_rank_pct"]
         ranked["direction"] = np.where(ranked["disagreement"] > 0, "perplexity_only",
                                        np.where(ranked["disagreement"] < 0, "task_only", "agree"))  # fmt: skip
-        if len(usable) < MIN_POINTS_FOR_CORRELATION:
-            # with 2-3 points any two orders differ by chance: the ranks are kept, no direction is claimed
-            ranked["direction"] = TOO_FEW_POINTS
+        if math.isnan(fit["spearman_rho"]):
+            # 2-3 points, or Δaccuracy (or ΔNLL) equal everywhere: the ranks are kept, no direction is claimed
+            ranked["direction"] = NOT_RANKED
         ranked["disagreement_rank"] = ranked["disagreement"].abs().rank(ascending=False, method="first").astype(int)
         disagreements.append(ranked)
     corr = pd.DataFrame(correlations, columns=CORRELATION_COLUMNS)

@@ -22,7 +22,7 @@ ACCURACY_NEEDED = ["model", "task", "kind", "component", "layer", "strength", "s
 DISAGREEMENT_NEEDED = ["model", "task", "kind", "component", "layer", "strength", "seed", "delta_nll",
                        "delta_accuracy", "disagreement", "direction", "disagreement_rank"]  # fmt: skip
 DIRECTION_COLORS = {"perplexity_only": "#d95f02", "task_only": "#7570b3", "agree": "#999999",
-                    "too_few_points": "#cccccc"}
+                    "not_ranked": "#cccccc"}
 LABELLED_POINTS = 3
 
 
@@ -116,6 +116,6 @@ def task_vs_perplexity_chart(points: pd.DataFrame, correlations: pd.DataFrame | 
         grid, title=f"Where perplexity and task accuracy disagree ({task} tasks) — {models_text(df['model'])}",
         notes=["orange: the point hurts perplexity much more than task accuracy (ΔNLL rank ≫ accuracy-loss rank)",
                "purple: the reverse; labelled: the largest rank disagreements",
-               "light grey (too_few_points): fewer than 4 points, where any rank difference is chance"],
+               "light grey (not_ranked): no rank correlation (fewer than 4 points, or no variation): rank differences are chance"],
         random_models=random_models, all_models=df["model"].unique(),
     )  # fmt: skip
