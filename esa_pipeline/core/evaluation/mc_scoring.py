@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from esa_pipeline.core.evaluation.scoring import TokenScores, final_hidden_states
+from esa_pipeline.core.evaluation.scoring import TokenScores, adapter_or_default, final_hidden_states
 from esa_pipeline.core.evaluation.windows import TokenWindow, WindowBatch, make_batches
 
 # HFLM's fallback when neither the config nor the tokenizer gives a usable maximum length.
@@ -181,10 +181,7 @@ def score_requests(
     [B, T, V]: a request's context is tens of tokens and its answer a few, and Gemma-3's 262,144-token head is
     ~63 % of its forward, so full logits cost Gemma most of its scoring time for positions nobody reads.
     """
-    if adapter is None:
-        from esa_pipeline.core.models.adapters import adapter_for
-
-        adapter = adapter_for(model)
+    adapter = adapter_or_default(model, adapter)
     users: dict[int, list[int]] = {}
     for request, row in enumerate(batches.rows):
         users.setdefault(row, []).append(request)

@@ -31,6 +31,7 @@ from esa_pipeline.core.evaluation.perplexity import PerplexityResult, per_window
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
 from esa_pipeline.core.evaluation.scoring import (
     TokenScores,
+    adapter_or_default,
     concat_scores,
     final_hidden_states,
     gather_scored,
@@ -169,13 +170,9 @@ def point_setup(lm: Any, base: PerplexityResult, p: Perturbation, *, adapter: An
     model, _, _ = unwrap(lm)
     if cache is not None and cache.base is not base:
         raise ValueError("the prefix cache was built for another baseline: build it from this `base`")
-    if adapter is None:
-        if cache is not None:
-            adapter = cache.adapter
-        else:
-            from esa_pipeline.core.models.adapters import adapter_for
-
-            adapter = adapter_for(model)
+    if adapter is None and cache is not None:
+        adapter = cache.adapter
+    adapter = adapter_or_default(model, adapter)
     if base.final_hidden is None:
         raise ValueError("the baseline kept no final hidden states: compute it with perplexity()")
     batches = cache.batches if cache is not None else base.batches()

@@ -29,6 +29,7 @@ import torch
 from esa_pipeline.core.checks import check_int
 from esa_pipeline.core.evaluation.scoring import (
     TokenScores,
+    adapter_or_default,
     check_head,
     concat_scores,
     final_hidden_states,
@@ -382,10 +383,7 @@ def perplexity(
     check_int("kl_topk", kl_topk, minimum=1)
     docs = as_documents(texts)
     model, tokenizer, spec = unwrap(lm)
-    if adapter is None:
-        from esa_pipeline.core.models.adapters import adapter_for
-
-        adapter = adapter_for(model)
+    adapter = adapter_or_default(model, adapter)
     windows, n_words, n_bytes = tokenize_windows(
         tokenizer, docs, window, max_tokens, sample_seed=sample_seed)
     name, prefix_id = prefix_token(tokenizer)

@@ -68,6 +68,16 @@ class BaselineLogits:
         return len(self._kept)
 
 
+def adapter_or_default(model: torch.nn.Module, adapter: Any = None) -> Any:
+    """`adapter`, or the registry's adapter for `model` (`models.adapters.adapter_for`) when it is None.
+    Raises what `adapter_for` raises for a model the registry cannot name."""
+    if adapter is not None:
+        return adapter
+    from esa_pipeline.core.models.adapters import adapter_for
+
+    return adapter_for(model)
+
+
 @dataclass
 class TokenScores:
     """Per scored token, flattened in window order (window_id, then position)."""

@@ -11,6 +11,7 @@ import pandas as pd
 from esa_pipeline.core.evaluation.paired import evaluate_against
 from esa_pipeline.core.evaluation.perplexity import PerplexityResult, unwrap
 from esa_pipeline.core.evaluation.prefix_cache import PrefixCache
+from esa_pipeline.core.evaluation.scoring import adapter_or_default
 from esa_pipeline.core.perturbation.perturb import Perturbation
 
 # `sensitivity` columns produced here, in order (the caller adds `variant` and provenance).
@@ -57,10 +58,7 @@ def run_sweep(
                            f" of {sorted({type(p).__name__ for p in specs})}")
                         + "; wrap one spec as [p], build dicts with Perturbation(**d)")  # fmt: skip
     model, _, spec = unwrap(lm)
-    if adapter is None:
-        from esa_pipeline.core.models.adapters import adapter_for
-
-        adapter = adapter_for(model)
+    adapter = adapter_or_default(model, adapter)
     if rule is not None:
         from esa_pipeline.core.evaluation.adaptive import visit_base
 

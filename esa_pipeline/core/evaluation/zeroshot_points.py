@@ -29,6 +29,7 @@ from esa_pipeline.core.evaluation.mc_scoring import (
     score_requests,
 )
 from esa_pipeline.core.evaluation.perplexity import model_device, unwrap
+from esa_pipeline.core.evaluation.scoring import adapter_or_default
 from esa_pipeline.core.perturbation.perturb import (
     UNUSED_SEED,
     Perturbation,
@@ -141,10 +142,7 @@ class McSuite:
         tokenization = LmEvalTokenization(tokenizer, model)
         requests = [tokenization.encode_request(*r) for r in raw]
         batches = RequestBatches.build(requests, tokenization.max_length, batch_size, tokenization.prefix_token_id)
-        if adapter is None:
-            from esa_pipeline.core.models.adapters import adapter_for
-
-            adapter = adapter_for(model)
+        adapter = adapter_or_default(model, adapter)
         result = score_requests(model, batches, adapter=adapter)
         baseline = RequestBaseline(batches, result.tokens, result)
         cache = None
