@@ -24,6 +24,7 @@ from esa_pipeline.core.evaluation.perplexity import PerplexityResult, unwrap
 from esa_pipeline.core.evaluation.scoring import (
     DEFAULT_BASELINE_LOGITS_BYTES,
     BaselineLogits,
+    adapter_or_default,
     final_hidden_states,
     gather_scored,
     model_device,
@@ -117,12 +118,14 @@ class PrefixCache:
         baseline_logits_bytes: budget of the kept baseline logits (`scoring.BaselineLogits`; 0 keeps none).
         adapter: default adapter_for(the model)."""
         model, _, _ = unwrap(lm)
-        if adapter is None:
-            from esa_pipeline.core.models.adapters import adapter_for
-
-            adapter = adapter_for(model)
+        adapter = adapter_or_default(model, adapter)
         start = time.perf_counter()
         batches = base.batches()
+
+        def made(calls: list[list[_LayerCall]] | None, reason: str, captured: int) -> PrefixCache:
+            return cls(model, adapter, base, batches, calls, reason, captured, time.perf_counter() - start,
+                       baseline_logits_bytes)  # fmt: skip
+
         layers = adapter.decoder_layers(model)
         budget = memory_budget_bytes if memory_budget_bytes is not None else default_budget_bytes(
             model_device(model))
@@ -131,8 +134,7 @@ class PrefixCache:
         estimate = sum(b.input_ids.numel() for b in batches) * hidden * itemsize * len(layers)
         if estimate > budget:
             reason = f"captured hidden states ({estimate / 2**20:.0f} MiB) exceed the budget ({budget / 2**20:.0f} MiB)"
-            return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start,
-                       baseline_logits_bytes)
+            return made(None, reason, 0)
 
         all_calls: list[list[_LayerCall]] = []
         for batch_index, batch in enumerate(batches):
@@ -140,14 +142,12 @@ class PrefixCache:
             nll = _check_reproduces_baseline(model, adapter, base, batch, batch_index, batches, hidden)  # [n]
             if batch_index == 0 and not _replay_matches(model, adapter, layers, calls, batch, nll):
                 reason = "replaying the last layer did not reproduce the model's logits"
-                return cls(model, adapter, base, batches, None, reason, 0, time.perf_counter() - start,
-                       baseline_logits_bytes)
+                return made(None, reason, 0)
             all_calls.append(calls)  # type: ignore[arg-type]
 
         seen: set[int] = set()
         captured = sum(_tensor_bytes((c.args, c.kwargs), seen) for calls in all_calls for c in calls)
-        return cls(model, adapter, base, batches, all_calls, "", captured, time.perf_counter() - start,
-                       baseline_logits_bytes)
+        return made(all_calls, "", captured)
 
     def start_layer(self, p: Any) -> int | None:
         """First decoder layer whose parameters perturbation `p` touches; None when it touches anything
